@@ -1,0 +1,192 @@
+"""The one preprocessing module: image bytes -> uint8 [3,H,W], text -> token ids.
+
+The trainer and the service both call these functions and nothing else, so the pixels and token
+ids a model was trained on are exactly the ones it is served (training-serving skew is the classic
+bug of this kind of system). Normalization (mean/std) lives inside the model, so the tensors here
+stay uint8: a quarter of the bytes of float32 to move to the device.
+
+Image pipeline, cheapest first:
+1. open with an allowlist of decoders (only these formats are ever parsed);
+2. check the header's dimensions against the limits *before* any pixel is decoded, so a
+   decompression bomb costs microseconds;
+3. JPEG only: decode at a reduced scale (libjpeg's DCT scaling via `draft`) when the photo is far
+   larger than the model input: a 12-megapixel photo decodes at 1/8 scale;
+4. first frame of animations; EXIF orientation; any mode to RGB (alpha composited on white,
+   16-bit samples scaled, not clipped);
+5. one antialiased resize to the model's size.
+"""
+
+from __future__ import annotations
+
+import io
+import unicodedata
+import warnings
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ALLOWED_FORMATS: Final[tuple[str, ...]] = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+TOKENIZER: Final[str] = "utf8-bytes"
+PAD_ID: Final[int] = 0  # token ids are UTF-8 bytes + 1 (1..256); 0 is padding
+
+ImageErrorCode = Literal["empty_image", "unsupported_format", "corrupt_image", "image_dimensions"]
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot become a model input; `code` says why, `str()` is safe to show a client."""
+
+    def __init__(self, code: ImageErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code: ImageErrorCode = code
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds checked from the image header before decoding."""
+
+    max_pixels: int = 50_000_000  # 48-megapixel phone photos pass; a 64k x 64k PNG bomb does not
+    max_side: int = 12_000
+    min_side: int = 1
+    max_aspect: float = 50.0  # longer side / shorter side; a 1x10000 strip carries no picture
+
+
+DEFAULT_LIMITS: Final = ImageLimits()
+
+_WHITE: Final = (255, 255, 255)
+_SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+_ALPHA_MODES: Final = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
+
+
+def decode_image(data: bytes, size: tuple[int, int], limits: ImageLimits = DEFAULT_LIMITS) -> torch.Tensor:
+    """Decode image bytes into a uint8 tensor [3, H, W] of the given (H, W).
+
+    Raises ImageDecodeError with a client-safe message for anything that is not an allowed,
+    intact image within the limits.
+    """
+    if not data:
+        raise ImageDecodeError("empty_image", "the image is empty (0 bytes)")
+    image = _open(data, limits)
+    _check_dimensions(image.size, limits)
+    height, width = size
+    if image.format == "JPEG":
+        # Reduced-scale DCT decoding; the scale chosen keeps both sides >= the request, and the
+        # request is square so that a 90-degree EXIF rotation cannot leave a side short.
+        side = max(height, width)
+        image.draft("RGB", (side, side))
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError("corrupt_image", "the image data is corrupt or truncated") from exc
+    rgb = _to_rgb(image)
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
+    array = np.array(rgb)  # [H, W, 3] uint8, writable (torch refuses to share a read-only buffer)
+    return torch.from_numpy(array).permute(2, 0, 1)  # [3, H, W] view; collation makes it contiguous
+
+
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # Our own limits below are stricter and give a clear message; Pillow's warning is noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError as exc:
+        if sniff_format(data) is not None:  # an allowed format's signature, but no valid header after it
+            raise ImageDecodeError("corrupt_image", "the image header is corrupt or truncated") from exc
+        raise ImageDecodeError(
+            "unsupported_format", f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})"
+        ) from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own bound, far above ours, tripped in the header
+        raise ImageDecodeError(
+            "image_dimensions", f"the image has too many pixels; at most {limits.max_pixels} are accepted"
+        ) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError("corrupt_image", "the image header is corrupt") from exc
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)  # animations: the first frame is the picture
+    return image
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The allowed format whose file signature `data` starts with, if any."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data.startswith(b"BM"):
+        return "BMP"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _check_dimensions(size: tuple[int, int], limits: ImageLimits) -> None:
+    width, height = size
+    if min(width, height) < limits.min_side:
+        raise ImageDecodeError("image_dimensions", f"image is {width}x{height}; each side must be >= {limits.min_side}")
+    if max(width, height) > limits.max_side:
+        raise ImageDecodeError("image_dimensions", f"image is {width}x{height}; each side must be <= {limits.max_side}")
+    if width * height > limits.max_pixels:
+        raise ImageDecodeError(
+            "image_dimensions", f"image is {width}x{height}; at most {limits.max_pixels} pixels are accepted"
+        )
+    if max(width, height) > limits.max_aspect * min(width, height):
+        raise ImageDecodeError(
+            "image_dimensions", f"image is {width}x{height}; the aspect ratio must be at most {limits.max_aspect:g}:1"
+        )
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT_MODES:
+        # Pillow's convert() clips 16-bit samples to 255 (a white image); scale the range instead.
+        samples = np.asarray(image, dtype=np.float32)
+        gray = np.clip(np.rint(samples / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info) or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK (Adobe-inverted handled by the JPEG plugin), YCbCr
+
+
+@dataclass(frozen=True)
+class Tokens:
+    ids: torch.Tensor  # int64 [L], values 1..256
+    truncated: bool  # the text was longer than max_length bytes and was cut at a character boundary
+
+
+def tokenize(text: str, max_length: int) -> Tokens:
+    """NFC-normalize, encode as UTF-8, shift by one (0 is padding); cut to max_length bytes."""
+    encoded = unicodedata.normalize("NFC", text).encode("utf-8")
+    truncated = len(encoded) > max_length
+    if truncated:
+        encoded = _cut_at_char_boundary(encoded, max_length)
+    ids = torch.from_numpy(np.frombuffer(encoded, dtype=np.uint8).astype(np.int64) + 1)
+    return Tokens(ids=ids, truncated=truncated)
+
+
+def _cut_at_char_boundary(encoded: bytes, limit: int) -> bytes:
+    end = limit
+    # UTF-8 continuation bytes are 0b10xxxxxx: step back to the start of the cut character.
+    while end > 0 and (encoded[end] & 0xC0) == 0x80:
+        end -= 1
+    return encoded[:end]
+
+
+def pad_tokens(sequences: list[torch.Tensor], length: int | None = None) -> torch.Tensor:
+    """Right-pad token id tensors with PAD_ID to the longest (or to `length`): int64 [B, L]."""
+    longest = max((int(s.numel()) for s in sequences), default=1)
+    width = max(longest, 1) if length is None else length
+    batch = torch.full((len(sequences), width), PAD_ID, dtype=torch.int64)
+    for row, ids in enumerate(sequences):
+        batch[row, : ids.numel()] = ids
+    return batch

@@ -1,0 +1,49 @@
+"""TorchScript calls with torch's deprecation notice silenced, and nothing else.
+
+The model package format is TorchScript by contract (DESIGN.md). torch 2.14 warns on every
+`torch.jit.script/save/load` that TorchScript is deprecated; that is known and expected here, so
+exactly that warning is filtered, around exactly these calls.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import torch
+from torch import nn
+
+_DEPRECATION = r"`torch\.jit\.\w+` is (deprecated|not supported)"
+
+
+@contextmanager
+def _expected_deprecation() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DEPRECATION, category=FutureWarning)
+        warnings.filterwarnings("ignore", message=_DEPRECATION, category=DeprecationWarning)
+        yield
+
+
+def script(module: nn.Module) -> torch.jit.ScriptModule:
+    with _expected_deprecation():
+        scripted = torch.jit.script(module)
+    assert isinstance(scripted, torch.jit.ScriptModule)
+    return scripted
+
+
+def save(module: torch.jit.ScriptModule, target: str | Path | IO[bytes]) -> None:
+    with _expected_deprecation():
+        torch.jit.save(module, target if not isinstance(target, Path) else str(target))
+
+
+def load(source: str | Path | io.BytesIO, map_location: torch.device | str = "cpu") -> torch.jit.ScriptModule:
+    with _expected_deprecation():
+        module = torch.jit.load(  # type: ignore[no-untyped-call]
+            source if not isinstance(source, Path) else str(source), map_location=map_location
+        )
+    assert isinstance(module, torch.jit.ScriptModule)
+    return module

@@ -1,0 +1,69 @@
+"""The fusion model: shapes, normalization, and that padding never changes an item's answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.fusion import FusionModel
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(params=["transformer", "lstm"])
+def model(request: pytest.FixtureRequest) -> FusionModel:
+    torch.manual_seed(0)
+    return FusionModel(tiny_config(request.param)).eval()
+
+
+def inputs(batch: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    tokens = torch.randint(1, 257, (batch, length), generator=generator)
+    return images, tokens
+
+
+def test_forward_shapes_and_unit_embeddings(model: FusionModel) -> None:
+    images, tokens = inputs(3, 9)
+    with torch.inference_mode():
+        out = model(images, tokens)
+    assert out["logits"].shape == (3, 22)
+    assert out["image_embedding"].shape == (3, 16)
+    assert out["text_embedding"].shape == (3, 16)
+    for name in ("image_embedding", "text_embedding"):
+        torch.testing.assert_close(out[name].norm(dim=1), torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_encoders_equal_forward_embeddings(model: FusionModel) -> None:
+    images, tokens = inputs(4, 12)
+    with torch.inference_mode():
+        out = model(images, tokens)
+        torch.testing.assert_close(model.encode_image(images), out["image_embedding"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(model.encode_text(tokens), out["text_embedding"], atol=1e-6, rtol=0)
+
+
+def test_padding_does_not_change_an_item(model: FusionModel) -> None:
+    """The batcher pads texts to the longest in the batch: an item must not see its padding."""
+    images, tokens = inputs(2, 20)
+    short = tokens[:1, :5]
+    padded = torch.cat([torch.cat([short, torch.zeros(1, 15, dtype=torch.int64)], dim=1), tokens[1:]])
+    with torch.inference_mode():
+        alone = model(images[:1], short)
+        batched = model(images, padded)
+    for name in ("logits", "image_embedding", "text_embedding"):
+        torch.testing.assert_close(batched[name][:1], alone[name], atol=1e-5, rtol=1e-5)
+
+
+def test_all_padding_text_gives_finite_outputs(model: FusionModel) -> None:
+    images, _ = inputs(2, 1)
+    with torch.inference_mode():
+        out = model(images, torch.zeros(2, 4, dtype=torch.int64))
+    assert all(torch.isfinite(value).all() for value in out.values())
+
+
+def test_images_are_normalized_inside(model: FusionModel) -> None:
+    """uint8 in, no caller-side normalization: a black and a white image give different answers."""
+    _, tokens = inputs(1, 6)
+    with torch.inference_mode():
+        black = model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), tokens)["logits"]
+        white = model(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8), tokens)["logits"]
+    assert not torch.allclose(black, white)
