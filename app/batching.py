@@ -1,0 +1,406 @@
+"""MicroBatcher: admission, deadlines and dynamic batching in front of the one inference thread.
+
+    route --admit()--> Ticket            bounded: beyond max_queue admitted requests, 429 at once
+          decode in the pool
+          --run()--> lane[kind].filling  rows copied into a preallocated batch buffer on arrival
+                                          (or into the lane's overflow when that buffer is full)
+    dispatcher: whenever the device is free, the lane with the oldest waiting item gives its
+                filling buffer, up to max_batch_size rows, to the inference thread; the lane's
+                other buffer starts filling at once (double buffering: the next batch is
+                collated while this one runs)
+
+No added wait when idle (a request dispatches alone at once), full batches under load (the queue
+fills while the device is busy); `max_wait_s` optionally holds an idle device for a fuller batch.
+Texts are padded to the longest in their batch, never to the model's maximum.
+
+A request whose deadline passes while queued is answered 504 at its deadline and never runs; a
+request whose client disconnects is dropped the same way; both are checked once more at dispatch.
+Each batch comes back as one result per row, in row order, and row i is delivered to item i.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from enum import IntEnum
+from functools import partial
+from typing import Final
+
+from app.engine import ByteArray, Kind, Row, RowResult, TokenArray
+from app.errors import ClientGone, DeadlineExceeded, ModelFailure, NotReady, Overloaded, ServiceError
+from app.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+BatchRunner = Callable[[Kind, ByteArray | None, TokenArray | None], list[RowResult]]
+StageBuffers = tuple[ByteArray | None, TokenArray | None]  # images [N,3,H,W], tokens [N,L_max]
+
+_EWMA: Final = 0.2  # weight of the newest batch in the running estimate of batch time
+
+
+class _State(IntEnum):
+    QUEUED = 0
+    RUNNING = 1
+    DONE = 2
+    DROPPED = 3
+
+
+class Ticket:
+    """One admitted request's place in the bounded queue, held until it runs or fails."""
+
+    __slots__ = ("_batcher", "_stage")
+
+    def __init__(self, batcher: MicroBatcher) -> None:
+        self._batcher = batcher
+        self._stage: str | None = "decode"
+
+    def _move(self, stage: str | None) -> None:
+        if self._stage is None:
+            return
+        gauge = self._batcher.metrics.queue_depth
+        gauge.labels(self._stage).dec()
+        if stage is None:
+            self._batcher.admitted -= 1
+        else:
+            gauge.labels(stage).inc()
+        self._stage = stage
+
+    def release(self) -> None:
+        self._move(None)
+
+
+@dataclass(eq=False, slots=True)
+class _Item:
+    kind: Kind
+    image: ByteArray | None  # [3, H, W] until staged
+    tokens: TokenArray | None  # [L] until staged
+    length: int
+    deadline: float  # loop.time()
+    enqueued: float
+    future: asyncio.Future[Row]
+    ticket: Ticket
+    state: _State = _State.QUEUED
+    timer: asyncio.TimerHandle | None = None
+
+
+class _Stage:
+    """One batch buffer: rows are written as items arrive, so a batch is ready the moment it is taken."""
+
+    def __init__(self, images: ByteArray | None, tokens: TokenArray | None) -> None:
+        self.images = images  # [N, 3, H, W] uint8
+        self.tokens = tokens  # [N, L_max] int64, 0 = padding
+        self.items: list[_Item] = []
+
+    @property
+    def longest(self) -> int:
+        return max((item.length for item in self.items), default=1)
+
+    def add(self, item: _Item) -> None:
+        row = len(self.items)
+        if self.images is not None:
+            assert item.image is not None
+            self.images[row] = item.image
+        if self.tokens is not None:
+            assert item.tokens is not None
+            self.tokens[row, : item.length] = item.tokens
+            self.tokens[row, item.length :] = 0  # the buffer is reused: clear an earlier, longer text
+        item.image = item.tokens = None  # staged: the request's own copy can go
+        self.items.append(item)
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Compact to the given rows (ascending), after some items left before running."""
+        for new, old in enumerate(rows):
+            if new != old:
+                if self.images is not None:
+                    self.images[new] = self.images[old]
+                if self.tokens is not None:
+                    self.tokens[new] = self.tokens[old]
+        self.items = [self.items[row] for row in rows]
+
+    def views(self) -> StageBuffers:
+        count = len(self.items)
+        images = self.images[:count] if self.images is not None else None
+        tokens = self.tokens[:count, : self.longest] if self.tokens is not None else None
+        return images, tokens
+
+
+@dataclass(eq=False)
+class _Lane:
+    """The queue of one Kind: the filling buffer, its spare, and what did not fit yet."""
+
+    kind: Kind
+    filling: _Stage
+    spare: _Stage
+    overflow: deque[_Item] = field(default_factory=deque)
+    live: int = 0  # QUEUED items in filling + overflow
+
+    def oldest(self) -> float:
+        for item in self.filling.items:
+            if item.state is _State.QUEUED:
+                return item.enqueued
+        for item in self.overflow:
+            if item.state is _State.QUEUED:
+                return item.enqueued
+        return math.inf
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        *,
+        run: BatchRunner,
+        executor: Executor,
+        buffers: Mapping[Kind, tuple[StageBuffers, StageBuffers]],
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        metrics: Metrics,
+    ) -> None:
+        self._run = run
+        self._executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.admitted = 0  # tickets held: decoding + queued
+        self._lanes = {kind: _Lane(kind, _Stage(*first), _Stage(*second)) for kind, (first, second) in buffers.items()}
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._running = 0  # items on the device now
+        self._closed = False
+        self._batch_seconds = 0.0  # running estimate, for Retry-After
+
+    @staticmethod
+    def buffer_shapes(
+        max_batch_size: int, image_size: tuple[int, int], max_length: int
+    ) -> dict[Kind, tuple[tuple[int, ...] | None, tuple[int, ...] | None]]:
+        images = (max_batch_size, 3, *image_size)
+        tokens = (max_batch_size, max_length)
+        return {kind: (images if kind.needs_image else None, tokens if kind.needs_text else None) for kind in Kind}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._dispatch_forever(), name="batcher")
+
+    @property
+    def queued(self) -> int:
+        return sum(lane.live for lane in self._lanes.values())
+
+    @property
+    def running(self) -> int:
+        """Items on the device now."""
+        return self._running
+
+    @property
+    def idle(self) -> bool:
+        return self.queued == 0 and self._running == 0
+
+    async def stop(self, timeout_s: float) -> None:
+        """Let queued and running work finish (up to timeout_s), then stop; leftovers get 503."""
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while not self.idle and loop.time() < end:
+            await asyncio.sleep(0.005)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for lane in self._lanes.values():
+            for item in [*lane.filling.items, *lane.overflow]:
+                self._drop(item, NotReady("the server is shutting down"))
+
+    # -- admission and requests ------------------------------------------------------------------
+
+    def admit(self) -> Ticket:
+        if self._closed:
+            raise NotReady("the server is shutting down", retry_after_s=1)
+        if self.admitted >= self.max_queue:
+            self.metrics.shed.labels("queue_full").inc()
+            raise Overloaded(
+                f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=self.retry_after_s()
+            )
+        self.admitted += 1
+        self.metrics.queue_depth.labels("decode").inc()
+        return Ticket(self)
+
+    def retry_after_s(self) -> int:
+        """Whole seconds until the queue ahead has likely drained (at least 1)."""
+        batches = math.ceil(self.admitted / self.max_batch_size) + 1
+        return max(1, math.ceil(batches * self._batch_seconds))
+
+    async def run(
+        self,
+        ticket: Ticket,
+        kind: Kind,
+        image: ByteArray | None,
+        tokens: TokenArray | None,
+        deadline: float,
+        gone: asyncio.Future[None] | None = None,
+    ) -> Row:
+        """Queue one decoded request and wait for its row; raises 504/499/500/503 domain errors."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now >= deadline:
+            self.metrics.expired.labels("before_queue").inc()
+            raise DeadlineExceeded("the request's deadline passed before it could be queued")
+        if gone is not None and gone.done():
+            self.metrics.cancelled.labels("client_disconnected").inc()
+            raise ClientGone("the client disconnected")
+        if self._closed:
+            raise NotReady("the server is shutting down", retry_after_s=1)
+        length = len(tokens) if tokens is not None else 0
+        item = _Item(kind, image, tokens, length, deadline, now, loop.create_future(), ticket)
+        self._enqueue(item)
+        item.timer = loop.call_at(deadline, self._on_deadline, item)
+        if gone is not None:
+            gone.add_done_callback(partial(self._on_gone, item))
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            self._drop(item, None)  # the request itself was cancelled: never run it
+            raise
+
+    def _enqueue(self, item: _Item) -> None:
+        lane = self._lanes[item.kind]
+        if not lane.overflow and len(lane.filling.items) < self.max_batch_size:
+            lane.filling.add(item)
+        else:
+            lane.overflow.append(item)
+        lane.live += 1
+        item.ticket._move("queue")
+        self._wakeup.set()
+
+    def _on_deadline(self, item: _Item) -> None:
+        if item.state is _State.QUEUED:
+            self.metrics.expired.labels("queue").inc()
+            self._drop(item, DeadlineExceeded("the request's deadline passed while it waited for the model"))
+
+    def _on_gone(self, item: _Item, gone: asyncio.Future[None]) -> None:
+        if not gone.cancelled() and item.state is _State.QUEUED:
+            self.metrics.cancelled.labels("client_disconnected").inc()
+            self._drop(item, ClientGone("the client disconnected"))
+
+    def _drop(self, item: _Item, error: ServiceError | None) -> None:
+        """Take a queued item out for good; its row is compacted away at the next dispatch."""
+        if item.state is not _State.QUEUED:
+            return
+        item.state = _State.DROPPED
+        self._lanes[item.kind].live -= 1
+        self._settle(item)
+        if error is not None and not item.future.done():
+            item.future.set_exception(error)
+
+    @staticmethod
+    def _settle(item: _Item) -> None:
+        if item.timer is not None:
+            item.timer.cancel()
+        item.ticket.release()
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            lane = self._oldest_lane()
+            if lane is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.max_wait_s > 0:
+                await self._linger(lane)
+            stage = self._take(lane)
+            if stage is not None:
+                await self._execute(lane, stage)
+
+    def _oldest_lane(self) -> _Lane | None:
+        live = [lane for lane in self._lanes.values() if lane.live]
+        return min(live, key=_Lane.oldest) if live else None
+
+    async def _linger(self, lane: _Lane) -> None:
+        """Hold an idle device up to max_wait_s past the oldest item's arrival, for a fuller batch."""
+        loop = asyncio.get_running_loop()
+        until = lane.oldest() + self.max_wait_s
+        while lane.live < self.max_batch_size and (remaining := until - loop.time()) > 0:
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take(self, lane: _Lane) -> _Stage | None:
+        """The lane's next batch: live items only, topped up from the overflow; swaps the buffers."""
+        now = asyncio.get_running_loop().time()
+        stage = lane.filling
+        rows = [row for row, item in enumerate(stage.items) if self._still_wanted(item, now)]
+        if len(rows) != len(stage.items):
+            stage.keep(rows)
+        self._refill(lane, stage, now)
+        if not stage.items:
+            return None
+        lane.filling, lane.spare = lane.spare, stage  # the spare is free: one batch runs at a time
+        for item in stage.items:
+            item.state = _State.RUNNING
+            lane.live -= 1
+            self._settle(item)
+            self.metrics.queue_wait.labels(lane.kind.value).observe(now - item.enqueued)
+        return stage
+
+    def _still_wanted(self, item: _Item, now: float) -> bool:
+        if item.state is not _State.QUEUED:
+            return False
+        if item.deadline <= now:  # its timer has not fired yet: the deadline still wins
+            self.metrics.expired.labels("dispatch").inc()
+            self._drop(item, DeadlineExceeded("the request's deadline passed while it waited for the model"))
+            return False
+        return True
+
+    def _refill(self, lane: _Lane, stage: _Stage, now: float) -> None:
+        while lane.overflow and len(stage.items) < self.max_batch_size:
+            item = lane.overflow.popleft()
+            if self._still_wanted(item, now):
+                stage.add(item)
+
+    async def _execute(self, lane: _Lane, stage: _Stage) -> None:
+        loop = asyncio.get_running_loop()
+        count = len(stage.items)
+        images, tokens = stage.views()
+        started = loop.time()
+        self._running = count
+        future = loop.run_in_executor(self._executor, self._run, lane.kind, images, tokens)
+        self._refill(lane, lane.filling, started)  # collate the next batch while this one runs
+        try:
+            results: Sequence[RowResult] = await future
+        except Exception:  # the engine isolates model errors; this is the worker itself failing
+            log.exception("a %s batch of %d could not run", lane.kind.value, count)
+            results = [ModelFailure("the model could not run") for _ in range(count)]
+        finally:
+            self._running = 0
+        elapsed = loop.time() - started
+        self._batch_seconds += _EWMA * (elapsed - self._batch_seconds)
+        self.metrics.batch_size.labels(lane.kind.value).observe(count)
+        if tokens is not None:
+            slots = tokens.size
+            self.metrics.tokens.labels(lane.kind.value).inc(slots)
+            self.metrics.padding.labels(lane.kind.value).inc(slots - sum(item.length for item in stage.items))
+        self.metrics.batch_duration.labels(lane.kind.value).observe(elapsed)
+        if len(results) != count:  # never guess which row belongs to whom
+            log.error("a %s batch of %d returned %d results", lane.kind.value, count, len(results))
+            results = [ModelFailure("the model returned the wrong number of results") for _ in range(count)]
+        for item, result in zip(stage.items, results, strict=True):
+            self._deliver(item, result)
+        stage.items = []
+
+    def _deliver(self, item: _Item, result: RowResult) -> None:
+        item.state = _State.DONE
+        if item.future.done():  # the request was cancelled while it ran
+            return
+        if isinstance(result, ModelFailure):
+            self.metrics.model_failures.labels(item.kind.value).inc()
+            item.future.set_exception(result)
+        else:
+            item.future.set_result(result)

@@ -1,0 +1,108 @@
+"""Per-request work, run in the decode pool before a request joins the batch queue.
+
+multipart body -> validated fields -> model inputs, through the one shared preprocessing module
+(`model.preprocess`), so the service feeds the model exactly what the trainer did. Anything wrong
+with one request fails that request alone, here, before it can touch a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from app.config import Settings
+from app.engine import ByteArray, TokenArray
+from app.errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from app.forms import FieldLimit, Part, parse_form
+from model.package import Manifest
+from model.preprocess import ImageDecodeError, decode_image, tokenize
+
+DEFAULT_TOP_K: Final = 5
+_TOP_K_BYTES: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    image: ByteArray | None  # uint8 [3, H, W], contiguous
+    tokens: TokenArray | None  # int64 [L], 1 <= L <= max_text_length
+    top_k: int = DEFAULT_TOP_K
+
+
+class Decoder:
+    def __init__(self, settings: Settings, manifest: Manifest) -> None:
+        self.image_size = manifest.image_size
+        self.max_length = manifest.max_text_length
+        self.num_labels = len(manifest.labels)
+        self.limits = settings.image_limits()
+        self.max_parts = settings.max_parts
+        image = FieldLimit(settings.max_image_bytes, _image_too_large)
+        text = FieldLimit(settings.max_text_bytes, self._text_too_long)
+        self.predict_fields = {"image": image, "text": text, "top_k": FieldLimit(_TOP_K_BYTES, self._bad_top_k)}
+        self.embed_fields = {"image": image, "text": text}
+
+    def predict(self, body: bytes, boundary: bytes) -> Decoded:
+        """image (file) and text required; top_k optional."""
+        parts = parse_form(body, boundary, self.predict_fields, self.max_parts)
+        image = self._image(_required(parts, "image"))
+        tokens = self._text(_required(parts, "text"))
+        top_k = self._top_k(parts["top_k"]) if "top_k" in parts else min(DEFAULT_TOP_K, self.num_labels)
+        return Decoded(image=image, tokens=tokens, top_k=top_k)
+
+    def embed(self, body: bytes, boundary: bytes) -> Decoded:
+        """image and/or text: at least one."""
+        parts = parse_form(body, boundary, self.embed_fields, self.max_parts)
+        if not parts:
+            raise InvalidInput("send an image, a text, or both", code="missing_field")
+        image = self._image(parts["image"]) if "image" in parts else None
+        tokens = self._text(parts["text"]) if "text" in parts else None
+        return Decoded(image=image, tokens=tokens)
+
+    def _image(self, part: Part) -> ByteArray:
+        try:
+            tensor = decode_image(part.data, self.image_size, self.limits)
+        except ImageDecodeError as exc:
+            error: type[ServiceError] = UnsupportedMediaType if exc.code == "unsupported_format" else InvalidInput
+            raise error(str(exc), code=exc.code) from exc
+        # [3, H, W] view of Pillow's [H, W, 3]: made contiguous here, in the pool, so that staging
+        # it into a batch on the event loop is one plain copy.
+        return np.ascontiguousarray(tensor.numpy())
+
+    def _text(self, part: Part) -> TokenArray:
+        try:
+            text = part.data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput("the text field is not valid UTF-8", code="invalid_text") from exc
+        if not text.strip():
+            raise InvalidInput("the text field is empty", code="empty_text")
+        tokens = tokenize(text, self.max_length)
+        if tokens.truncated:
+            # Refused, not cut: an answer to half a question is a wrong answer that looks right.
+            raise self._text_too_long(self.max_length)
+        ids: TokenArray = tokens.ids.numpy()
+        return ids
+
+    def _top_k(self, part: Part) -> int:
+        text = part.data.decode("ascii", errors="replace").strip()
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= self.num_labels:
+            raise self._bad_top_k(0)
+        return int(text)
+
+    def _text_too_long(self, limit: int) -> ServiceError:
+        return InvalidInput(
+            f"the text is too long: at most {self.max_length} UTF-8 bytes are accepted", code="text_too_long"
+        )
+
+    def _bad_top_k(self, limit: int) -> ServiceError:
+        return InvalidInput(f"top_k must be an integer from 1 to {self.num_labels}", code="invalid_top_k")
+
+
+def _required(parts: dict[str, Part], name: str) -> Part:
+    if name not in parts:
+        raise InvalidInput(f"the {name!r} field is required", code="missing_field")
+    return parts[name]
+
+
+def _image_too_large(limit: int) -> ServiceError:
+    return PayloadTooLarge(f"the image is too large: at most {limit} bytes are accepted", code="image_too_large")

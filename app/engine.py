@@ -1,0 +1,243 @@
+"""Engine: the loaded TorchScript module on its device, and the only code that calls it.
+
+Every method here runs on the inference thread (`app.worker`). Inputs arrive as numpy views of
+the batcher's staging buffers (pinned host memory on CUDA); outputs leave as numpy arrays, one row
+per input, in input order, so a result can never reach the wrong request.
+
+Which method a batch runs (the serving contract, DESIGN.md):
+
+    Kind.FUSE   forward(image, tokens) -> logits, image_embedding, text_embedding
+                (/predict, and /embed with both inputs: they share batches)
+    Kind.IMAGE  encode_image(image)    -> image_embedding   (/embed, image only)
+    Kind.TEXT   encode_text(tokens)    -> text_embedding    (/embed, text only)
+
+A batch that raises (or returns the wrong shapes) is retried item by item, so one bad item fails
+alone; a row with a non-finite output fails alone too, and never reaches JSON.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from app.errors import ModelFailure
+from app.metrics import Metrics
+from model.package import GOLDEN_ATOL, Manifest, ModelPackage, golden_inputs, load_package, verify_golden
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+ByteArray = npt.NDArray[np.uint8]
+TokenArray = npt.NDArray[np.int64]
+
+
+class Kind(enum.StrEnum):
+    FUSE = "fuse"
+    IMAGE = "image"
+    TEXT = "text"
+
+    @property
+    def needs_image(self) -> bool:
+        return self is not Kind.TEXT
+
+    @property
+    def needs_text(self) -> bool:
+        return self is not Kind.IMAGE
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One item's outputs; which fields are set depends on the Kind that ran it."""
+
+    probs: FloatArray | None = None  # [C] softmax over the labels
+    image_embedding: FloatArray | None = None  # [D]
+    text_embedding: FloatArray | None = None  # [D]
+
+
+RowResult = Row | ModelFailure
+
+
+@dataclass(frozen=True, slots=True)
+class WarmUp:
+    kind: Kind
+    size: int
+    length: int
+
+
+class DeviceUnavailable(Exception):
+    """The requested device does not exist on this machine."""
+
+
+class OutputContractError(Exception):
+    """The model returned something other than the serving contract's outputs."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"device {name!r} was requested but this machine has no usable CUDA device")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise DeviceUnavailable(
+                f"device {name!r} was requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    return device
+
+
+_MODEL_FAILED: Final = "the model failed on this input"
+_NOT_FINITE: Final = "the model produced a non-finite output for this input"
+
+
+class Engine:
+    def __init__(self, package: ModelPackage, metrics: Metrics | None = None) -> None:
+        self.package = package
+        self.metrics = metrics
+        self.manifest: Manifest = package.manifest
+        self.device = package.device
+        self.num_labels = len(package.manifest.labels)
+        self.dim = package.manifest.embedding_dim
+        module = package.module
+        self._forward = module.forward
+        self._encode_image = module.encode_image
+        self._encode_text = module.encode_text
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device, metrics: Metrics | None = None) -> Engine:
+        """Load and verify the package files (sha256, methods); the golden check runs later, after warm-up."""
+        return cls(load_package(path, device, check_golden=False), metrics)
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> npt.NDArray[Any]:
+        """A staging buffer for the batcher: pinned on CUDA so host-to-device copies run asynchronously."""
+        pin = self.device.type == "cuda"
+        return torch.zeros(shape, dtype=dtype, pin_memory=pin).numpy()  # the array keeps the tensor alive
+
+    def execute(self, kind: Kind, images: ByteArray | None, tokens: TokenArray | None) -> list[RowResult]:
+        """Run one batch: images uint8 [B,3,H,W] and/or tokens int64 [B,L]; one result per item, in order."""
+        count = len(images) if images is not None else len(tokens) if tokens is not None else 0
+        if self.metrics is not None:
+            self.metrics.items_executed.labels(kind.value).inc(count)
+        with torch.inference_mode():
+            try:
+                return self._rows(self._call(kind, images, tokens, count), count)
+            except Exception:
+                log.exception("a %s batch of %d failed; retrying its items one by one", kind.value, count)
+                if count == 1:
+                    return [ModelFailure(_MODEL_FAILED)]
+            if self.metrics is not None:
+                self.metrics.batch_failures.labels(kind.value).inc()
+                self.metrics.items_executed.labels(kind.value).inc(count)
+            return [self._run_alone(kind, images, tokens, index) for index in range(count)]
+
+    def _run_alone(self, kind: Kind, images: ByteArray | None, tokens: TokenArray | None, index: int) -> RowResult:
+        one_image = images[index : index + 1] if images is not None else None
+        one_text = None
+        if tokens is not None:
+            length = max(int(np.count_nonzero(tokens[index])), 1)  # ids are >= 1, padding is 0: its own length
+            one_text = tokens[index : index + 1, :length]
+        try:
+            return self._rows(self._call(kind, one_image, one_text, 1), 1)[0]
+        except Exception:
+            log.exception("item %d of a %s batch failed alone", index, kind.value)
+            return ModelFailure(_MODEL_FAILED)
+
+    def _call(
+        self, kind: Kind, images: ByteArray | None, tokens: TokenArray | None, count: int
+    ) -> dict[str, torch.Tensor]:
+        image = self._to_device(images) if kind.needs_image else None
+        text = self._to_device(np.ascontiguousarray(tokens)) if kind.needs_text else None
+        if kind is Kind.FUSE:
+            assert image is not None and text is not None
+            outputs = self._forward(image, text)
+            if not isinstance(outputs, dict):
+                raise OutputContractError(f"forward returned {type(outputs).__name__}, not a dict")
+            logits = self._checked(outputs.get("logits"), count, self.num_labels, "logits")
+            return {
+                "probs": torch.softmax(logits.float(), dim=-1),
+                "image_embedding": self._checked(outputs.get("image_embedding"), count, self.dim, "image_embedding"),
+                "text_embedding": self._checked(outputs.get("text_embedding"), count, self.dim, "text_embedding"),
+            }
+        if kind is Kind.IMAGE:
+            return {"image_embedding": self._checked(self._encode_image(image), count, self.dim, "encode_image")}
+        return {"text_embedding": self._checked(self._encode_text(text), count, self.dim, "encode_text")}
+
+    def _to_device(self, array: npt.NDArray[np.generic] | None) -> torch.Tensor:
+        assert array is not None
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
+
+    @staticmethod
+    def _checked(value: object, count: int, width: int, name: str) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (count, width):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise OutputContractError(f"{name} has shape {shape}, expected {(count, width)}")
+        return value
+
+    @staticmethod
+    def _rows(outputs: dict[str, torch.Tensor], count: int) -> list[RowResult]:
+        finite = torch.ones(count, dtype=torch.bool, device=next(iter(outputs.values())).device)
+        for value in outputs.values():
+            finite &= torch.isfinite(value).all(dim=1)
+        arrays = {name: value.detach().to("cpu", torch.float32).numpy() for name, value in outputs.items()}
+        ok = finite.cpu().tolist()
+        return [
+            Row(**{name: array[i] for name, array in arrays.items()}) if ok[i] else ModelFailure(_NOT_FINITE)
+            for i in range(count)
+        ]
+
+    # -- startup ---------------------------------------------------------------------------------
+
+    def warm_up_plan(self, kinds: Iterable[Kind], max_batch_size: int, text_lengths: Sequence[int]) -> list[WarmUp]:
+        """Every batch size each kind can form; all text lengths at the smallest and largest batch,
+        one (cycling) in between. First calls pay for graph profiling and optimization, kernel
+        selection and allocator growth; paying them here means no request does."""
+        plan = []
+        for kind in kinds:
+            for size in range(1, max_batch_size + 1):
+                lengths = text_lengths if size in (1, max_batch_size) else [text_lengths[size % len(text_lengths)]]
+                plan += [WarmUp(kind, size, length) for length in (lengths if kind.needs_text else lengths[:1])]
+        return plan
+
+    def warm_up(self, step: WarmUp) -> None:
+        """One warm-up call (the lifespan submits them one by one, so a shutdown can stop between)."""
+        height, width = self.manifest.image_size
+        generator = torch.Generator().manual_seed(step.size * 1000 + step.length)
+        images = torch.randint(0, 256, (step.size, 3, height, width), dtype=torch.uint8, generator=generator)
+        # Lower-case letters: plain text, like real questions (ids are UTF-8 bytes + 1).
+        tokens = torch.randint(
+            ord("a") + 1, ord("z") + 2, (step.size, step.length), dtype=torch.int64, generator=generator
+        )
+        with torch.inference_mode():
+            self._call(step.kind, images.numpy(), tokens.numpy(), step.size)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def self_check(self) -> None:
+        """The package's golden check, then the same cases through the serving path (execute)."""
+        verify_golden(self.package)
+        images, tokens = golden_inputs(self.package.path, self.manifest)
+        with torch.inference_mode():
+            rows = self._rows(
+                self._call(Kind.FUSE, images.contiguous().numpy(), tokens.numpy(), len(images)), len(images)
+            )
+        for index, (case, row) in enumerate(zip(self.manifest.golden, rows, strict=True)):
+            if not isinstance(row, Row) or row.probs is None or row.image_embedding is None:
+                raise OutputContractError(f"golden case {index} failed in the serving path")
+            label = self.manifest.labels[int(np.argmax(row.probs))]
+            error = float(np.abs(row.image_embedding - np.asarray(case.image_embedding, dtype=np.float32)).max())
+            if label != case.label or not error <= GOLDEN_ATOL:
+                raise OutputContractError(
+                    f"golden case {index}: the serving path gives {label!r} (embedding error {error:.3g}), "
+                    f"the package was shipped with {case.label!r}"
+                )

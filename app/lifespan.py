@@ -1,0 +1,168 @@
+"""Startup and shutdown: load and verify the package, warm up, self-check, serve; then drain.
+
+Startup runs in the background once the lifespan begins, so the listener is up at once: /healthz
+answers 200 (alive) and /readyz 503 with the phase, and an orchestrator can tell a slow start
+from a dead one. Each phase runs on the inference thread and its duration is logged and exported
+(`fusion_startup_seconds{phase}`). Any failure is fatal: the reason is logged in one line and
+the process exits non-zero (see `app.__main__`); a replica that failed never reports ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import ParamSpec, TypeVar
+
+import torch
+from fastapi import FastAPI
+
+from app.batching import MicroBatcher, StageBuffers
+from app.decoding import Decoder
+from app.engine import Engine, Kind, WarmUp, resolve_device
+from app.state import AppState, Phase
+from app.worker import InferenceWorker
+from model.package import read_manifest
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def warmup_text_lengths(max_length: int) -> list[int]:
+    """A short question, a long one, and the longest the model takes."""
+    return sorted({min(length, max_length) for length in (8, 32, max_length // 2, max_length)} - {0})
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: AppState = app.state.fusion
+    start(state)
+    try:
+        yield
+    finally:
+        await stop(state)
+
+
+def start(state: AppState) -> None:
+    settings = state.settings
+    device = resolve_device(settings.device)  # fails fast; the CLI checks it before binding, too
+    state.worker = InferenceWorker(settings.intra_op_threads(on_cuda=device.type == "cuda"))
+    state.worker.start()
+    state.decode_pool = ThreadPoolExecutor(settings.decode_threads(), thread_name_prefix="decode")
+    state.startup_task = asyncio.create_task(_bring_up(state, device), name="startup")
+
+
+async def stop(state: AppState) -> None:
+    """Finish what is queued and running, then stop the threads; all within one grace period."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + state.settings.graceful_timeout_s
+    if state.startup_task is not None and not state.startup_task.done():
+        state.startup_task.cancel()
+        await asyncio.gather(state.startup_task, return_exceptions=True)
+    if state.batcher is not None:
+        await state.batcher.stop(max(0.0, end - loop.time()))
+    if state.decode_pool is not None:
+        state.decode_pool.shutdown(wait=False, cancel_futures=True)
+    if state.worker is not None:
+        # Polled, not joined: a call still running on the worker (a hung forward pass) must not hold
+        # the exit past the grace period (the thread is a daemon).
+        state.worker.shutdown(wait=False)
+        while state.worker.alive and loop.time() < end:
+            await asyncio.sleep(0.01)
+        if state.worker.alive:
+            log.error("the inference worker did not stop within the grace period; exiting without it")
+
+
+async def _bring_up(state: AppState, device: torch.device) -> None:
+    try:
+        await _phases(state, device)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # PackageError, DeviceUnavailable, OutputContractError or anything else: fatal
+        log.error("startup failed, this replica will not serve: %s", exc)
+        log.debug("startup failure", exc_info=True)
+        state.fail(str(exc))
+
+
+async def _phases(state: AppState, device: torch.device) -> None:
+    settings, metrics = state.settings, state.metrics
+    begin = time.perf_counter()
+
+    state.manifest = await _on_worker(state, read_manifest, settings.model)  # the version header, from now on
+    engine = await _timed(state, "load", _on_worker(state, Engine.load, settings.model, device, metrics))
+    state.engine, state.manifest = engine, engine.manifest
+    manifest = engine.manifest
+    log.info("loaded %s %s from %s on %s", manifest.name, manifest.version, settings.model, device)
+
+    state.phase = Phase.WARMING_UP
+    lengths = warmup_text_lengths(manifest.max_text_length)
+    plan = engine.warm_up_plan(list(Kind), settings.max_batch_size, lengths)
+    await _timed(state, "warmup", _warm_up(state, engine, plan))
+    log.info("warmed up %d calls: batch sizes 1..%d, text lengths %s", len(plan), settings.max_batch_size, lengths)
+
+    state.phase = Phase.SELF_CHECK
+    await _timed(state, "selfcheck", _on_worker(state, engine.self_check))
+
+    buffers = await _on_worker(state, _staging_buffers, engine, settings.max_batch_size)
+    state.decoder = Decoder(settings, manifest)
+    state.batcher = MicroBatcher(
+        run=engine.execute,
+        executor=_worker(state),
+        buffers=buffers,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_wait_ms / 1000,
+        max_queue=settings.max_queue,
+        metrics=metrics,
+    )
+    state.batcher.start()
+
+    total = time.perf_counter() - begin
+    metrics.startup.labels("total").set(total)
+    metrics.model_info.labels(manifest.name, manifest.version, str(device)).set(1)
+    state.phase = Phase.READY
+    if not state.draining:
+        metrics.ready.set(1)
+    log.info("ready in %.2f s (%s)", total, ", ".join(f"{k} {v:.2f} s" for k, v in state.startup_seconds.items()))
+
+
+async def _warm_up(state: AppState, engine: Engine, plan: list[WarmUp]) -> None:
+    for step in plan:
+        await _on_worker(state, engine.warm_up, step)
+
+
+def _staging_buffers(engine: Engine, max_batch_size: int) -> dict[Kind, tuple[StageBuffers, StageBuffers]]:
+    """Two batch buffers per kind (one running, one filling), allocated by the engine (pinned on CUDA)."""
+    shapes = MicroBatcher.buffer_shapes(max_batch_size, engine.manifest.image_size, engine.manifest.max_text_length)
+
+    def pair(images: tuple[int, ...] | None, tokens: tuple[int, ...] | None) -> StageBuffers:
+        return (
+            engine.host_buffer(images, torch.uint8) if images else None,
+            engine.host_buffer(tokens, torch.int64) if tokens else None,
+        )
+
+    return {kind: (pair(*shape), pair(*shape)) for kind, shape in shapes.items()}
+
+
+def _worker(state: AppState) -> InferenceWorker:
+    assert state.worker is not None
+    return state.worker
+
+
+async def _on_worker(state: AppState, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    future = _worker(state).submit(fn, *args, **kwargs)
+    return await asyncio.wrap_future(future)
+
+
+async def _timed(state: AppState, phase: str, work: Awaitable[T]) -> T:
+    """Await one startup phase and record how long it took."""
+    began = time.perf_counter()
+    result = await work
+    seconds = time.perf_counter() - began
+    state.startup_seconds[phase] = seconds
+    state.metrics.startup.labels(phase).set(seconds)
+    return result

@@ -1,0 +1,134 @@
+"""Prometheus metrics, in a registry of their own per app instance (tests build many apps).
+
+Histograms answer the SLO questions directly (no recording rules): end-to-end latency per route,
+then where the time went: decoding, waiting for the device, running the batch; and how full the
+batches were. Counters say what was refused and why: shed (admission), expired (deadline),
+cancelled (client gone).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Seconds; dense between 1 ms and 1 s where an online model's SLO lives.
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    sizes = {1, max_batch_size}
+    size = 2
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return tuple(float(s) for s in sorted(sizes))
+
+
+class Metrics:
+    def __init__(self, max_batch_size: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "fusion_requests", "Answered requests by route and status", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "fusion_request_duration_seconds",
+            "End-to-end time from the request's arrival to its last response byte",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode = Histogram(
+            "fusion_decode_duration_seconds",
+            "Multipart parsing, image decoding, tokenizing and validation of one request",
+            ["route"],
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "fusion_queue_wait_seconds",
+            "Time from joining the batch queue to starting on the device",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_duration = Histogram(
+            "fusion_batch_duration_seconds",
+            "Device time of one batch, including per-item retries after a failure",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "fusion_batch_size",
+            "Items per batch run on the device",
+            ["kind"],
+            buckets=batch_size_buckets(max_batch_size),
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "fusion_queue_depth",
+            "Admitted requests not yet running: decoding, or waiting for the device",
+            ["stage"],
+            registry=r,
+        )
+        self.shed = Counter("fusion_requests_shed", "Requests refused at admission", ["reason"], registry=r)
+        self.expired = Counter(
+            "fusion_requests_expired", "Requests whose deadline passed before they ran", ["stage"], registry=r
+        )
+        self.cancelled = Counter(
+            "fusion_requests_cancelled", "Requests dropped before they ran", ["reason"], registry=r
+        )
+        self.within_deadline = Counter(
+            "fusion_requests_within_deadline",
+            "Requests answered 200 before their deadline (goodput)",
+            ["route"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "fusion_batch_tokens", "Token slots in batches run (rows x padded length)", ["kind"], registry=r
+        )
+        self.padding = Counter(
+            "fusion_batch_padding_tokens",
+            "Of those, padding (texts are padded to the longest in the batch)",
+            ["kind"],
+            registry=r,
+        )
+        self.items_executed = Counter(
+            "fusion_items_executed", "Items given to the model (retries included)", ["kind"], registry=r
+        )
+        self.model_failures = Counter(
+            "fusion_model_failures", "Items answered 500 because the model failed on them", ["kind"], registry=r
+        )
+        self.batch_failures = Counter(
+            "fusion_batch_failures", "Batches that raised and were retried item by item", ["kind"], registry=r
+        )
+        self.startup = Gauge(
+            "fusion_startup_seconds", "Time to ready by phase (load, warmup, selfcheck, total)", ["phase"], registry=r
+        )
+        self.ready = Gauge("fusion_ready", "1 when /readyz answers 200", registry=r)
+        self.model_info = Gauge(
+            "fusion_model_info", "The served model (value 1)", ["name", "version", "device"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

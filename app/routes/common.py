@@ -1,0 +1,122 @@
+"""The per-request flow shared by /predict and /embed.
+
+    deadline from X-Request-Timeout-Ms -> 415/413 from the headers -> admission (429) -> read the
+    body (413 while streaming) -> decode in the pool (400/413/415/422) -> batch queue (504, 500)
+
+Cheap refusals come first, so a request that cannot be served costs neither a queue slot nor a
+body read. From the moment the body is in, the client's disconnect is watched: a request whose
+client has gone is dropped before it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from app.config import Settings
+from app.decoding import Decoded
+from app.engine import Kind, Row
+from app.errors import ClientGone, InvalidInput, MalformedRequest, PayloadTooLarge
+from app.forms import multipart_boundary
+from app.state import Serving
+from model.package import Manifest
+
+TIMEOUT_HEADER: Final = "x-request-timeout-ms"
+
+Decode = Callable[[bytes, bytes], Decoded]
+
+
+async def infer(
+    request: Request, serving: Serving, route: str, decode: Decode, kind_of: Callable[[Decoded], Kind]
+) -> tuple[Decoded, Row]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s(request, serving.settings)
+    boundary = multipart_boundary(request.headers.get("content-type"))
+    check_content_length(request, serving.settings.max_body_bytes)
+    ticket = serving.batcher.admit()
+    try:
+        body = await read_body(request, serving.settings.max_body_bytes)
+        gone = watch_disconnect(request)
+        try:
+            began = time.perf_counter()
+            decoded = await loop.run_in_executor(serving.decode_pool, decode, body, boundary)
+            serving.metrics.decode.labels(route).observe(time.perf_counter() - began)
+            row = await serving.batcher.run(ticket, kind_of(decoded), decoded.image, decoded.tokens, deadline, gone)
+        finally:
+            gone.cancel()
+    finally:
+        ticket.release()
+    if loop.time() <= deadline:
+        serving.metrics.within_deadline.labels(route).inc()
+    return decoded, row
+
+
+def timeout_s(request: Request, settings: Settings) -> float:
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return settings.request_timeout_ms / 1000
+    value = raw.strip()
+    if not _is_small_number(value) or not 1 <= int(value) <= settings.max_request_timeout_ms:
+        raise InvalidInput(
+            f"X-Request-Timeout-Ms must be an integer from 1 to {settings.max_request_timeout_ms}",
+            code="invalid_timeout",
+        )
+    return int(value) / 1000
+
+
+def check_content_length(request: Request, limit: int) -> None:
+    """413 from the declared length, before a byte of the body is read."""
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return
+    if not _is_small_number(declared.strip(), digits=18):
+        raise MalformedRequest("the Content-Length header is not a number")
+    if int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is too large: at most {limit} bytes are accepted")
+
+
+def _is_small_number(text: str, digits: int = 9) -> bool:
+    # ASCII only: str.isdigit() also accepts e.g. superscripts, which int() refuses.
+    return 0 < len(text) <= digits and text.isascii() and text.isdigit()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, counted while it streams in (chunked uploads declare no length)."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the request body is too large: at most {limit} bytes are accepted")
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        raise ClientGone("the client disconnected while sending its body") from exc
+    return b"".join(chunks)
+
+
+def watch_disconnect(request: Request) -> asyncio.Future[None]:
+    """Completes when the client disconnects. Only call once the body has been read: from then on
+    the only message the server can still deliver is http.disconnect."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return asyncio.ensure_future(wait())
+
+
+def model_ref(manifest: Manifest) -> dict[str, str]:
+    return {"name": manifest.name, "version": manifest.version}
+
+
+def json_response(payload: dict[str, Any]) -> Response:
+    # allow_nan=False: a non-finite number can never become invalid JSON (the engine already
+    # fails such rows; this is the last guard).
+    return Response(json.dumps(payload, allow_nan=False, separators=(",", ":")), media_type="application/json")

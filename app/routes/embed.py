@@ -1,0 +1,56 @@
+"""POST /embed: an image and/or a text -> embeddings in the shared space (+ their similarity)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from app.decoding import Decoded
+from app.deps import ServingDep
+from app.engine import FloatArray, Kind
+from app.routes.common import infer, json_response, model_ref
+from app.schemas import IMAGE_FIELD, TEXT_FIELD, EmbedResponse, error_responses, multipart_body
+
+router = APIRouter(tags=["inference"])
+
+
+def _kind(decoded: Decoded) -> Kind:
+    # Both inputs run the full forward pass, so they batch together with /predict.
+    if decoded.image is not None and decoded.tokens is not None:
+        return Kind.FUSE
+    return Kind.IMAGE if decoded.image is not None else Kind.TEXT
+
+
+@router.post(
+    "/embed",
+    summary="Embed an image, a text, or both (with their cosine similarity)",
+    response_model=EmbedResponse,
+    response_model_exclude_none=True,
+    responses=error_responses(400, 413, 415, 422, 429, 500, 503, 504),
+    openapi_extra=multipart_body({"image": IMAGE_FIELD, "text": TEXT_FIELD}, []),
+)
+async def embed(request: Request, serving: ServingDep) -> Response:
+    decoded, row = await infer(request, serving, "/embed", serving.decoder.embed, _kind)
+    both = decoded.image is not None and decoded.tokens is not None
+    payload: dict[str, Any] = {}
+    if decoded.image is not None:
+        assert row.image_embedding is not None
+        payload["image_embedding"] = row.image_embedding.tolist()
+    if decoded.tokens is not None:
+        assert row.text_embedding is not None
+        payload["text_embedding"] = row.text_embedding.tolist()
+    if both:
+        assert row.image_embedding is not None and row.text_embedding is not None
+        payload["similarity"] = _cosine(row.image_embedding, row.text_embedding)
+    payload["dim"] = serving.manifest.embedding_dim
+    payload["model"] = model_ref(serving.manifest)
+    return json_response(payload)
+
+
+def _cosine(a: FloatArray, b: FloatArray) -> float:
+    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+    similarity = float(np.dot(a, b)) / norms if norms > 0 else 0.0
+    return min(1.0, max(-1.0, similarity))  # rounding can step just past +-1

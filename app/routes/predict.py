@@ -1,0 +1,42 @@
+"""POST /predict: an image and a question -> the most probable labels."""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from app.decoding import Decoded
+from app.deps import ServingDep
+from app.engine import Kind
+from app.routes.common import infer, json_response, model_ref
+from app.schemas import IMAGE_FIELD, TEXT_FIELD, TOP_K_FIELD, PredictResponse, error_responses, multipart_body
+
+router = APIRouter(tags=["inference"])
+
+
+def _fuse(_: Decoded) -> Kind:
+    return Kind.FUSE
+
+
+@router.post(
+    "/predict",
+    summary="Classify an image and a text together",
+    response_model=PredictResponse,
+    responses=error_responses(400, 413, 415, 422, 429, 500, 503, 504),
+    openapi_extra=multipart_body({"image": IMAGE_FIELD, "text": TEXT_FIELD, "top_k": TOP_K_FIELD}, ["image", "text"]),
+)
+async def predict(request: Request, serving: ServingDep) -> Response:
+    decoded, row = await infer(request, serving, "/predict", serving.decoder.predict, _fuse)
+    assert row.probs is not None
+    labels = serving.manifest.labels
+    best = np.argsort(-row.probs, kind="stable")[: decoded.top_k]  # [k] label indices, most probable first
+    ranked = [{"label": labels[i], "score": float(row.probs[i])} for i in best]
+    return json_response(
+        {
+            "label": ranked[0]["label"],
+            "score": ranked[0]["score"],
+            "top_k": ranked,
+            "model": model_ref(serving.manifest),
+        }
+    )

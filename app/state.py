@@ -1,0 +1,105 @@
+"""AppState: what one app instance holds, and the readiness and liveness it reports.
+
+loading -> warming_up -> self_check -> ready        (any failure: failed, and the process exits)
+ready + SIGTERM -> draining: /readyz 503, requests still served until the listener closes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from app.batching import MicroBatcher
+from app.config import Settings
+from app.decoding import Decoder
+from app.engine import Engine
+from app.errors import NotReady
+from app.metrics import Metrics
+from app.worker import InferenceWorker
+from model.package import Manifest
+
+
+class Phase(enum.StrEnum):
+    LOADING = "loading"
+    WARMING_UP = "warming_up"
+    SELF_CHECK = "self_check"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class Serving(NamedTuple):
+    """What a request needs once the model is ready."""
+
+    settings: Settings
+    metrics: Metrics
+    manifest: Manifest
+    decoder: Decoder
+    batcher: MicroBatcher
+    decode_pool: ThreadPoolExecutor
+
+
+@dataclass(eq=False)
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    phase: Phase = Phase.LOADING
+    failure: str | None = None
+    draining: bool = False
+    worker: InferenceWorker | None = None
+    engine: Engine | None = None
+    manifest: Manifest | None = None
+    decoder: Decoder | None = None
+    batcher: MicroBatcher | None = None
+    decode_pool: ThreadPoolExecutor | None = None
+    startup_task: asyncio.Task[None] | None = None
+    startup_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model_version(self) -> str | None:
+        return self.manifest.version if self.manifest is not None else None
+
+    @property
+    def worker_alive(self) -> bool:
+        return self.worker is not None and self.worker.alive
+
+    def liveness(self) -> str | None:
+        """None when alive; else why the orchestrator should restart this replica."""
+        if self.phase is Phase.FAILED:
+            return "startup failed"
+        if self.worker is not None and not self.worker.alive:
+            return "the inference worker has stopped"
+        return None
+
+    def readiness(self) -> str | None:
+        """None when ready for traffic; else the reason (what /readyz says)."""
+        if self.draining:
+            return "draining"
+        if self.phase is not Phase.READY:
+            return f"startup failed: {self.failure}" if self.phase is Phase.FAILED else self.phase.value
+        return self.liveness()
+
+    def serving(self) -> Serving:
+        """The ready parts, or 503. Draining does not refuse: requests are served until the listener closes."""
+        if (
+            self.phase is not Phase.READY
+            or self.manifest is None
+            or self.decoder is None
+            or self.batcher is None
+            or self.decode_pool is None
+            or not self.worker_alive
+        ):
+            reason = self.liveness() or "the model is still loading"
+            raise NotReady(f"not ready: {reason}", retry_after_s=self.settings.retry_after_s)
+        return Serving(self.settings, self.metrics, self.manifest, self.decoder, self.batcher, self.decode_pool)
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        self.metrics.ready.set(0)
+
+    def fail(self, message: str) -> None:
+        self.phase = Phase.FAILED
+        self.failure = message
+        self.metrics.ready.set(0)

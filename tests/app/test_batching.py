@@ -1,0 +1,304 @@
+"""Dynamic batching under real concurrency: batches form, answers stay with their requests, one bad
+item fails alone, deadlines and disconnects keep work off the device, a full queue sheds at once."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from app.batching import _Item, _Stage
+from app.engine import Kind
+from tests.app.conftest import Running, form, gather, metric, picture, run, serve, settings_for, until
+
+SLOW = "#" * 60  # the probe model busy-loops per '#': this batch holds the device for a while
+
+
+def assert_same_prediction(answer: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Same labels in the same order, scores equal up to float rounding (batched kernels sum in
+    another order than batch-1 kernels)."""
+    assert answer["label"] == expected["label"] and answer["model"] == expected["model"]
+    assert [e["label"] for e in answer["top_k"]] == [e["label"] for e in expected["top_k"]]
+    scores = [e["score"] for e in answer["top_k"]]
+    np.testing.assert_allclose(scores, [e["score"] for e in expected["top_k"]], atol=1e-5)
+
+
+def distinct_inputs(count: int) -> list[tuple[bytes, str]]:
+    """Different pictures (colour, size, format) and texts of different lengths and scripts."""
+    texts = ["What shape?", "Is the red object left of the blue one?", "蓝色的物体是大还是小？", "ok", "Q" * 64]
+    inputs = []
+    for i in range(count):
+        color = ((37 * i) % 256, (91 * i) % 256, (153 * i) % 256)
+        image = picture(color=color, size=(40 + i % 7 * 9, 48), fmt="JPEG" if i % 3 == 0 else "PNG")
+        inputs.append((image, f"{texts[i % len(texts)]} #{i}"[:64] if i % 5 != 4 else texts[4]))
+    return inputs
+
+
+async def post(served: Running, path: str, image: bytes | None, text: str | None, **extra: Any) -> httpx.Response:
+    return await served.client.post(path, **form(image, text), **extra)
+
+
+async def hold_the_device(served: Running) -> asyncio.Task[httpx.Response]:
+    """Start a slow request and return once it is running on the device."""
+    slow = asyncio.create_task(post(served, "/predict", picture(), SLOW))
+    batcher = served.state.batcher
+    assert batcher is not None
+    await until(lambda: batcher.running > 0)
+    return slow
+
+
+def test_concurrent_requests_get_exactly_their_own_answers(tiny_package: Path) -> None:
+    """64 distinct requests at once (predict and embed mixed, so they share batches) get the answers
+    they get one at a time."""
+    inputs = distinct_inputs(64)
+
+    def path(i: int) -> str:
+        return "/predict" if i % 2 == 0 else "/embed"
+
+    async def body() -> None:
+        async with serve(settings_for(tiny_package, max_batch_size=16, threads=2)) as served:
+            alone = [(await post(served, path(i), *inputs[i])).json() for i in range(64)]
+            before = metric(await served.metrics(), "fusion_batch_size_count", kind="fuse")
+            together = await gather(*(post(served, path(i), *inputs[i]) for i in range(64)))
+            batches = metric(await served.metrics(), "fusion_batch_size_count", kind="fuse") - before
+        assert before == 64
+        assert batches < 64, "no batch formed"
+        for i, (single, response) in enumerate(zip(alone, together, strict=True)):
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            if path(i) == "/predict":
+                assert_same_prediction(answer, single)
+            else:
+                for name in ("image_embedding", "text_embedding"):
+                    np.testing.assert_allclose(answer[name], single[name], atol=1e-5)
+                assert abs(answer["similarity"] - single["similarity"]) < 1e-5
+
+    run(body(), timeout_s=120)
+
+
+def test_batches_form_while_the_device_is_busy_and_kinds_batch_apart(probe_package: Path) -> None:
+    inputs = distinct_inputs(8)
+
+    async def body() -> None:
+        async with serve(settings_for(probe_package)) as served:
+            alone = [(await post(served, "/predict", *inputs[i])).json() for i in range(4)]
+            start = await served.metrics()
+            slow = await hold_the_device(served)
+            fused = [post(served, "/predict", *inputs[i]) for i in range(4)]
+            fused += [post(served, "/embed", *inputs[i]) for i in range(4, 8)]
+            images = [post(served, "/embed", inputs[i][0], None) for i in range(3)]
+            texts = [post(served, "/embed", None, inputs[i][1]) for i in range(3)]
+            responses = await gather(*fused, *images, *texts)
+            assert (await slow).status_code == 200
+            end = await served.metrics()
+        assert all(r.status_code == 200 for r in responses)
+        for i in range(4):
+            assert_same_prediction(responses[i].json(), alone[i])
+
+        def grew(name: str, kind: str) -> float:
+            return metric(end, name, kind=kind) - metric(start, name, kind=kind)
+
+        # The slow request alone, then the 8 fused (/predict and /embed with both) in one batch.
+        assert (grew("fusion_batch_size_count", "fuse"), grew("fusion_batch_size_sum", "fuse")) == (2, 9)
+        assert (grew("fusion_batch_size_count", "image"), grew("fusion_batch_size_sum", "image")) == (1, 3)
+        assert (grew("fusion_batch_size_count", "text"), grew("fusion_batch_size_sum", "text")) == (1, 3)
+        # Texts are padded to the longest in their batch: exactly these token slots ran, this much padding.
+        lengths = [len(text.encode()) for _, text in inputs]
+        assert grew("fusion_batch_tokens_total", "fuse") == len(SLOW) + 8 * max(lengths)
+        assert grew("fusion_batch_padding_tokens_total", "fuse") == 8 * max(lengths) - sum(lengths)
+        text_lengths = lengths[:3]
+        assert grew("fusion_batch_tokens_total", "text") == 3 * max(text_lengths)
+        assert metric(end, "fusion_requests_within_deadline_total", route="/predict") == 4 + 1 + 4
+
+    run(body())
+
+
+def test_one_bad_item_fails_alone_and_its_batch_peers_are_correct(probe_package: Path) -> None:
+    good = distinct_inputs(5)
+    bad = ["!raise in the model", "~nan logits", "^wrong output shape"]
+
+    async def body() -> None:
+        async with serve(settings_for(probe_package)) as served:
+            alone = [(await post(served, "/predict", *item)).json() for item in good]
+            slow = await hold_the_device(served)
+            requests = [post(served, "/predict", *item) for item in good]
+            requests += [post(served, "/predict", picture(), text) for text in bad]
+            requests += [post(served, "/embed", None, "!text encoder raises"), post(served, "/embed", None, "fine")]
+            responses = await gather(*requests)
+            assert (await slow).status_code == 200
+            assert (await served.client.get("/readyz")).status_code == 200
+            samples = await served.metrics()
+        for response, expected in zip(responses[:5], alone, strict=True):
+            assert response.status_code == 200
+            assert_same_prediction(response.json(), expected)
+        for response in (*responses[5:8], responses[8]):
+            assert response.status_code == 500
+            error = response.json()["error"]
+            assert error["code"] == "model_failure" and "Traceback" not in response.text
+        assert responses[9].status_code == 200 and len(responses[9].json()["text_embedding"]) == 16
+        assert metric(samples, "fusion_model_failures_total", kind="fuse") == 3
+        assert metric(samples, "fusion_model_failures_total", kind="text") == 1
+        assert metric(samples, "fusion_batch_failures_total", kind="fuse") == 1
+
+    run(body())
+
+
+def test_a_passed_deadline_is_never_run(probe_package: Path) -> None:
+    async def body() -> None:
+        async with serve(settings_for(probe_package)) as served:
+            seen = await served.rows_seen()
+            slow = await hold_the_device(served)
+            late = await post(served, "/predict", picture(), "too late", headers={"X-Request-Timeout-Ms": "50"})
+            assert not slow.done(), "the deadline should have passed while the device was busy"
+            assert late.status_code == 504
+            assert late.json()["error"]["code"] == "deadline_exceeded"
+            assert (await slow).status_code == 200
+            assert await served.rows_seen() == seen + 1  # only the slow request reached the model
+            samples = await served.metrics()
+        assert metric(samples, "fusion_requests_expired_total", stage="queue") == 1
+        assert metric(samples, "fusion_requests_total", route="/predict", status="504") == 1
+
+    run(body())
+
+
+async def raw_call(app: Any, request: httpx.Request, disconnect: asyncio.Event) -> list[dict[str, Any]]:
+    """Call the ASGI app as a server would, for a client that sends its body and may then leave."""
+    body = request.read()
+    delivered = False
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": request.method,
+        "scheme": "http",
+        "path": request.url.path,
+        "raw_path": request.url.raw_path,
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower(), v) for k, v in request.headers.raw],
+        "client": ("127.0.0.1", 40000),
+        "server": ("fusion.test", 80),
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+def test_a_disconnected_clients_request_is_not_run(probe_package: Path) -> None:
+    async def body() -> None:
+        async with serve(settings_for(probe_package)) as served:
+            seen = await served.rows_seen()
+            slow = await hold_the_device(served)
+            request = httpx.Request("POST", "http://fusion.test/predict", **form(picture(), "leaving"))
+            gone = asyncio.Event()
+            leaving = asyncio.create_task(raw_call(served.app, request, gone))
+            batcher = served.state.batcher
+            assert batcher is not None
+            await until(lambda: batcher.queued == 1)
+            gone.set()
+            messages = await leaving
+            assert not slow.done(), "the client left while its request was queued"
+            assert messages[0]["status"] == 499
+            assert (await slow).status_code == 200
+            assert await served.rows_seen() == seen + 1
+            samples = await served.metrics()
+        assert metric(samples, "fusion_requests_cancelled_total", reason="client_disconnected") == 1
+
+    run(body())
+
+
+def test_a_full_queue_sheds_at_once_with_retry_after(probe_package: Path) -> None:
+    async def body() -> None:
+        async with serve(settings_for(probe_package, max_queue=2)) as served:
+            slow = await hold_the_device(served)
+            queued = [asyncio.create_task(post(served, "/predict", picture(), f"queued {i}")) for i in range(2)]
+            batcher = served.state.batcher
+            assert batcher is not None
+            await until(lambda: batcher.admitted == 2)
+            shed = await post(served, "/predict", picture(), "one too many")
+            assert shed.status_code == 429 and not slow.done()
+            assert shed.json()["error"]["code"] == "overloaded"
+            assert int(shed.headers["retry-after"]) >= 1
+            assert [r.status_code for r in await gather(slow, *queued)] == [200, 200, 200]
+            assert (await post(served, "/predict", picture(), "room again")).status_code == 200
+            samples = await served.metrics()
+        assert metric(samples, "fusion_requests_shed_total", reason="queue_full") == 1
+
+    run(body())
+
+
+def test_draining_reports_not_ready_but_keeps_serving(probe_package: Path) -> None:
+    async def body() -> None:
+        async with serve(settings_for(probe_package)) as served:
+            served.state.begin_drain()
+            ready = await served.client.get("/readyz")
+            assert ready.status_code == 503 and ready.json() == {"status": "not_ready", "reason": "draining"}
+            answer = await post(served, "/predict", picture(), "still served")
+            assert answer.status_code == 200
+            assert answer.headers["connection"] == "close"  # keep-alive clients move to another replica
+            assert (await served.client.get("/healthz")).status_code == 200
+
+    run(body())
+
+
+def test_texts_are_padded_to_the_longest_in_the_batch() -> None:
+    images = np.zeros((4, 3, 2, 2), dtype=np.uint8)
+    tokens = np.zeros((4, 10), dtype=np.int64)
+    stage = _Stage(images, tokens)
+
+    def item(length: int, fill: int) -> _Item:
+        ids = np.full(length, fill, dtype=np.int64)
+        image = np.full((3, 2, 2), fill, dtype=np.uint8)
+        return _Item(Kind.FUSE, image, ids, length, 0.0, 0.0, None, None)  # type: ignore[arg-type]
+
+    for length, fill in ((3, 7), (9, 8), (5, 9)):
+        stage.add(item(length, fill))
+    batch_images, batch_tokens = stage.views()
+    assert batch_images is not None and batch_tokens is not None
+    assert batch_tokens.shape == (3, 9)  # the longest text, not the model's maximum
+    assert batch_tokens[0].tolist() == [7, 7, 7] + [0] * 6
+    assert batch_images[:, 0, 0, 0].tolist() == [7, 8, 9]
+    stage.keep([0, 2])  # the middle request left before running
+    batch_images, batch_tokens = stage.views()
+    assert batch_tokens is not None and batch_images is not None
+    assert batch_tokens.tolist() == [[7, 7, 7, 0, 0], [9, 9, 9, 9, 9]]
+    assert batch_images[:, 0, 0, 0].tolist() == [7, 9]
+    stage.items = []
+    stage.add(item(2, 5))  # a reused buffer holds nothing of earlier, longer texts
+    assert stage.tokens is not None and stage.tokens[0].tolist() == [5, 5] + [0] * 8
+
+
+def test_max_wait_holds_an_idle_device_for_a_fuller_batch(probe_package: Path) -> None:
+    async def staggered(served: Running) -> float:
+        before = metric(await served.metrics(), "fusion_batch_size_count", kind="fuse")
+
+        async def later(delay: float, i: int) -> httpx.Response:
+            await asyncio.sleep(delay)
+            return await post(served, "/predict", picture(), f"staggered {i}")
+
+        responses = await gather(*(later(0.03 * i, i) for i in range(3)))
+        assert [r.status_code for r in responses] == [200] * 3
+        return metric(await served.metrics(), "fusion_batch_size_count", kind="fuse") - before
+
+    async def body() -> None:
+        async with serve(settings_for(probe_package, max_wait_ms=1000)) as served:
+            assert await staggered(served) == 1  # one batch of three
+        async with serve(settings_for(probe_package, max_wait_ms=0)) as served:
+            assert await staggered(served) == 3  # no added wait: each ran at once
+
+    run(body())

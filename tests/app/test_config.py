@@ -1,0 +1,63 @@
+"""Settings: one validated object from flags, keyword arguments and FUSION_* variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from pydantic_settings import CliApp
+
+from app.config import Settings, available_cores
+
+
+def test_defaults() -> None:
+    settings = Settings()
+    assert settings.model == Path("weights/shapesqa")
+    assert (settings.host, settings.port, settings.device) == ("127.0.0.1", 8000, "auto")
+    assert (settings.max_batch_size, settings.max_wait_ms, settings.max_queue) == (32, 0.0, 256)
+    assert settings.intra_op_threads(on_cuda=False) == max(1, available_cores() // 2)
+    assert settings.intra_op_threads(on_cuda=True) == 1
+    assert settings.decode_threads() == min(available_cores(), 4)
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FUSION_MODEL", "/packages/mine")
+    monkeypatch.setenv("FUSION_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("FUSION_MAX_WAIT_MS", "2.5")
+    monkeypatch.setenv("FUSION_DEVICE", "cuda:1")
+    monkeypatch.setenv("FUSION_THREADS", "3")
+    settings = Settings()
+    assert settings.model == Path("/packages/mine")
+    assert (settings.max_batch_size, settings.max_wait_ms, settings.device) == (4, 2.5, "cuda:1")
+    assert settings.intra_op_threads(on_cuda=False) == 3
+
+
+def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FUSION_PORT", "9001")
+    monkeypatch.setenv("FUSION_MAX_QUEUE", "7")
+    settings = CliApp.run(Settings, cli_args=["--port", "9002", "--drain-delay-s", "0.5", "--access-log"])
+    assert (settings.port, settings.max_queue, settings.drain_delay_s, settings.access_log) == (9002, 7, 0.5, True)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"device": "gpu"},
+        {"device": "cuda:x"},
+        {"max_batch_size": 0},
+        {"port": 70000},
+        {"max_wait_ms": -1},
+        {"request_timeout_ms": 5000, "max_request_timeout_ms": 1000},
+        {"max_image_bytes": 100, "max_body_bytes": 10},
+        {"log_level": "loud"},
+    ],
+)
+def test_invalid_settings_are_refused(overrides: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**overrides)  # type: ignore[arg-type]
+
+
+def test_image_limits_come_from_settings() -> None:
+    limits = Settings(max_image_pixels=100, max_image_side=20, max_image_aspect=2.0).image_limits()
+    assert (limits.max_pixels, limits.max_side, limits.max_aspect) == (100, 20, 2.0)

@@ -1,0 +1,290 @@
+"""End to end: `python -m app` as a real uvicorn process on 127.0.0.1, real sockets.
+
+Covers what only a real server shows: the drain on SIGTERM, liveness while the device is
+saturated, a client that closes its socket, and startup failures that must exit non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from tests.app.conftest import form, free_port, metric, parse_metrics, picture
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=10).text)
+
+    def wait_ready(self, timeout_s: float = 90) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"server not ready in {timeout_s} s:\n{self.output()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(package: Path, tmp: Path, *args: str) -> Server:
+    port = free_port()
+    log = tmp / f"server-{port}.log"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FUSION_")}
+    command = [sys.executable, "-m", "app", "--model", str(package), "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as sink:
+        process = subprocess.Popen([*command, *args], cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    return Server(process, port, log)
+
+
+SERVER_ARGS = ("--max-batch-size", "8", "--threads", "1", "--decode-workers", "2", "--drain-delay-s", "0")
+
+
+@pytest.fixture(scope="module")
+def server(probe_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(probe_package, tmp_path_factory.mktemp("e2e"), *SERVER_ARGS)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+def test_endpoints_over_real_sockets(server: Server) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for fmt in ("JPEG", "PNG", "WEBP", "BMP", "GIF"):
+            answer = client.post("/predict", **form(picture(fmt=fmt), "What shape?"), headers={"X-Request-ID": "e2e-1"})
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-request-id"] == "e2e-1"
+            assert answer.headers["x-model-version"] == "1.2.3-probe"
+            assert answer.json()["model"] == {"name": "probe", "version": "1.2.3-probe"}
+        both = client.post("/embed", **form(picture(), "q")).json()
+        assert set(both) == {"image_embedding", "text_embedding", "similarity", "dim", "model"}
+        assert client.get("/healthz").json() == {"status": "alive"}
+        assert client.get("/readyz").json() == {"status": "ready"}
+        assert client.get("/info").json()["model"]["name"] == "probe"
+        missing = client.post("/predict", **form(text="no image"))
+        assert missing.status_code == 422 and missing.json()["error"]["code"] == "missing_field"
+        assert client.post("/predict", json={"text": "q"}).status_code == 415
+        assert metric(server.metrics(), "fusion_startup_seconds", phase="total") > 0
+
+
+def test_a_declared_oversized_body_is_refused_before_it_is_read(server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 1000000000\r\n\r\n"
+        )
+        reply = b""
+        while b'"}}' not in reply:  # the end of the JSON error body
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+    reply_text = reply.decode("latin-1")
+    assert reply_text.startswith("HTTP/1.1 413"), reply_text
+    assert '"code": "payload_too_large"' in reply_text
+
+
+def test_healthz_answers_fast_while_the_device_is_saturated(server: Server) -> None:
+    def slow(i: int) -> int:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            return client.post("/predict", **form(picture(), "#" * 20 + f" {i}")).status_code
+
+    with ThreadPoolExecutor(24) as pool:
+        busy = [pool.submit(slow, i) for i in range(24)]
+        time.sleep(0.3)
+        timings = []
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            for _ in range(10):
+                began = time.perf_counter()
+                assert client.get("/healthz").status_code == 200
+                timings.append(time.perf_counter() - began)
+                time.sleep(0.05)
+        still_busy = sum(not future.done() for future in busy)
+        assert [future.result() for future in busy] == [200] * 24
+    assert still_busy > 0, "the device should still have been busy while /healthz was probed"
+    assert max(timings) < 0.1, timings
+
+
+def test_a_client_that_closes_its_socket_is_not_run(server: Server) -> None:
+    executed = metric(server.metrics(), "fusion_items_executed_total", kind="fuse")
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(httpx.post, f"{server.url}/predict", timeout=60, **form(picture(), "#" * 60))
+        wait_for(lambda: metric(server.metrics(), "fusion_items_executed_total", kind="fuse") == executed + 1)
+        request = httpx.Request("POST", f"{server.url}/predict", **form(picture(), "I will leave"))
+        body = request.read()
+        head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items())
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(f"POST /predict HTTP/1.1\r\n{head}\r\n".encode("latin-1") + body)
+            wait_for(lambda: metric(server.metrics(), "fusion_queue_depth", stage="queue") == 1)
+        assert not slow.done()
+        assert slow.result().status_code == 200
+    samples = server.metrics()
+    assert metric(samples, "fusion_requests_cancelled_total", reason="client_disconnected") == 1
+    assert metric(samples, "fusion_items_executed_total", kind="fuse") == executed + 1
+
+
+def wait_for(condition: Any, timeout_s: float = 20) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.01)
+
+
+@dataclass
+class Outcome:
+    sent: float
+    done: float
+    status: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class LoadLog:
+    outcomes: list[Outcome] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, outcome: Outcome) -> None:
+        with self.lock:
+            self.outcomes.append(outcome)
+
+
+def test_sigterm_under_load_drains_and_loses_no_accepted_request(probe_package: Path, tmp_path: Path) -> None:
+    """/readyz turns 503 at once; requests are still served during the drain delay; the listener
+    then closes; requests already accepted (queued and running) finish; the process exits 0."""
+    drain_delay = 3.0
+    server = start_server(probe_package, tmp_path, *SERVER_ARGS[:-2], "--drain-delay-s", str(drain_delay))
+    try:
+        server.wait_ready()
+        log, stop_sending = LoadLog(), threading.Event()
+        readiness: dict[str, float] = {}
+
+        def steady_client(i: int) -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                while not stop_sending.is_set():
+                    outcome = Outcome(sent=time.monotonic(), done=0.0)
+                    try:
+                        outcome.status = client.post("/predict", **form(picture(), f"steady {i}")).status_code
+                    except httpx.TransportError as exc:
+                        outcome.error = type(exc).__name__
+                    outcome.done = time.monotonic()
+                    log.record(outcome)
+
+        def probe_readiness() -> None:
+            while "closed" not in readiness:
+                try:
+                    status = httpx.get(f"{server.url}/readyz", timeout=5).status_code
+                    if status == 503:
+                        readiness.setdefault("not_ready", time.monotonic())
+                except httpx.TransportError:  # refused, or reset from the backlog as the listener closed
+                    readiness["closed"] = time.monotonic()
+                time.sleep(0.01)
+
+        def slow_request(text: str) -> Outcome:
+            outcome = Outcome(sent=time.monotonic(), done=0.0)
+            outcome.status = httpx.post(f"{server.url}/predict", timeout=30, **form(picture(), text)).status_code
+            outcome.done = time.monotonic()
+            return outcome
+
+        with ThreadPoolExecutor(20) as pool:
+            steady = [pool.submit(steady_client, i) for i in range(4)]
+            prober = pool.submit(probe_readiness)
+            time.sleep(0.5)
+            sigterm_at = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            stop_sending.set()  # the load balancer has noticed /readyz and stops sending
+            time.sleep(0.5)
+            # Work still queued when the listener closes (at drain_delay): one slow request, then
+            # eleven more that batch behind it, 2-3 s of device time in all.
+            slow = [pool.submit(slow_request, "#" * 60)]
+            time.sleep(0.05)
+            slow += [pool.submit(slow_request, "#" * 60 + f"{i:02d}") for i in range(11)]
+            for future in steady:
+                future.result()
+            slow_outcomes = [future.result() for future in slow]
+            prober.result(timeout=30)
+        exit_code = server.process.wait(timeout=30)
+        exited_at = time.monotonic()
+    finally:
+        server.stop()
+
+    assert exit_code == 0, server.output()
+    assert [o for o in log.outcomes if o.status != 200] == []  # every request sent was answered 200
+    assert readiness["not_ready"] - sigterm_at < 0.5  # at once (the prober polls every 10 ms)
+    assert readiness["closed"] - sigterm_at >= drain_delay - 0.1  # served through the drain delay
+    assert readiness["not_ready"] < readiness["closed"]
+    served_while_draining = [o for o in log.outcomes if o.sent > readiness["not_ready"]]
+    assert served_while_draining, "no request was served during the drain delay"
+    assert [o.status for o in slow_outcomes] == [200] * 12
+    assert max(o.done for o in slow_outcomes) > readiness["closed"], "accepted work finished after the close"
+    assert exited_at - sigterm_at < drain_delay + 10
+
+
+def test_startup_failures_exit_non_zero_with_a_clear_message(probe_package: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(probe_package, corrupt)
+    archive = corrupt / "model.pt"
+    archive.write_bytes(archive.read_bytes()[:-16] + b"\0" * 16)
+    cases: dict[str, tuple[Path, tuple[str, ...]]] = {
+        "missing": (tmp_path / "no-such-package", ()),
+        "corrupt": (corrupt, ()),
+    }
+    if not torch.cuda.is_available():
+        cases["no-gpu"] = (probe_package, ("--device", "cuda"))
+    servers = {name: start_server(package, tmp_path, *args) for name, (package, args) in cases.items()}
+    try:
+        codes = {name: server.process.wait(timeout=90) for name, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.stop()
+    output = {name: server.output() for name, server in servers.items()}
+    assert codes == dict.fromkeys(cases, 1), output
+    assert "cannot serve" in output["missing"] and "manifest not found" in output["missing"]
+    assert "startup failed" in output["corrupt"] and "sha256" in output["corrupt"]
+    assert all("Traceback" not in text for text in output.values())
+    if "no-gpu" in output:
+        assert "cannot serve" in output["no-gpu"] and "no usable CUDA device" in output["no-gpu"]
