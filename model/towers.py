@@ -1,6 +1,8 @@
-"""The two encoders: a ResNet-family CNN over uint8 images, and a byte-level text encoder."""
+"""The two encoders: a ResNet-family CNN over uint8 images, and a byte-level text encoder.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: TorchScript must see the buffers' class-level
+annotations as real types, not strings.
+"""
 
 import torch
 from torch import Tensor, nn

@@ -53,7 +53,9 @@ def resolve_labels(spec: str, train_file: Path) -> tuple[str, ...]:
     if spec != "auto":
         return tuple(label.strip() for label in spec.split(","))
     own = infer_labels(train_file)
-    return SHAPESQA_LABELS if set(own) <= set(SHAPESQA_LABELS) else own
+    # ShapesQA's answers include "0".."6"; a set whose labels are all digits is integer-labelled.
+    is_shapesqa = set(own) <= set(SHAPESQA_LABELS) and not all(label.isdigit() for label in own)
+    return SHAPESQA_LABELS if is_shapesqa else own
 
 
 def pick_device(name: str) -> torch.device:
@@ -203,7 +205,7 @@ def fit(config: TrainConfig, argv: Sequence[str] = ()) -> dict[str, Any]:
                 point["val_accuracy"] = accuracy_report(val, predict(trainer.model.eval(), val))["all"]
             trainer.history.append(point)
             window = []
-            bar.write(" ".join(f"{k}={v:.4g}" for k, v in point.items()))
+            bar.write(" ".join(f"{k}={v:.4g}" for k, v in point.items()), file=sys.stderr)
         if trainer.step % config.checkpoint_every == 0:
             save_checkpoint(checkpoint_path, trainer.state())
     bar.close()
