@@ -55,6 +55,7 @@ class DrainingServer(uvicorn.Server):
                 log.info("draining: /readyz is 503; serving until the drain delay ends")
             if time.monotonic() >= self._drain_until:
                 log.info("drain delay over: closing the listener and finishing accepted requests")
+                self.state.shutdown_deadline = time.monotonic() + self.state.settings.graceful_timeout_s
                 self.should_exit = True
         if self.state.phase is Phase.FAILED and not self.should_exit:
             self.exit_code = 1

@@ -6,6 +6,7 @@ Precedence, highest first: command-line flags, keyword arguments (tests), enviro
 
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -22,11 +23,32 @@ MiB = 1 << 20
 
 
 def available_cores() -> int:
-    """Cores this process may run on (a container's CPU set, not the host's count)."""
+    """Cores this process may use: its CPU set, capped by a container's CPU quota.
+
+    Under `docker --cpus 2` or a Kubernetes CPU limit the CPU set is still every host core; one
+    torch thread per host core inside a 2-CPU quota gets throttled, so the quota caps the count.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU limit in cores from cgroup v2 (`cpu.max`) or v1 (`cpu.cfs_quota_us`); None if unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]  # v2: "max 100000" or "200000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())  # v1: -1 when unlimited
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 class Settings(BaseSettings):

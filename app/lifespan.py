@@ -59,20 +59,20 @@ def start(state: AppState) -> None:
 
 async def stop(state: AppState) -> None:
     """Finish what is queued and running, then stop the threads; all within one grace period."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + state.settings.graceful_timeout_s
+    # One grace period in all: it started when the listener closed, if the drain set a deadline.
+    end = state.shutdown_deadline or time.monotonic() + state.settings.graceful_timeout_s
     if state.startup_task is not None and not state.startup_task.done():
         state.startup_task.cancel()
         await asyncio.gather(state.startup_task, return_exceptions=True)
     if state.batcher is not None:
-        await state.batcher.stop(max(0.0, end - loop.time()))
+        await state.batcher.stop(max(0.0, end - time.monotonic()))
     if state.decode_pool is not None:
         state.decode_pool.shutdown(wait=False, cancel_futures=True)
     if state.worker is not None:
         # Polled, not joined: a call still running on the worker (a hung forward pass) must not hold
         # the exit past the grace period (the thread is a daemon).
         state.worker.shutdown(wait=False)
-        while state.worker.alive and loop.time() < end:
+        while state.worker.alive and time.monotonic() < end:
             await asyncio.sleep(0.01)
         if state.worker.alive:
             log.error("the inference worker did not stop within the grace period; exiting without it")

@@ -48,6 +48,9 @@ class AppState:
     phase: Phase = Phase.LOADING
     failure: str | None = None
     draining: bool = False
+    # time.monotonic() by which accepted work must be done: set when the listener closes, so the
+    # server's connection wait and the batcher's finish share one grace period rather than two.
+    shutdown_deadline: float | None = None
     worker: InferenceWorker | None = None
     engine: Engine | None = None
     manifest: Manifest | None = None

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from app.config import Settings, available_cores
+from app.config import Settings, available_cores, cgroup_cpu_quota
 
 
 def test_defaults() -> None:
@@ -61,3 +61,23 @@ def test_invalid_settings_are_refused(overrides: dict[str, object]) -> None:
 def test_image_limits_come_from_settings() -> None:
     limits = Settings(max_image_pixels=100, max_image_side=20, max_image_aspect=2.0).image_limits()
     assert (limits.max_pixels, limits.max_side, limits.max_aspect) == (100, 20, 2.0)
+
+
+def test_cgroup_v2_cpu_quota_caps_the_core_count(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(tmp_path) is None
+
+
+def test_cgroup_v1_cpu_quota(tmp_path: Path) -> None:
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 2.0
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(tmp_path) is None
+
+
+def test_no_cgroup_files_means_no_quota(tmp_path: Path) -> None:
+    assert cgroup_cpu_quota(tmp_path) is None
