@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import FusionConfig
-from model.layers import AttentionPool, CrossAttentionBlock, SelfAttentionBlock, masked_mean
+from model.layers import AttentionPool, CrossAttentionBlock, FiLM, NoFiLM, SelfAttentionBlock, masked_mean
 from model.towers import ImageEncoder, build_text_encoder
 
 _EMBED_QUERIES = 4  # learned pooling queries per modality for the embeddings
@@ -52,6 +52,7 @@ class FusionModel(nn.Module):
         # CLIP's learnable temperature, stored as a log; the trainer reads it for the contrastive loss.
         self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1 / 0.07)
 
+        self.film: nn.Module = FiLM(width) if cfg.film else NoFiLM()
         self.image_stream = nn.ModuleList(
             [ImageStreamBlock(width, cfg.fusion_heads, cfg.dropout) for _ in range(cfg.fusion_layers)]
         )
@@ -73,7 +74,7 @@ class FusionModel(nn.Module):
         image_summary = self.image_pool(regions, None)  # (B, Q*C)
         text_summary = self.text_pool(words, mask)  # (B, Q*C)
 
-        fused = regions
+        fused = self.film(regions, masked_mean(words, mask))  # (B, N, C), conditioned on the question
         for block in self.image_stream:
             fused = block(fused, words, mask)  # (B, N, C)
         answered = self.text_stream(words, regions, None)  # (B, L, C)

@@ -107,3 +107,27 @@ def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
     """Mean over the valid tokens: tokens (B, L, C), mask (B, L) True = valid -> (B, C)."""
     weights = mask.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
     return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class FiLM(nn.Module):
+    """Feature-wise linear modulation (Perez et al., 2018): tokens * (1 + gamma(q)) + beta(q).
+
+    Starts as the identity (zero-initialized), so enabling it never makes an untrained model worse.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale_shift = nn.Linear(width, 2 * width)
+        nn.init.zeros_(self.scale_shift.weight)
+        nn.init.zeros_(self.scale_shift.bias)
+
+    def forward(self, tokens: Tensor, condition: Tensor) -> Tensor:
+        gamma, beta = self.scale_shift(condition).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, C) each
+        return tokens * (1.0 + gamma) + beta
+
+
+class NoFiLM(nn.Module):
+    """FiLM's stand-in when it is off: the same signature, the tokens unchanged."""
+
+    def forward(self, tokens: Tensor, condition: Tensor) -> Tensor:
+        return tokens

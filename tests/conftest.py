@@ -19,13 +19,14 @@ TEST_LABELS = tuple(
 )
 
 
-def tiny_config(kind: str = "transformer") -> FusionConfig:
+def tiny_config(kind: str = "transformer", film: bool = False) -> FusionConfig:
     """A real FusionModel, small enough that a forward pass costs about a millisecond."""
     return FusionConfig(
         image=ImageTowerConfig(size=(32, 32), widths=(8, 16, 16), context_layers=1),
         text=TextTowerConfig(kind=kind, max_length=64, layers=1, heads=2),  # type: ignore[arg-type]
         width=32,
         fusion_layers=1,
+        film=film,
         fusion_heads=2,
         embed_dim=16,
         num_labels=len(TEST_LABELS),

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from model.package import load_package
+from model.package import MANIFEST_NAME, load_package
 from model.preprocess import pad_tokens
 from trainer.data import TensorDataset, load_dataset
 
@@ -104,6 +104,12 @@ def eval_main(argv: Sequence[str]) -> int:
     parser.add_argument("--data", type=Path, required=True, help="a JSONL data set")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--record",
+        metavar="NAME",
+        default=None,
+        help="store the report in the package's manifest under metrics.NAME (the archive is not touched)",
+    )
     args = parser.parse_args(list(argv))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,4 +121,16 @@ def eval_main(argv: Sequence[str]) -> int:
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.record:
+        record_metrics(args.model, args.record, {"data": str(args.data), **report})
     return 0
+
+
+def record_metrics(package_dir: Path, name: str, report: dict[str, Any]) -> None:
+    """Write a report into the manifest's metrics; atomic, so a server never reads half a manifest."""
+    path = package_dir / MANIFEST_NAME
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest.setdefault("metrics", {})[name] = report
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    partial.replace(path)

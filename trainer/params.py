@@ -20,11 +20,12 @@ class TrainConfig:
     # model
     text_encoder: str = "transformer"
     image_size: int = 64
-    widths: str = "32,64,96"
+    widths: str = "24,48,64"
     stem_stride: int = 2
     context_layers: int = 0
-    width: int = 128
+    width: int = 64
     fusion_layers: int = 2
+    film: bool = False
     text_layers: int = 2
     max_length: int = 192
     embed_dim: int = 128
@@ -37,7 +38,7 @@ class TrainConfig:
     warmup_steps: int = 200
     clip: float = 1.0
     contrastive_weight: float = 0.5
-    contrastive_batch: int = 64  # captions per step in the alignment loss
+    contrastive_batch: int = 32  # captions per step in the alignment loss
     time_budget_min: float = 0.0  # stop early (then anneal is cut short) when > 0
     # machinery
     seed: int = 0
@@ -61,6 +62,7 @@ class TrainConfig:
             text=TextTowerConfig(kind=self.text_encoder, max_length=self.max_length, layers=self.text_layers),  # type: ignore[arg-type]
             width=self.width,
             fusion_layers=self.fusion_layers,
+            film=self.film,
             embed_dim=self.embed_dim,
             num_labels=num_labels,
             dropout=self.dropout,

@@ -35,10 +35,10 @@ def outputs(module: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor)
     return result
 
 
-@pytest.mark.parametrize("kind", ["transformer", "lstm"])
-def test_eager_scripted_reloaded_parity(kind: str) -> None:
+@pytest.mark.parametrize(("kind", "film"), [("transformer", False), ("lstm", False), ("transformer", True)])
+def test_eager_scripted_reloaded_parity(kind: str, film: bool) -> None:
     torch.manual_seed(1)
-    config = tiny_config(kind)
+    config = tiny_config(kind, film)
     eager = FusionModel(config).eval()
     scripted = script_module(eager)
     reloaded = reload(scripted)
