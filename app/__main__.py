@@ -6,7 +6,8 @@ Shutdown on SIGTERM (or Ctrl+C), in order:
    keep-alive clients move on);
 3. the listener closes; accepted requests (queued and running) finish, up to graceful_timeout_s;
 4. the process exits 0. A second signal stops at once.
-A replica that cannot start (bad package, absent device) exits 1 with one clear line.
+A replica that cannot start (bad package, absent device, unusable API keys) exits 1 with one
+clear line; invalid settings exit 2.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
+from app.auth import ApiKeyError
 from app.config import Settings
 from app.engine import DeviceUnavailable, resolve_device
 from app.main import create_app
+from app.protocol import guarded_protocol
 from app.state import AppState, Phase
 from model.package import PackageError, read_manifest
 
@@ -75,12 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         resolve_device(settings.device)
         read_manifest(settings.model)  # the cheap checks, before binding a port; the rest in the lifespan
-    except (DeviceUnavailable, PackageError) as exc:
+        app = create_app(settings)
+    except (DeviceUnavailable, PackageError, ApiKeyError) as exc:
         log.error("cannot serve: %s", exc)
         return 1
-    app = create_app(settings)
     config = uvicorn.Config(
         app,
+        http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

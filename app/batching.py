@@ -16,6 +16,9 @@ Texts are padded to the longest in their batch, never to the model's maximum.
 A request whose deadline passes while queued is answered 504 at its deadline and never runs; a
 request whose client disconnects is dropped the same way; both are checked once more at dispatch.
 Each batch comes back as one result per row, in row order, and row i is delivered to item i.
+
+The health monitor (app.health) hears whether each batch answered anything (`on_batch`), and when
+a forward pass hangs it fails the running batch and everything queued behind it (`abandon`).
 """
 
 from __future__ import annotations
@@ -160,6 +163,7 @@ class MicroBatcher:
         max_wait_s: float,
         max_queue: int,
         metrics: Metrics,
+        on_batch: Callable[[bool], None] | None = None,
     ) -> None:
         self._run = run
         self._executor = executor
@@ -167,11 +171,13 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.metrics = metrics
+        self.on_batch = on_batch  # called after each batch: did any item get an answer?
         self.admitted = 0  # tickets held: decoding + queued
         self._lanes = {kind: _Lane(kind, _Stage(*first), _Stage(*second)) for kind, (first, second) in buffers.items()}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running = 0  # items on the device now
+        self._running_stage: _Stage | None = None
         self._closed = False
         self._batch_seconds = 0.0  # running estimate, for Retry-After
 
@@ -215,16 +221,36 @@ class MicroBatcher:
             for item in [*lane.filling.items, *lane.overflow]:
                 self._drop(item, NotReady("the server is shutting down"))
 
+    def abandon(self, running: ServiceError, queued: ServiceError) -> None:
+        """Fail the batch on the device and everything queued, at once: the inference thread is stuck.
+
+        The running batch's requests are answered now; should the pass ever return, its results
+        find their requests already answered and are dropped. Queued requests would otherwise wait
+        behind it until their deadlines."""
+        if self._running_stage is not None:
+            for item in self._running_stage.items:
+                if not item.future.done():
+                    item.future.set_exception(running)
+        for lane in self._lanes.values():
+            for item in [*lane.filling.items, *lane.overflow]:
+                self._drop(item, queued)
+
     # -- admission and requests ------------------------------------------------------------------
 
-    def admit(self) -> Ticket:
+    def refusal(self) -> ServiceError | None:
+        """Why a request would be refused admission now (counted as shed), or None."""
         if self._closed:
-            raise NotReady("the server is shutting down", retry_after_s=1)
+            return NotReady("the server is shutting down", retry_after_s=1)
         if self.admitted >= self.max_queue:
             self.metrics.shed.labels("queue_full").inc()
-            raise Overloaded(
+            return Overloaded(
                 f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=self.retry_after_s()
             )
+        return None
+
+    def admit(self) -> Ticket:
+        if (error := self.refusal()) is not None:
+            raise error
         self.admitted += 1
         self.metrics.queue_depth.labels("decode").inc()
         return Ticket(self)
@@ -370,7 +396,7 @@ class MicroBatcher:
         count = len(stage.items)
         images, tokens = stage.views()
         started = loop.time()
-        self._running = count
+        self._running, self._running_stage = count, stage
         future = loop.run_in_executor(self._executor, self._run, lane.kind, images, tokens)
         self._refill(lane, lane.filling, started)  # collate the next batch while this one runs
         try:
@@ -379,7 +405,7 @@ class MicroBatcher:
             log.exception("a %s batch of %d could not run", lane.kind.value, count)
             results = [ModelFailure("the model could not run") for _ in range(count)]
         finally:
-            self._running = 0
+            self._running, self._running_stage = 0, None
         elapsed = loop.time() - started
         self._batch_seconds += _EWMA * (elapsed - self._batch_seconds)
         self.metrics.batch_size.labels(lane.kind.value).observe(count)
@@ -394,6 +420,8 @@ class MicroBatcher:
         for item, result in zip(stage.items, results, strict=True):
             self._deliver(item, result)
         stage.items = []
+        if self.on_batch is not None:
+            self.on_batch(any(isinstance(result, Row) for result in results))
 
     def _deliver(self, item: _Item, result: RowResult) -> None:
         item.state = _State.DONE

@@ -12,8 +12,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.preprocess import DEFAULT_LIMITS, ImageLimits
 
@@ -130,10 +130,58 @@ class Settings(BaseSettings):
         DEFAULT_LIMITS.max_aspect
     )
 
+    # Slow clients (upload time). The line and headers are guarded by the HTTP protocol itself
+    # (app.protocol), the body by the route.
+    max_header_bytes: Annotated[
+        int,
+        Field(ge=1024, le=MiB, description="largest request line + headers, in bytes; 431 and the connection closed"),
+    ] = 32 * 1024
+    header_timeout_s: Annotated[
+        float, Field(gt=0, description="seconds for a request's line and headers to arrive; the connection is closed")
+    ] = 10.0
+    body_timeout_s: Annotated[
+        float, Field(gt=0, description="seconds for a request body to arrive once its headers have; 408 beyond")
+    ] = 10.0
+
+    # Model faults.
+    forward_timeout_s: Annotated[
+        float,
+        Field(gt=0, description="a batch still running after this many seconds fails (500) and turns /healthz 503"),
+    ] = 30.0
+    max_failed_batches: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="consecutive batches with no answer before the golden check reruns; /readyz 503 if it fails",
+        ),
+    ] = 3
+
+    # Access.
+    api_keys: Annotated[
+        list[SecretStr],
+        NoDecode,
+        Field(description="API keys (comma-separated); none: no key needed. Prefer --api-keys-file"),
+    ] = []
+    api_keys_file: Annotated[
+        Path | None, Field(description="file of API keys, one a line ('#' starts a comment); adds to --api-keys")
+    ] = None
+    metrics_require_key: Annotated[
+        bool, Field(description="with API keys on, /metrics needs a key too (health checks never do)")
+    ] = True
+    docs: Annotated[bool, Field(description="serve the interactive docs (/docs, /redoc) and /openapi.json")] = True
+
     # Operations.
     retry_after_s: Annotated[int, Field(ge=1, description="Retry-After of 503 answers while not ready")] = 2
     log_level: Annotated[LogLevel, Field(description="log level")] = "info"
     access_log: Annotated[bool, Field(description="log every request (uvicorn access log)")] = False
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        # FUSION_API_KEYS=key1,key2 (keys never contain commas: see app.auth)
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

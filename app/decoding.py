@@ -7,6 +7,7 @@ with one request fails that request alone, here, before it can touch a batch.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -21,6 +22,13 @@ from model.preprocess import ImageDecodeError, decode_image, tokenize
 
 DEFAULT_TOP_K: Final = 5
 _TOP_K_BYTES: Final = 16
+# ASCII is a subset of UTF-8; any other charset would need a second decoder, and silently reading
+# Latin-1 bytes as UTF-8 would give the model different text than the client meant.
+_UTF8_CHARSETS: Final = frozenset({b"utf-8", b"utf8", b"us-ascii", b"ascii"})
+# C0 and C1 control characters and DEL, except tab, line feed and carriage return (which real
+# multi-line questions contain). NUL and the rest carry no meaning for the model, were never in
+# its training text, and are a classic way to smuggle a string past a log or a C library.
+_CONTROL_CHARACTERS: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +78,22 @@ class Decoder:
         return np.ascontiguousarray(tensor.numpy())
 
     def _text(self, part: Part) -> TokenArray:
+        charset = part.charset
+        if charset is not None and charset not in _UTF8_CHARSETS:
+            raise InvalidInput(
+                "the text field must be UTF-8 (its Content-Type names another charset)", code="unsupported_charset"
+            )
         try:
             text = part.data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidInput("the text field is not valid UTF-8", code="invalid_text") from exc
         if not text.strip():
             raise InvalidInput("the text field is empty", code="empty_text")
+        if _CONTROL_CHARACTERS.search(text):
+            raise InvalidInput(
+                "the text field contains control characters (only tab, line feed and carriage return are allowed)",
+                code="invalid_text",
+            )
         tokens = tokenize(text, self.max_length)
         if tokens.truncated:
             # Refused, not cut: an answer to half a question is a wrong answer that looks right.

@@ -11,8 +11,9 @@ Which method a batch runs (the serving contract, DESIGN.md):
     Kind.IMAGE  encode_image(image)    -> image_embedding   (/embed, image only)
     Kind.TEXT   encode_text(tokens)    -> text_embedding    (/embed, text only)
 
-A batch that raises (or returns the wrong shapes) is retried item by item, so one bad item fails
-alone; a row with a non-finite output fails alone too, and never reaches JSON.
+A batch that raises (or returns the wrong shapes, or runs out of device memory) is split in halves
+and each half retried, down to single items, so one bad item fails alone (500; 507 when it runs
+out of memory even alone); a row with a non-finite output fails alone too, and never reaches JSON.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from app.errors import ModelFailure
+from app.errors import InsufficientStorage, ModelFailure
 from app.metrics import Metrics
 from model.package import GOLDEN_ATOL, Manifest, ModelPackage, golden_inputs, load_package, verify_golden
 
@@ -80,6 +81,23 @@ class OutputContractError(Exception):
     """The model returned something other than the serving contract's outputs."""
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError (a real allocator failure keeps its type through TorchScript), or
+    an error whose own message says "out of memory": a RuntimeError from another allocator, or
+    torch.jit.Error, which is what an exception raised by scripted code becomes."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    if isinstance(exc, torch.jit.Error):
+        # Its message quotes the scripted source around the failing line (which may well mention
+        # memory); the error itself is the last line.
+        message = str(exc).rstrip().rpartition("\n")[2]
+    elif isinstance(exc, RuntimeError):
+        message = str(exc)
+    else:
+        return False
+    return "out of memory" in message.lower()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,6 +114,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 _MODEL_FAILED: Final = "the model failed on this input"
+_OUT_OF_MEMORY: Final = "the model ran out of device memory on this input, even alone"
 _NOT_FINITE: Final = "the model produced a non-finite output for this input"
 
 
@@ -127,31 +146,54 @@ class Engine:
     def execute(self, kind: Kind, images: ByteArray | None, tokens: TokenArray | None) -> list[RowResult]:
         """Run one batch: images uint8 [B,3,H,W] and/or tokens int64 [B,L]; one result per item, in order."""
         count = len(images) if images is not None else len(tokens) if tokens is not None else 0
+        with torch.inference_mode():
+            return self._run_rows(kind, images, tokens, range(count), whole=True)
+
+    def _run_rows(
+        self, kind: Kind, images: ByteArray | None, tokens: TokenArray | None, rows: range, *, whole: bool = False
+    ) -> list[RowResult]:
+        """Rows [start, stop) of a batch. When they fail together, each half is retried on its own
+        (down to single items), so one bad item fails alone, and a batch too large for the device's
+        memory runs in smaller pieces; only an item that fails alone gets an error."""
+        count = len(rows)
         if self.metrics is not None:
             self.metrics.items_executed.labels(kind.value).inc(count)
-        with torch.inference_mode():
-            try:
-                return self._rows(self._call(kind, images, tokens, count), count)
-            except Exception:
-                log.exception("a %s batch of %d failed; retrying its items one by one", kind.value, count)
-                if count == 1:
-                    return [ModelFailure(_MODEL_FAILED)]
-            if self.metrics is not None:
-                self.metrics.batch_failures.labels(kind.value).inc()
-                self.metrics.items_executed.labels(kind.value).inc(count)
-            return [self._run_alone(kind, images, tokens, index) for index in range(count)]
-
-    def _run_alone(self, kind: Kind, images: ByteArray | None, tokens: TokenArray | None, index: int) -> RowResult:
-        one_image = images[index : index + 1] if images is not None else None
-        one_text = None
-        if tokens is not None:
-            length = max(int(np.count_nonzero(tokens[index])), 1)  # ids are >= 1, padding is 0: its own length
-            one_text = tokens[index : index + 1, :length]
         try:
-            return self._rows(self._call(kind, one_image, one_text, 1), 1)[0]
-        except Exception:
-            log.exception("item %d of a %s batch failed alone", index, kind.value)
-            return ModelFailure(_MODEL_FAILED)
+            return self._rows(self._call(kind, *self._slice(images, tokens, rows), count), count)
+        except Exception as exc:
+            failure = self._failure(exc, kind, count)
+        if self.device.type == "cuda" and isinstance(failure, InsufficientStorage):
+            torch.cuda.empty_cache()  # outside `except`: the traceback held the failed pass's tensors
+        if count == 1:
+            return [failure]
+        if whole and self.metrics is not None:
+            self.metrics.batch_failures.labels(kind.value).inc()
+        half = count // 2
+        return self._run_rows(kind, images, tokens, rows[:half]) + self._run_rows(kind, images, tokens, rows[half:])
+
+    @staticmethod
+    def _slice(
+        images: ByteArray | None, tokens: TokenArray | None, rows: range
+    ) -> tuple[ByteArray | None, TokenArray | None]:
+        """The rows' images [n,3,H,W] and tokens [n,L'], L' the longest text among them (ids are
+        >= 1 and padding is 0, so a row's nonzero count is its length)."""
+        if images is not None and len(rows) < len(images):
+            images = images[rows.start : rows.stop]
+        if tokens is not None and len(rows) < len(tokens):
+            tokens = tokens[rows.start : rows.stop]
+            tokens = tokens[:, : max(int(np.count_nonzero(tokens, axis=1).max()), 1)]
+        return images, tokens
+
+    def _failure(self, exc: Exception, kind: Kind, count: int) -> ModelFailure:
+        then = "splitting it" if count > 1 else "failing the item"
+        if is_out_of_memory(exc):
+            log.warning("a %s batch of %d ran out of device memory; %s", kind.value, count, then)
+            if self.metrics is not None:
+                self.metrics.out_of_memory.labels(kind.value).inc()
+            return InsufficientStorage(_OUT_OF_MEMORY)
+        # The traceback once, where the failure is pinned to one item; a line for each split.
+        log.error("a %s batch of %d failed; %s", kind.value, count, then, exc_info=exc if count == 1 else None)
+        return ModelFailure(_MODEL_FAILED)
 
     def _call(
         self, kind: Kind, images: ByteArray | None, tokens: TokenArray | None, count: int

@@ -1,15 +1,19 @@
 """multipart/form-data: the Content-Type check and a bounded parser over a body already in memory.
 
 The body is read (and size-checked) on the event loop; parsing runs in the decode pool with the
-rest of the per-request work. Limits apply while parsing, part by part: a part over its size, or
-a request with too many parts, stops the parser at once. Parts with names the route does not know
-are skipped without being stored; a known name sent twice is refused (which one would count?).
+rest of the per-request work. Limits apply while parsing, part by part: a part over its size, a
+part whose headers run past MAX_PART_HEADER_BYTES, or a request with too many parts, stops the
+parser at once. Parts with names the route does not know are skipped without being stored; a known
+name sent twice is refused (which one would count?). A known part with a Content-Transfer-Encoding
+other than the identity ones is refused: RFC 7578 forbids senders to use one, and decoding base64
+or quoted-printable would be a second parser for hostile input.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -17,6 +21,10 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from app.errors import InvalidInput, MalformedRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
 
 MULTIPART = b"multipart/form-data"
+# Content-Disposition and Content-Type of one part need well under 1 KiB; a part whose headers grow
+# past this is an attack on the parser's memory, not a form.
+MAX_PART_HEADER_BYTES: Final = 8 * 1024
+_IDENTITY_ENCODINGS: Final = frozenset({b"7bit", b"8bit", b"binary"})
 
 
 def multipart_boundary(content_type: str | None) -> bytes:
@@ -35,6 +43,15 @@ class Part:
     name: str
     data: bytes
     filename: str | None
+    content_type: bytes | None = None  # the part's own Content-Type header, as sent
+
+    @property
+    def charset(self) -> bytes | None:
+        """The charset parameter of the part's Content-Type, lower-cased; None when absent."""
+        if self.content_type is None:
+            return None
+        charset = parse_options_header(self.content_type)[1].get(b"charset")
+        return charset.strip().lower() if charset is not None else None
 
 
 @dataclass(frozen=True)
@@ -49,8 +66,10 @@ class _Current:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     header_field: bytearray = field(default_factory=bytearray)
     header_value: bytearray = field(default_factory=bytearray)
+    header_bytes: int = 0
     name: str | None = None
     filename: str | None = None
+    content_type: bytes | None = None
     limit: FieldLimit | None = None
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
@@ -85,10 +104,17 @@ class _FormParser:
         self.current = _Current()
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
         self.current.header_field += data[start:end]
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
         self.current.header_value += data[start:end]
+
+    def _count_header(self, size: int) -> None:
+        self.current.header_bytes += size
+        if self.current.header_bytes > MAX_PART_HEADER_BYTES:
+            raise MalformedRequest(f"a multipart part's headers exceed {MAX_PART_HEADER_BYTES} bytes")
 
     def on_header_end(self) -> None:
         current = self.current
@@ -98,8 +124,8 @@ class _FormParser:
 
     def on_headers_finished(self) -> None:
         current = self.current
-        disposition = next((value for key, value in current.headers if key == b"content-disposition"), None)
-        kind, options = parse_options_header(disposition)
+        headers = dict(current.headers)  # a header sent twice: the last one counts
+        kind, options = parse_options_header(headers.get(b"content-disposition"))
         if kind != b"form-data" or b"name" not in options:
             raise MalformedRequest("a multipart part has no Content-Disposition: form-data; name=...")
         try:
@@ -110,6 +136,10 @@ class _FormParser:
         if name in self.parts:
             raise InvalidInput(f"the field {name!r} was sent more than once", code="duplicate_field")
         current.name, current.filename, current.limit = name, filename, self.fields.get(name)
+        current.content_type = headers.get(b"content-type")
+        encoding = headers.get(b"content-transfer-encoding")
+        if current.limit is not None and encoding is not None and encoding.strip().lower() not in _IDENTITY_ENCODINGS:
+            raise MalformedRequest("Content-Transfer-Encoding is not allowed in multipart/form-data (RFC 7578)")
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         current = self.current
@@ -123,7 +153,9 @@ class _FormParser:
     def on_part_end(self) -> None:
         current = self.current
         if current.name is not None and current.limit is not None:
-            self.parts[current.name] = Part(current.name, b"".join(current.chunks), current.filename)
+            self.parts[current.name] = Part(
+                current.name, b"".join(current.chunks), current.filename, current.content_type
+            )
 
     def on_end(self) -> None:
         self.ended = True

@@ -40,15 +40,20 @@ def error_response(
     return Response(body, status_code=status, media_type="application/json", headers=extra)
 
 
+def service_error_response(error: ServiceError, request_id: str) -> Response:
+    """The answer to one domain error: its status from the table, its headers, and Connection:
+    close when the rest of the body was left unread."""
+    headers = dict(error.headers)
+    if error.closes_connection:
+        headers["Connection"] = "close"
+    return error_response(
+        status_of(error), error.code, error.message, request_id, retry_after_s=error.retry_after_s, headers=headers
+    )
+
+
 async def service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    return error_response(
-        status_of(exc),
-        exc.code,
-        exc.message,
-        request_id_of(request.scope.get("state")),
-        retry_after_s=exc.retry_after_s,
-    )
+    return service_error_response(exc, request_id_of(request.scope.get("state")))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

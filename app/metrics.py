@@ -8,7 +8,7 @@ cancelled (client gone).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 # Seconds; dense between 1 ms and 1 s where an online model's SLO lives.
 LATENCY_BUCKETS = (
@@ -120,12 +120,29 @@ class Metrics:
             "fusion_model_failures", "Items answered 500 because the model failed on them", ["kind"], registry=r
         )
         self.batch_failures = Counter(
-            "fusion_batch_failures", "Batches that raised and were retried item by item", ["kind"], registry=r
+            "fusion_batch_failures", "Batches that raised and were retried in halves", ["kind"], registry=r
+        )
+        self.out_of_memory = Counter(
+            "fusion_out_of_memory",
+            "Forward passes that ran out of device memory (split and retried; 507 for an item alone)",
+            ["kind"],
+            registry=r,
+        )
+        self.hung = Counter(
+            "fusion_forward_timeouts",
+            "Batches still running after forward_timeout_s: their requests failed, /healthz turned 503",
+            registry=r,
+        )
+        self.failed_batches = Gauge(
+            "fusion_consecutive_failed_batches", "Batches in a row in which no item got an answer", registry=r
         )
         self.startup = Gauge(
             "fusion_startup_seconds", "Time to ready by phase (load, warmup, selfcheck, total)", ["phase"], registry=r
         )
         self.ready = Gauge("fusion_ready", "1 when /readyz answers 200", registry=r)
+        self.alive = Gauge("fusion_alive", "1 when /healthz answers 200", registry=r)
+        # process_resident_memory_bytes and friends (Linux): a soak or an alert watches memory here.
+        ProcessCollector(registry=r)
         self.model_info = Gauge(
             "fusion_model_info", "The served model (value 1)", ["name", "version", "device"], registry=r
         )

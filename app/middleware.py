@@ -65,7 +65,8 @@ class RequestContextMiddleware:
                 response = error_response(500, "internal_error", "internal server error", request_id)
                 await response(scope, receive, send_with_context)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            # The router's template; a request refused before routing (app.shedding) names its path.
+            route = getattr(scope.get("route"), "path", None) or scope["state"].get("route", "unmatched")
             self.state.metrics.requests.labels(route, str(status)).inc()
             self.state.metrics.latency.labels(route).observe(time.perf_counter() - began)
 

@@ -80,6 +80,10 @@ class LimitsInfo(BaseModel):
     max_image_pixels: int
     max_image_side: int
     max_image_aspect: float
+    max_header_bytes: int
+    header_timeout_s: float
+    body_timeout_s: float
+    forward_timeout_s: float
 
 
 class InfoResponse(BaseModel):
@@ -102,14 +106,18 @@ class ErrorResponse(BaseModel):
 
 _ERROR_MEANINGS = {
     400: "Malformed request: the body is not valid multipart/form-data",
+    401: "API keys are on and the request has no valid one (Authorization: Bearer KEY, or X-API-Key)",
+    408: "The body did not arrive within body_timeout_s (the connection is closed)",
     413: "Too large: the body (Content-Length or streamed), an image part, or the number of parts",
     415: "Not multipart/form-data, or an image that is not JPEG, PNG, WebP, BMP or GIF",
     422: "Invalid field: missing, empty, too long (never truncated), bad top_k, bad X-Request-Timeout-Ms, "
     "or an image that is corrupt or has unusable dimensions",
     429: "Over the admission limit (the queue is full); retry after Retry-After seconds",
-    500: "The model failed on this request (other requests in its batch are unaffected)",
-    503: "Not ready yet (loading, warming up, or failed); retry after Retry-After seconds",
+    500: "The model failed on this request, or did not finish within forward_timeout_s (other requests in its "
+    "batch are unaffected)",
+    503: "Not ready (loading, warming up, failed, or the model hung); retry after Retry-After seconds",
     504: "The deadline (X-Request-Timeout-Ms, or the server default) passed before the request ran",
+    507: "The model ran out of device memory on this request even alone (batches are split and retried first)",
 }
 
 
@@ -154,9 +162,15 @@ IMAGE_FIELD = {
     "description": "the image: JPEG, PNG, WebP, BMP or GIF (first frame); EXIF orientation applied; "
     "resized to the model's input size",
 }
+# Not blank, and no control character but tab, line feed and carriage return (app.decoding).
+_CONTROL = "\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f"
 TEXT_FIELD = {
     "type": "string",
-    "description": "UTF-8 text; NFC-normalized; at most the model's max_text_length bytes (longer: 422)",
+    "minLength": 1,
+    "pattern": f"^[^{_CONTROL}]*[^\\s{_CONTROL}][^{_CONTROL}]*$",
+    "description": "UTF-8 text (a charset parameter, if any, must say so); NFC-normalized; at most the model's "
+    "max_text_length bytes (longer: 422, never truncated); not blank; no control characters but tab, line feed "
+    "and carriage return",
 }
 TOP_K_FIELD = {
     "type": "integer",

@@ -2,6 +2,8 @@
 
 loading -> warming_up -> self_check -> ready        (any failure: failed, and the process exits)
 ready + SIGTERM -> draining: /readyz 503, requests still served until the listener closes
+ready + a hung forward pass -> dead (/healthz 503) until it ends; + a failing model -> not ready
+(see app.health)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from app.config import Settings
 from app.decoding import Decoder
 from app.engine import Engine
 from app.errors import NotReady
+from app.health import HealthMonitor
 from app.metrics import Metrics
 from app.worker import InferenceWorker
 from model.package import Manifest
@@ -57,8 +60,12 @@ class AppState:
     decoder: Decoder | None = None
     batcher: MicroBatcher | None = None
     decode_pool: ThreadPoolExecutor | None = None
+    monitor: HealthMonitor | None = None
     startup_task: asyncio.Task[None] | None = None
     startup_seconds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.metrics.alive.set_function(lambda: float(self.liveness() is None))
 
     @property
     def model_version(self) -> str | None:
@@ -74,7 +81,7 @@ class AppState:
             return "startup failed"
         if self.worker is not None and not self.worker.alive:
             return "the inference worker has stopped"
-        return None
+        return self.monitor.liveness() if self.monitor is not None else None
 
     def readiness(self) -> str | None:
         """None when ready for traffic; else the reason (what /readyz says)."""
@@ -82,7 +89,7 @@ class AppState:
             return "draining"
         if self.phase is not Phase.READY:
             return f"startup failed: {self.failure}" if self.phase is Phase.FAILED else self.phase.value
-        return self.liveness()
+        return self.liveness() or (self.monitor.readiness() if self.monitor is not None else None)
 
     def serving(self) -> Serving:
         """The ready parts, or 503. Draining does not refuse: requests are served until the listener closes."""
@@ -92,7 +99,7 @@ class AppState:
             or self.decoder is None
             or self.batcher is None
             or self.decode_pool is None
-            or not self.worker_alive
+            or self.liveness() is not None
         ):
             reason = self.liveness() or "the model is still loading"
             raise NotReady(f"not ready: {reason}", retry_after_s=self.settings.retry_after_s)

@@ -1,7 +1,8 @@
 """The per-request flow shared by /predict and /embed.
 
     deadline from X-Request-Timeout-Ms -> 415/413 from the headers -> admission (429) -> read the
-    body (413 while streaming) -> decode in the pool (400/413/415/422) -> batch queue (504, 500)
+    body (413 while streaming, 408 past body_timeout_s) -> decode in the pool (400/413/415/422)
+    -> batch queue (504, 500, 507)
 
 Cheap refusals come first, so a request that cannot be served costs neither a queue slot nor a
 body read. From the moment the body is in, the client's disconnect is watched: a request whose
@@ -22,7 +23,7 @@ from starlette.responses import Response
 from app.config import Settings
 from app.decoding import Decoded
 from app.engine import Kind, Row
-from app.errors import ClientGone, InvalidInput, MalformedRequest, PayloadTooLarge
+from app.errors import ClientGone, InvalidInput, MalformedRequest, PayloadTooLarge, RequestTimeout
 from app.forms import multipart_boundary
 from app.state import Serving
 from model.package import Manifest
@@ -41,7 +42,7 @@ async def infer(
     check_content_length(request, serving.settings.max_body_bytes)
     ticket = serving.batcher.admit()
     try:
-        body = await read_body(request, serving.settings.max_body_bytes)
+        body = await read_body(request, serving.settings.max_body_bytes, serving.settings.body_timeout_s)
         gone = watch_disconnect(request)
         try:
             began = time.perf_counter()
@@ -86,18 +87,22 @@ def _is_small_number(text: str, digits: int = 9) -> bool:
     return 0 < len(text) <= digits and text.isascii() and text.isdigit()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, counted while it streams in (chunked uploads declare no length)."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, counted while it streams in (chunked uploads declare no length), within
+    timeout_s: a client that trickles its body holds an admission slot, so it is cut off."""
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the request body is too large: at most {limit} bytes are accepted")
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the request body is too large: at most {limit} bytes are accepted")
+                chunks.append(chunk)
     except ClientDisconnect as exc:
         raise ClientGone("the client disconnected while sending its body") from exc
+    except TimeoutError as exc:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from exc
     return b"".join(chunks)
 
 

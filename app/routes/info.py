@@ -11,7 +11,7 @@ from app.schemas import BatchingInfo, InfoResponse, LimitsInfo, ModelInfo, error
 router = APIRouter(tags=["info"])
 
 
-@router.get("/info", summary="Model and serving configuration", responses=error_responses(503))
+@router.get("/info", summary="Model and serving configuration", responses=error_responses(401, 503))
 async def info(state: StateDep) -> InfoResponse:
     manifest, engine, settings = state.manifest, state.engine, state.settings
     if manifest is None or engine is None:
@@ -46,5 +46,9 @@ async def info(state: StateDep) -> InfoResponse:
             max_image_pixels=settings.max_image_pixels,
             max_image_side=settings.max_image_side,
             max_image_aspect=settings.max_image_aspect,
+            max_header_bytes=settings.max_header_bytes,
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            forward_timeout_s=settings.forward_timeout_s,
         ),
     )

@@ -176,3 +176,24 @@ def free_port() -> int:
 
 async def gather(*awaitables: Awaitable[T]) -> list[T]:
     return list(await asyncio.gather(*awaitables))
+
+
+BOUNDARY = "fusion-test-boundary"
+
+FormPart = tuple[str, bytes] | tuple[str, bytes, dict[str, str]]
+
+
+def multipart(*parts: FormPart, boundary: str = BOUNDARY) -> tuple[bytes, dict[str, str]]:
+    """A multipart/form-data body written byte by byte (no client library tidies it up), and its
+    Content-Type header. A part is (name, data) or (name, data, extra or replacement headers)."""
+    chunks = []
+    for name, data, *extra in parts:
+        headers = {"Content-Disposition": f'form-data; name="{name}"', **(extra[0] if extra else {})}
+        head = "".join(f"{key}: {value}\r\n" for key, value in headers.items())
+        chunks.append(f"--{boundary}\r\n{head}\r\n".encode() + data + b"\r\n")
+    body = b"".join(chunks) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def image_file(data: bytes, filename: str = "picture") -> FormPart:
+    return ("image", data, {"Content-Disposition": f'form-data; name="image"; filename="{filename}"'})

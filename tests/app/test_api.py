@@ -178,7 +178,7 @@ def test_framework_validation_errors_have_the_same_shape(probe_package: Path) ->
 
 
 def test_status_table_matches_the_design() -> None:
-    assert sorted(STATUS.values()) == [400, 413, 415, 422, 429, 499, 500, 503, 504]
+    assert sorted(STATUS.values()) == [400, 401, 408, 413, 415, 422, 429, 499, 500, 503, 504, 507]
 
 
 def test_info_describes_model_device_and_batching(probe_package: Path) -> None:

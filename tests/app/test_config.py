@@ -21,6 +21,18 @@ def test_defaults() -> None:
     assert settings.decode_threads() == min(available_cores(), 4)
 
 
+def test_robustness_defaults() -> None:
+    settings = Settings()
+    assert (settings.max_header_bytes, settings.header_timeout_s, settings.body_timeout_s) == (32768, 10.0, 10.0)
+    assert (settings.forward_timeout_s, settings.max_failed_batches) == (30.0, 3)
+    assert (settings.api_keys, settings.api_keys_file, settings.metrics_require_key, settings.docs) == (
+        [],
+        None,
+        True,
+        True,
+    )
+
+
 def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FUSION_MODEL", "/packages/mine")
     monkeypatch.setenv("FUSION_MAX_BATCH_SIZE", "4")
@@ -51,6 +63,11 @@ def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
         {"request_timeout_ms": 5000, "max_request_timeout_ms": 1000},
         {"max_image_bytes": 100, "max_body_bytes": 10},
         {"log_level": "loud"},
+        {"max_header_bytes": 1023},
+        {"header_timeout_s": 0},
+        {"body_timeout_s": 0},
+        {"forward_timeout_s": 0},
+        {"max_failed_batches": 0},
     ],
 )
 def test_invalid_settings_are_refused(overrides: dict[str, object]) -> None:

@@ -6,6 +6,7 @@ saturated, a client that closes its socket, and startup failures that must exit 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,7 +23,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 
 from tests.app.conftest import form, free_port, metric, parse_metrics, picture
 
@@ -264,18 +264,22 @@ def test_sigterm_under_load_drains_and_loses_no_accepted_request(probe_package: 
     assert exited_at - sigterm_at < drain_delay + 10
 
 
+def broken_copy(source: Path, target: Path, **manifest_fields: Any) -> Path:
+    """A copy of a package, with these top-level manifest fields replaced."""
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    (target / "manifest.json").write_text(json.dumps({**manifest, **manifest_fields}))
+    return target
+
+
 def test_startup_failures_exit_non_zero_with_a_clear_message(probe_package: Path, tmp_path: Path) -> None:
-    corrupt = tmp_path / "corrupt"
-    shutil.copytree(probe_package, corrupt)
+    """As real processes: a refusal before the port is bound and one while loading. Every other
+    startup fault goes through the same two paths (test_startup drives `main` for each)."""
+    corrupt = broken_copy(probe_package, tmp_path / "corrupt")
     archive = corrupt / "model.pt"
     archive.write_bytes(archive.read_bytes()[:-16] + b"\0" * 16)
-    cases: dict[str, tuple[Path, tuple[str, ...]]] = {
-        "missing": (tmp_path / "no-such-package", ()),
-        "corrupt": (corrupt, ()),
-    }
-    if not torch.cuda.is_available():
-        cases["no-gpu"] = (probe_package, ("--device", "cuda"))
-    servers = {name: start_server(package, tmp_path, *args) for name, (package, args) in cases.items()}
+    cases = {"missing": tmp_path / "no-such-package", "corrupt": corrupt}
+    servers = {name: start_server(package, tmp_path, *SERVER_ARGS) for name, package in cases.items()}
     try:
         codes = {name: server.process.wait(timeout=90) for name, server in servers.items()}
     finally:
@@ -286,5 +290,3 @@ def test_startup_failures_exit_non_zero_with_a_clear_message(probe_package: Path
     assert "cannot serve" in output["missing"] and "manifest not found" in output["missing"]
     assert "startup failed" in output["corrupt"] and "sha256" in output["corrupt"]
     assert all("Traceback" not in text for text in output.values())
-    if "no-gpu" in output:
-        assert "cannot serve" in output["no-gpu"] and "no usable CUDA device" in output["no-gpu"]

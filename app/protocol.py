@@ -1,0 +1,138 @@
+"""uvicorn's httptools protocol with the two guards it lacks: a bound on a request's line and
+headers, and a time limit for them to arrive.
+
+httptools buffers a header line until it ends, and uvicorn neither bounds the headers nor times
+them: one client sending a header forever grows the process without bound (200 MB sent grew it by
+290 MB), and clients that open connections and trickle their headers hold them open forever
+(slowloris). Here:
+
+- the request line and headers, counted as `METHOD TARGET HTTP/x.y\\r\\n`, `NAME: VALUE\\r\\n` each
+  and the blank line (the bytes of a head written without optional whitespace), may be at most
+  `max_header_bytes`: 431 and the connection closed beyond. Checked exactly once the head is
+  complete, and on the raw bytes while it is still arriving, so memory stays within one read of
+  the bound.
+- the line and headers must arrive within `header_timeout_s` of the request's first byte (or of
+  the connection opening): 408 otherwise, or a silent close when nothing was sent at all.
+
+Requests refused here never reach the app: they get the one error shape with a fresh request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from http import HTTPStatus
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[asyncio.Protocol]:
+    """An HttpToolsProtocol class with these limits, for `uvicorn.Config(http=...)`."""
+
+    class GuardedHttpToolsProtocol(_Guarded):
+        pass
+
+    GuardedHttpToolsProtocol.max_header_bytes = max_header_bytes
+    GuardedHttpToolsProtocol.header_timeout_s = header_timeout_s
+    return GuardedHttpToolsProtocol
+
+
+class _Guarded(HttpToolsProtocol):
+    max_header_bytes = 32 * 1024
+    header_timeout_s = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True  # between a request's first byte (or the connection's start) and its headers' end
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    # -- the timer -------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self.transport.is_closing():
+            return
+        if self._head_bytes == 0:
+            self.transport.close()  # a connection that never said anything gets no answer
+            return
+        self._refuse(HTTPStatus.REQUEST_TIMEOUT, "header_timeout", "the request headers did not arrive in time")
+
+    # -- counting --------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._in_head and self._head_bytes > self.max_header_bytes and not self._refused:
+            self._refuse_too_large()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._in_head = False
+        self._disarm()
+        if self._head_size() > self.max_header_bytes:
+            self._refuse_too_large()  # no ASGI task is started for this request
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        super().on_message_complete()
+        self._in_head, self._head_bytes = True, 0  # what comes next is the next request's head
+
+    def _head_size(self) -> int:
+        method, version = self.parser.get_method(), self.parser.get_http_version()
+        line = len(method) + 1 + len(self.url) + 1 + len("HTTP/") + len(version) + 2
+        return line + sum(len(name) + 2 + len(value) + 2 for name, value in self.headers) + 2  # + the blank line
+
+    # -- refusing --------------------------------------------------------------------------------
+
+    def _refuse_too_large(self) -> None:
+        message = f"the request line and headers exceed {self.max_header_bytes} bytes"
+        self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", message)
+
+    def _refuse(self, status: HTTPStatus, code: str, message: str) -> None:
+        self._refused = True
+        self._disarm()
+        request_id = uuid.uuid4().hex
+        body = json.dumps({"error": {"code": code, "message": message, "request_id": request_id}}).encode()
+        head = (
+            f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode("ascii") + body)
+        self.transport.close()

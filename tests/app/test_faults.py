@@ -1,0 +1,208 @@
+"""Model faults: out of memory (split the batch, 507 only alone), a hung forward pass (the watchdog),
+and a model that keeps failing (readiness), through the app's lifespan with the probe model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from torch import Tensor, nn
+
+from app.engine import Engine, Kind, Row, is_out_of_memory
+from app.errors import InsufficientStorage, ModelFailure
+from model.package import ModelPackage, read_manifest
+from tests.app.conftest import Running, form, metric, picture, run, serve, settings_for, until
+from tests.app.test_batching import assert_same_prediction, hold_the_device, post
+
+
+async def queue_in_order(served: Running, texts: list[str]) -> list[asyncio.Task[httpx.Response]]:
+    """Send each request once the one before it is queued, so the batch holds them in this order."""
+    batcher = served.state.batcher
+    assert batcher is not None
+    tasks = []
+    for count, text in enumerate(texts, 1):
+        tasks.append(asyncio.create_task(post(served, "/predict", picture(), text)))
+        await until(lambda count=count: batcher.queued == count)
+    return tasks
+
+
+def test_a_batch_out_of_memory_is_split_and_only_an_item_that_fails_alone_gets_507(probe_package: Path) -> None:
+    """'%' fits only alone, '&' never fits. The batch [g0, g1, %, g2, &, g3] runs out of memory, and
+    so do its halves [g0, g1, %] and [g2, &, g3], then [g1, %] and [&, g3], then [&] alone: six
+    out-of-memory passes, 22 rows run in all, and only '&' fails."""
+    texts = ["good 0", "good 1", "%fits alone", "good 2", "&never fits", "good 3"]
+
+    async def body() -> None:
+        async with serve(settings_for(probe_package)) as served:
+            alone = {text: (await post(served, "/predict", picture(), text)).json() for text in texts if text[0] != "&"}
+            before, seen = await served.metrics(), await served.rows_seen()
+            slow = await hold_the_device(served)
+            responses = await asyncio.gather(*await queue_in_order(served, texts))
+            assert (await slow).status_code == 200
+            after, rows = await served.metrics(), await served.rows_seen() - seen - 1
+            ready = await served.client.get("/readyz")
+        for text, response in zip(texts, responses, strict=True):
+            if text[0] == "&":
+                assert response.status_code == 507, response.text
+                assert response.json()["error"]["code"] == "out_of_memory"
+            else:
+                assert response.status_code == 200, response.text
+                assert_same_prediction(response.json(), alone[text])
+
+        def grew(name: str, **labels: str) -> float:
+            return metric(after, name, **labels) - metric(before, name, **labels)
+
+        assert grew("fusion_out_of_memory_total", kind="fuse") == 6
+        assert grew("fusion_batch_failures_total", kind="fuse") == 1  # the whole batch, not its halves
+        assert rows == 22 == grew("fusion_items_executed_total", kind="fuse") - 1
+        assert grew("fusion_requests_total", route="/predict", status="507") == 1
+        assert ready.status_code == 200  # five of six answered: the model is fine
+
+    run(body())
+
+
+class _Greedy(nn.Module):
+    """An eager model that raises the real torch.cuda.OutOfMemoryError for a batch of more than one."""
+
+    def forward(self, image: Tensor, tokens: Tensor) -> dict[str, Tensor]:
+        if image.size(0) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        width = float(tokens.size(1))  # the padded text length it was given
+        return {
+            "logits": torch.zeros(1, 22),
+            "image_embedding": torch.full((1, 16), width),
+            "text_embedding": torch.ones(1, 16),
+        }
+
+    def encode_image(self, image: Tensor) -> Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        raise RuntimeError("shape mismatch")
+
+
+def test_the_engine_splits_on_torch_cuda_out_of_memory(probe_package: Path) -> None:
+    manifest = read_manifest(probe_package)
+    package = ModelPackage(probe_package, manifest, _Greedy(), torch.device("cpu"))  # type: ignore[arg-type]
+    engine = Engine(package)
+    images = torch.zeros(3, 3, 32, 32, dtype=torch.uint8).numpy()
+    tokens = torch.tensor([[5, 5, 0, 0], [5, 5, 5, 5], [5, 0, 0, 0]]).numpy()
+    rows = engine.execute(Kind.FUSE, images, tokens)
+    # Each item ran alone, its tokens trimmed to its own text length (the stand-in reports it).
+    assert [row.image_embedding[0] for row in rows if isinstance(row, Row) and row.image_embedding is not None] == [
+        2.0,
+        4.0,
+        1.0,
+    ]
+    alone = engine.execute(Kind.IMAGE, images[:1], None)
+    assert len(alone) == 1 and isinstance(alone[0], InsufficientStorage)
+    failed = engine.execute(Kind.TEXT, None, tokens[:1])
+    assert len(failed) == 1 and type(failed[0]) is ModelFailure  # not out of memory: 500, not 507
+
+
+def test_out_of_memory_is_recognized_by_type_or_message() -> None:
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: not enough memory: out of memory"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # not an error torch raises
+
+
+def test_a_hung_forward_pass_fails_its_batch_and_turns_liveness_red(probe_package: Path) -> None:
+    """'@' keeps the device for about two seconds; the watchdog allows 0.3. The hung request gets
+    500 while the pass still runs, the one queued behind it 503 (try another replica), /healthz
+    503 so the orchestrator restarts the replica; when the pass ends after all, alive again."""
+
+    async def body() -> None:
+        async with serve(settings_for(probe_package, forward_timeout_s=0.3, retry_after_s=1)) as served:
+            worker, batcher = served.state.worker, served.state.batcher
+            assert worker is not None and batcher is not None
+            hung = asyncio.create_task(post(served, "/predict", picture(), "@hangs"))
+            await until(lambda: batcher.running == 1)
+            queued = asyncio.create_task(post(served, "/predict", picture(), "behind it"))
+            await until(lambda: batcher.queued == 1)
+            began = time.monotonic()
+            answer = await hung
+            assert worker.busy_since is not None, "answered while the forward pass still runs"
+            assert answer.status_code == 500 and answer.json()["error"]["code"] == "model_timeout"
+            assert time.monotonic() - began < 1.0
+            behind = await queued
+            assert behind.status_code == 503 and behind.headers["retry-after"] == "1"
+            health = await served.client.get("/healthz")
+            assert health.status_code == 503
+            assert health.json() == {
+                "status": "dead",
+                "reason": "a forward pass has run for more than forward_timeout_s (0.3 s)",
+            }
+            assert (await served.client.get("/readyz")).status_code == 503
+            refused = await post(served, "/predict", picture(), "while hung")
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
+            samples = await served.metrics()
+            assert metric(samples, "fusion_alive") == 0 and metric(samples, "fusion_forward_timeouts_total") == 1
+            await until(lambda: served.state.liveness() is None, timeout_s=30)  # the pass ended after all
+            assert (await served.client.get("/healthz")).status_code == 200
+            assert (await post(served, "/predict", picture(), "after it")).status_code == 200
+            assert metric(await served.metrics(), "fusion_alive") == 1
+
+    run(body())
+
+
+async def answer_one_by_one(served: Running, texts: list[str]) -> list[int]:
+    return [(await post(served, "/predict", picture(), text)).status_code for text in texts]
+
+
+def test_a_poisoned_input_costs_no_readiness(probe_package: Path) -> None:
+    """Three failed batches in a row rerun the golden check; it passes, so the model is fine and
+    the inputs were bad: /readyz stays 200."""
+
+    async def body() -> None:
+        async with serve(settings_for(probe_package, max_failed_batches=3)) as served:
+            monitor = served.state.monitor
+            assert monitor is not None
+            assert await answer_one_by_one(served, ["!a", "!b", "!c"]) == [500, 500, 500]
+            await until(lambda: monitor.failed_batches == 0)  # reset by the passing golden check
+            assert (await served.client.get("/readyz")).json() == {"status": "ready"}
+
+    run(body())
+
+
+def test_a_failing_model_turns_readiness_red_until_a_batch_succeeds(probe_package: Path) -> None:
+    """'*' breaks the probe model for good, golden inputs included: after three failed batches the
+    golden check fails too and /readyz answers 503; liveness stays green (restarting would not
+    help a broken package any more than waiting); the first batch that succeeds restores it."""
+
+    async def body() -> None:
+        async with serve(settings_for(probe_package, max_failed_batches=3)) as served:
+            monitor = served.state.monitor
+            assert monitor is not None
+            assert await answer_one_by_one(served, ["*breaks", "fails", "fails too"]) == [500, 500, 500]
+            await until(lambda: monitor.failing is not None)
+            ready = await served.client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json() == {
+                "status": "not_ready",
+                "reason": "the model is failing: the last 3 batches and the golden check failed",
+            }
+            assert (await served.client.get("/healthz")).status_code == 200
+            samples = await served.metrics()
+            assert metric(samples, "fusion_consecutive_failed_batches") == 3
+            assert await answer_one_by_one(served, ["+mends"]) == [200]
+            assert (await served.client.get("/readyz")).json() == {"status": "ready"}
+            assert metric(await served.metrics(), "fusion_consecutive_failed_batches") == 0
+
+    run(body())
+
+
+def test_non_finite_and_misshapen_outputs_are_json_errors(probe_package: Path) -> None:
+    async def body() -> None:
+        async with serve(settings_for(probe_package)) as served:
+            for text in ("~nan", "^shape"):
+                for path in ("/predict", "/embed"):
+                    response = await served.client.post(path, **form(picture(), text))
+                    assert response.status_code == 500
+                    assert response.json()["error"]["code"] == "model_failure"
+                    assert response.headers["content-type"] == "application/json"
+
+    run(body())

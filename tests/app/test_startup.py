@@ -1,0 +1,110 @@
+"""Startup faults: whatever is wrong with the package, the device or the settings, `python -m app`
+says why in one line and exits non-zero; no replica with a bad model ever reports ready.
+
+`app.__main__.main` runs here in the test process (a real uvicorn server on a free port, the real
+lifespan), so that each case costs a fraction of a second rather than a process start;
+test_e2e runs one case of each path as a real process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.__main__ import main
+from tests.app.test_e2e import broken_copy
+
+FAST = ["--port", "0", "--max-batch-size", "2", "--threads", "1", "--drain-delay-s", "0", "--log-level", "info"]
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """main() configures the root logger for the process; put the test session's back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def truncate_archive(package: Path) -> None:
+    archive = package / "model.pt"
+    archive.write_bytes(archive.read_bytes()[:-16] + b"\0" * 16)
+
+
+def wrong_golden_label(package: Path) -> None:
+    manifest = json.loads((package / "manifest.json").read_text())
+    label = manifest["golden"][0]["label"]
+    manifest["golden"][0]["label"] = "yes" if label != "yes" else "no"
+    (package / "manifest.json").write_text(json.dumps(manifest))
+
+
+Breakage = Callable[[Path, Path], object]  # (the copied package, the tiny package) -> anything
+
+# name: (what to break, extra flags, exit code, what the one line must say)
+CASES: dict[str, tuple[Breakage | None, list[str], int, str]] = {
+    "no package": (None, [], 1, "manifest not found"),
+    "manifest not JSON": (lambda p, _: (p / "manifest.json").write_text("{not json"), [], 1, "not valid JSON"),
+    "manifest does not match": (
+        lambda p, _: (p / "manifest.json").write_text(
+            json.dumps({**json.loads((p / "manifest.json").read_text()), "embedding_dim": 32})
+        ),
+        [],
+        1,
+        "golden case 0 does not match embedding_dim",
+    ),
+    "no archive": (lambda p, _: (p / "model.pt").unlink(), [], 1, "archive not found"),
+    "empty archive": (lambda p, _: (p / "model.pt").write_bytes(b""), [], 1, "archive is empty"),
+    "corrupt archive": (lambda p, _: truncate_archive(p), [], 1, "does not match the manifest's"),
+    "swapped archive": (
+        lambda p, tiny: shutil.copy(tiny / "model.pt", p / "model.pt"),
+        [],
+        1,
+        "(corrupt, truncated or swapped archive)",
+    ),
+    "golden label wrong": (lambda p, _: wrong_golden_label(p), [], 1, "the package was shipped predicting"),
+    "API key file missing": (None, ["--api-keys-file", "/nonexistent/keys"], 1, "cannot read the API key file"),
+    "API key too short": (None, ["--api-keys", "short"], 1, "API key 1 is not usable"),
+    "invalid setting": (None, ["--max-batch-size", "0"], 2, "invalid settings"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_startup_fault_is_one_clear_line_and_a_non_zero_exit(
+    name: str, probe_package: Path, tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    breakage, flags, code, reason = CASES[name]
+    package = tmp_path / "missing" if name == "no package" else broken_copy(probe_package, tmp_path / "package")
+    if breakage is not None:
+        breakage(package, tiny_package)
+    assert main(["--model", str(package), *FAST, *flags]) == code
+    output = capsys.readouterr().err
+    assert reason in output, output
+    assert "Traceback" not in output and "ready in" not in output
+
+
+def test_a_swapped_archive_with_its_sha256_updated_fails_the_golden_check(
+    probe_package: Path, tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The archive is intact and matches the manifest, but it is another model: only the golden
+    check can tell, after loading and warming up."""
+    tiny_sha = json.loads((tiny_package / "manifest.json").read_text())["archive_sha256"]
+    package = broken_copy(probe_package, tmp_path / "package", archive_sha256=tiny_sha)
+    shutil.copy(tiny_package / "model.pt", package / "model.pt")
+    assert main(["--model", str(package), *FAST]) == 1
+    output = capsys.readouterr().err
+    assert "startup failed, this replica will not serve" in output
+    assert "golden case 0" in output and "differs from the shipped output" in output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_a_requested_gpu_that_is_absent(probe_package: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model", str(probe_package), *FAST, "--device", "cuda"]) == 1
+    output = capsys.readouterr().err
+    assert "cannot serve: device 'cuda' was requested but this machine has no usable CUDA device" in output
