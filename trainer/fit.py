@@ -210,7 +210,8 @@ def fit(config: TrainConfig, argv: Sequence[str] = ()) -> dict[str, Any]:
             save_checkpoint(checkpoint_path, trainer.state())
     bar.close()
     save_checkpoint(checkpoint_path, trainer.state())
-    train_minutes = (time.monotonic() - train_started) / 60
+    # Training time of the whole run, across --resume (the checkpoint carries what came before).
+    train_minutes = (trainer.elapsed + time.monotonic() - trainer.resumed_at) / 60
 
     model = trainer.model.cpu().eval()
     metrics: dict[str, Any] = {"train_minutes": round(train_minutes, 1), "steps": trainer.step}
@@ -230,10 +231,24 @@ def fit(config: TrainConfig, argv: Sequence[str] = ()) -> dict[str, Any]:
     )
     manifest = export_package(model, info, golden_from(sets.get("val") or sets["train"]), config.out)
     write_training_plot(trainer.history, config.out / "training.png")
-    command = "python -m trainer fit " + " ".join(shlex.quote(a) for a in argv)
+    command = "python -m trainer fit " + " ".join(shlex.quote(a) for a in _without_resume(argv))
     write_model_card(config.out / "MODEL_CARD.md", manifest, config, metrics, command, time.monotonic() - started)
     log(f"exported {config.out} ({manifest.archive_sha256[:12]}) in {(time.monotonic() - started) / 60:.1f} min")
     return metrics
+
+
+def _without_resume(argv: Sequence[str]) -> list[str]:
+    """The command that reproduces a run from scratch: a resumed run's arguments less --resume."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return kept
 
 
 def golden_from(data: TensorDataset) -> list[GoldenInput]:

@@ -52,8 +52,8 @@ def write_model_card(
         command or "python -m trainer fit --data DATA --out OUT",
         "```",
         "",
-        f"Wall time {seconds / 60:.1f} min (training {metrics.get('train_minutes', 0)} min,"
-        f" {metrics.get('steps')} steps) on {platform.machine()} with {torch.get_num_threads()} threads,"
+        f"Training {metrics.get('train_minutes', 0)} min wall time, {metrics.get('steps')} steps; this export"
+        f" {seconds / 60:.1f} min; on {platform.machine()} with {torch.get_num_threads()} threads,"
         f" torch {torch.__version__}.",
         "",
         "## Model",
