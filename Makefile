@@ -31,5 +31,14 @@ format: install
 serve: install
 	$(BIN)/python -m app --model $(MODEL) --host $(HOST) --port $(PORT)
 
+# The benchmark suite (bench/suite.py): report and plots in bench/results/. wrk drives the closed
+# loop when it can be installed; otherwise the suite's own raw-socket generator does.
+BENCH_ARGS ?=
+bench: install
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; } >/dev/null 2>&1; }; } || \
+		echo "bench: wrk is not installed; the closed loop uses bench/loadgen.py"
+	$(BIN)/python -m bench.suite $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,14 +79,19 @@ def assert_parity(
 
 def export_package(model: nn.Module, info: PackageInfo, golden: Sequence[GoldenInput], out_dir: Path | str) -> Manifest:
     """Write a verified package to out_dir (replaced atomically: a reader never sees half of one)."""
-    out_dir = Path(out_dir)
     if not golden:
         raise ValueError("a package needs at least one golden input")
+    return write_atomically(out_dir, lambda staging: _write_package(model, info, golden, staging))
+
+
+def write_atomically(out_dir: Path | str, write: Callable[[Path], Manifest]) -> Manifest:
+    """Build a package in a staging folder beside out_dir, then swap it in; on any failure, remove it."""
+    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; a package is read by the serving user too
     try:
-        manifest = _write_package(model, info, golden, staging)
+        manifest = write(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -97,6 +102,25 @@ def export_package(model: nn.Module, info: PackageInfo, golden: Sequence[GoldenI
 
 
 def _write_package(model: nn.Module, info: PackageInfo, golden: Sequence[GoldenInput], staging: Path) -> Manifest:
+    draft, images, tokens = stage_golden(info, golden, staging)
+    eager = model.cpu().eval()
+    scripted = script_module(eager)
+    assert_parity(eager, scripted, images, tokens, "eager vs scripted")
+    archive = staging / ARCHIVE_NAME
+    torchscript.save(scripted, archive)
+    reloaded = torchscript.load(archive).eval()
+    assert_parity(scripted, reloaded, images, tokens, "scripted vs reloaded archive")
+    return record_golden(info, draft, reloaded, images, tokens, staging)
+
+
+def stage_golden(
+    info: PackageInfo, golden: Sequence[GoldenInput], staging: Path
+) -> tuple[Manifest, torch.Tensor, torch.Tensor]:
+    """Save the golden images into staging; return a draft manifest and the preprocessed inputs.
+
+    The inputs are read back from the saved files through the shared preprocessing, exactly as
+    the loader will read them, so the recorded outputs are the ones a server reproduces.
+    """
     (staging / GOLDEN_DIR).mkdir()
     image_names = []
     for index, case in enumerate(golden):
@@ -119,17 +143,21 @@ def _write_package(model: nn.Module, info: PackageInfo, golden: Sequence[GoldenI
         ),
     )
     images, tokens = golden_inputs(staging, draft)
+    return draft, images, tokens
 
-    eager = model.cpu().eval()
-    scripted = script_module(eager)
-    assert_parity(eager, scripted, images, tokens, "eager vs scripted")
+
+def record_golden(
+    info: PackageInfo,
+    draft: Manifest,
+    module: nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    staging: Path,
+) -> Manifest:
+    """Run the archive (as reloaded from staging) on the golden inputs; write the final manifest."""
     archive = staging / ARCHIVE_NAME
-    torchscript.save(scripted, archive)
-    reloaded = torchscript.load(archive).eval()
-    assert_parity(scripted, reloaded, images, tokens, "scripted vs reloaded archive")
-
     with torch.inference_mode():
-        outputs = run_forward(reloaded, images, tokens)
+        outputs = run_forward(module, images, tokens)
     cases = tuple(
         GoldenCase(
             image=case.image,

@@ -1,0 +1,90 @@
+"""A/B of service settings, side by side: `python -m bench.compare --b="--threads 2" [--a=...] [--model DIR]`.
+
+Starts one service per variant (the same model), then runs the closed loop on them in turns
+(A, B, A, B, ...) so that a drift in the machine's load hits both alike, and prints the medians
+over the repeats with B/A ratios. For checking what a settings change gains before adopting it;
+the flags are `python -m app` flags, space-separated within one --a/--b value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.payloads import MixSpec, build_mix, build_pictures, write_requests
+from bench.server import ROOT, start_server
+from bench.suite import resolve_model
+from bench.wrk import run_wrk, wrk_path
+from model.package import read_manifest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--a", default="", help="flags of variant A (default: none, the service's defaults)")
+    parser.add_argument("--b", default="", help="flags of variant B")
+    parser.add_argument("--a-prelude", help="Python run in A's interpreter before the app, e.g. an interpreter setting")
+    parser.add_argument("--b-prelude", help="the same for B")
+    parser.add_argument("--workload", choices=("mixed", "scenes"), default="mixed")
+    parser.add_argument("--concurrency", default="1,32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare")
+    args = parser.parse_args(argv)
+    if wrk_path() is None:
+        sys.stderr.write("bench.compare needs wrk (apt-get install wrk)\n")
+        return 2
+    model, _ = resolve_model(args.model)
+    manifest = read_manifest(model)
+    spec = MixSpec() if args.workload == "mixed" else MixSpec().scenes_only()
+    payloads = build_mix(spec, manifest.max_text_length, build_pictures(spec))
+    args.out.mkdir(parents=True, exist_ok=True)
+    requests_file = write_requests([p.request() for p in payloads], args.out / "requests.bin")
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    variants = {"A": shlex.split(args.a), "B": shlex.split(args.b)}
+    preludes = {"A": args.a_prelude, "B": args.b_prelude}
+    if variants["A"] == variants["B"] and preludes["A"] == preludes["B"]:
+        parser.error("variants A and B are the same")
+    servers = {
+        name: start_server(name, model, flags, args.out, prelude=preludes[name]) for name, flags in variants.items()
+    }
+    results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    try:
+        for name, server in servers.items():
+            run_wrk(server.port, requests_file, max(concurrencies), 2)  # warm
+            described = " ".join(variants[name]) or "(defaults)"
+            if preludes[name]:
+                described += f" with prelude {preludes[name]!r}"
+            print(f"{name}: {described}: ready in {server.ready_s:.2f} s")
+        for repeat in range(args.repeats):
+            for concurrency in concurrencies:
+                for name, server in servers.items():
+                    w = run_wrk(server.port, requests_file, concurrency, args.seconds)
+                    results.setdefault((name, concurrency), []).append((w.throughput, w.p50_s, w.p99_s))
+                    print(
+                        f"  #{repeat} {name} c={concurrency}: {w.throughput:.1f} req/s, "
+                        f"p50 {w.p50_s * 1e3:.1f} ms, p99 {w.p99_s * 1e3:.1f} ms"
+                    )
+    finally:
+        for server in servers.values():
+            server.stop()
+    print(f"\n| c | A req/s | B req/s | B/A | A p50 | B p50 | A p99 | B p99 |  ({args.workload}, {model})")
+    print("|---|---|---|---|---|---|---|---|")
+    for concurrency in concurrencies:
+        a = [statistics.median(v) for v in zip(*results[("A", concurrency)], strict=True)]
+        b = [statistics.median(v) for v in zip(*results[("B", concurrency)], strict=True)]
+        print(
+            f"| {concurrency} | {a[0]:.1f} | {b[0]:.1f} | {b[0] / a[0]:.2f} | {a[1] * 1e3:.1f} | {b[1] * 1e3:.1f} | "
+            f"{a[2] * 1e3:.1f} | {b[2] * 1e3:.1f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""GPU check, one prepared script: `python -m bench.gpu_check [--model DIR]` (at most ~8 minutes on CUDA).
+
+1. parity: the package on CUDA against the package on the CPU (fp32), on the golden inputs and on a
+   batch of the benchmark mix, for all three methods: max abs error against the golden tolerance,
+   and the arg-max agreement; fp16 autocast against fp32 as information;
+2. in-process GPU ceiling: forward only per lane at batch sizes 1..256, host-to-device copy from
+   pinned memory included; the preprocessing rate on every core (a process pool); the serial
+   preprocessing + forward rate on one thread;
+3. served: `python -m app --device cuda` driven closed loop at several concurrencies (wrk when it
+   is installed, else bench.loadgen in several processes), with the mean batch size from /metrics;
+4. a short table, printed last.
+
+`--dry-run` runs the same steps on the CPU with a tiny model and tiny durations (well under 30 s):
+the test suite runs it so the script cannot rot.
+
+A GPU host without network access may lack the service's web packages (fastapi, starlette,
+uvicorn, python-multipart, pydantic-settings): bring them as wheels. Without them steps 1 and 2
+still run and step 3 says what is missing. If the shipped archive cannot be loaded by that host's
+torch, a randomly initialized package of the manifest's architecture is exported there and
+measured instead (the same cost), and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import loadgen
+from bench.inprocess import KINDS, run_lane
+from bench.payloads import MixSpec, Payload, build_mix
+from model.config import FusionConfig, ImageTowerConfig, TextTowerConfig
+from model.package import (
+    GOLDEN_ATOL,
+    ModelPackage,
+    PackageError,
+    golden_inputs,
+    load_package,
+    read_manifest,
+    verify_golden,
+)
+from model.preprocess import decode_image, pad_tokens, tokenize
+
+SERVICE_PACKAGES = ("fastapi", "starlette", "uvicorn", "python_multipart", "pydantic_settings", "prometheus_client")
+TINY = FusionConfig(
+    image=ImageTowerConfig(size=(32, 32), widths=(8, 16, 16), context_layers=1),
+    text=TextTowerConfig(kind="transformer", max_length=64, layers=1, heads=2),
+    width=32,
+    fusion_layers=1,
+    fusion_heads=2,
+    embed_dim=16,
+    num_labels=22,
+)
+
+
+def say(message: str) -> None:
+    sys.stderr.write(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}\n")
+    sys.stderr.flush()
+
+
+def export_random(config: FusionConfig, name: str) -> Path:
+    from model.export import export_random_package
+
+    labels = [f"label{i}" for i in range(config.num_labels)]
+    target = Path(tempfile.mkdtemp(prefix="gpu-check-")) / name
+    export_random_package(target, config, labels, seed=0, name=name)
+    return target
+
+
+def pick_model(model: Path | None, dry_run: bool) -> tuple[Path, str]:
+    if dry_run:
+        return export_random(TINY, "tiny"), "tiny random model (dry run)"
+    from bench.suite import resolve_model
+
+    path, source = resolve_model(model)
+    try:
+        load_package(path, "cpu")
+        return path, source
+    except Exception as exc:  # an archive from a newer torch, say: measure the same architecture instead
+        say(f"{path} does not load here ({type(exc).__name__}: {str(exc)[:200]}); exporting its architecture")
+        config = FusionConfig.from_dict(read_manifest(path).model_config)
+        return export_random(config, "same-architecture"), f"random weights, architecture of {path}"
+
+
+# -- 1. parity -------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def outputs(package: ModelPackage, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    device = package.device
+    images, tokens = images.to(device), tokens.to(device)
+    result = dict(package.module(images, tokens))
+    result["encode_image"] = package.module.encode_image(images)
+    result["encode_text"] = package.module.encode_text(tokens)
+    return {name: value.float().cpu() for name, value in result.items()}
+
+
+def parity(
+    reference: ModelPackage, candidate: ModelPackage, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, Any]:
+    errors: dict[str, float] = {}
+    agree = total = 0
+    for images, tokens in batches:
+        expected, actual = outputs(reference, images, tokens), outputs(candidate, images, tokens)
+        for name, value in expected.items():
+            errors[name] = max(errors.get(name, 0.0), float((value - actual[name]).abs().max()))
+        agree += int((expected["logits"].argmax(1) == actual["logits"].argmax(1)).sum())
+        total += len(images)
+    worst = max(errors.values())
+    return {"errors": errors, "worst": worst, "argmax": agree / total, "ok": worst <= GOLDEN_ATOL and agree == total}
+
+
+@torch.inference_mode()
+def half_parity(package: ModelPackage, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> str:
+    device = package.device
+    if device.type != "cuda":
+        return "fp16 autocast: n/a on the CPU"
+    try:
+        worst, agree, total = 0.0, 0, 0
+        for images, tokens in batches:
+            full = outputs(package, images, tokens)
+            with torch.autocast("cuda", dtype=torch.float16):
+                half = dict(package.module(images.to(device), tokens.to(device)))
+            for name in ("image_embedding", "text_embedding"):
+                worst = max(worst, float((half[name].float().cpu() - full[name]).abs().max()))
+            agree += int((half["logits"].float().cpu().argmax(1) == full["logits"].argmax(1)).sum())
+            total += len(images)
+        return f"fp16 autocast vs fp32: embeddings max err {worst:.2g}, arg-max agreement {agree / total:.1%}"
+    except Exception as exc:
+        return f"fp16 autocast failed: {type(exc).__name__}: {str(exc)[:120]}"
+
+
+def parity_batches(package: ModelPackage, payloads: Sequence[Payload]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    manifest = package.manifest
+    batches = [golden_inputs(package.path, manifest)]
+    fused = [p for p in payloads if p.kind == "fuse"][:16]
+    images = torch.stack([decode_image(p.image, manifest.image_size) for p in fused])  # type: ignore[arg-type]
+    tokens = pad_tokens([tokenize(p.text, manifest.max_text_length).ids for p in fused])  # type: ignore[arg-type]
+    batches.append((images, tokens))
+    return batches
+
+
+# -- 2. in-process ceiling -------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def forward_rates(
+    package: ModelPackage, payloads: Sequence[Payload], sizes: Sequence[int], seconds: float
+) -> dict[str, dict[int, float]]:
+    """Items/s per lane and batch size, copying each batch from pinned host memory to the device."""
+    manifest, device = package.manifest, package.device
+    pin = device.type == "cuda"
+    rates: dict[str, dict[int, float]] = {}
+    for kind in KINDS:
+        items = [p for p in payloads if p.kind == kind]
+        if not items:
+            continue
+        rates[kind] = {}
+        for size in sizes:
+            chosen = [items[i % len(items)] for i in range(size)]
+            images = (
+                torch.stack([decode_image(p.image, manifest.image_size) for p in chosen])  # type: ignore[arg-type]
+                if kind != "text"
+                else None
+            )
+            tokens = (
+                pad_tokens([tokenize(p.text, manifest.max_text_length).ids for p in chosen])  # type: ignore[arg-type]
+                if kind != "image"
+                else None
+            )
+            if pin:
+                images = images.pin_memory() if images is not None else None
+                tokens = tokens.pin_memory() if tokens is not None else None
+
+            def step() -> None:
+                on_image = images.to(device, non_blocking=True) if images is not None else None  # noqa: B023
+                on_tokens = tokens.to(device, non_blocking=True) if tokens is not None else None  # noqa: B023
+                run_lane(package.module, kind, on_image, on_tokens)  # noqa: B023
+
+            for _ in range(3):
+                step()
+            _sync(device)
+            calls = 0
+            began = time.perf_counter()
+            while calls < 3 or time.perf_counter() - began < seconds:
+                step()
+                calls += 1
+            _sync(device)
+            rates[kind][size] = calls * size / (time.perf_counter() - began)
+    return rates
+
+
+def _preprocess_chunk(args: tuple[list[tuple[bytes | None, str | None]], tuple[int, int], int, float]) -> int:
+    items, size, max_length, seconds = args
+    torch.set_num_threads(1)
+    done = 0
+    began = time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        image, text = items[done % len(items)]
+        if image is not None:
+            decode_image(image, size)
+        if text is not None:
+            tokenize(text, max_length)
+        done += 1
+    return done
+
+
+def preprocess_rate(payloads: Sequence[Payload], package: ModelPackage, processes: int, seconds: float) -> float:
+    """Requests/s that `processes` processes preprocess together (decode_image + tokenize)."""
+    manifest = package.manifest
+    items = [(p.image, p.text) for p in payloads]
+    job = (items, manifest.image_size, manifest.max_text_length, seconds)
+    if processes <= 1:
+        return _preprocess_chunk(job) / seconds
+    with ProcessPoolExecutor(processes) as pool:
+        pool.submit(_preprocess_chunk, (items[:1], manifest.image_size, manifest.max_text_length, 0.01)).result()
+        began = time.perf_counter()
+        counts = list(pool.map(_preprocess_chunk, [job] * processes))
+        return sum(counts) / max(seconds, time.perf_counter() - began)
+
+
+# -- 3. served -------------------------------------------------------------------------------------
+
+
+def _closed_chunk(args: tuple[int, list[bytes], int, float, int]) -> tuple[list[float], list[int], float]:
+    port, requests, connections, seconds, offset = args
+    result = loadgen.run_async(
+        lambda: loadgen.closed_loop("127.0.0.1", port, requests, connections, duration_s=seconds, start_index=offset)
+    )
+    return result.latencies, result.statuses, result.elapsed_s
+
+
+def served_run(port: int, requests: list[bytes], concurrency: int, seconds: float, processes: int) -> dict[str, float]:
+    processes = max(1, min(processes, concurrency))
+    shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
+    jobs = [(port, requests, share, seconds, i * 37) for i, share in enumerate(shares)]
+    if processes == 1:
+        parts = [_closed_chunk(jobs[0])]
+    else:
+        with ProcessPoolExecutor(processes) as pool:
+            parts = list(pool.map(_closed_chunk, jobs))
+    latencies = [x for part in parts for x in part[0]]
+    statuses = [x for part in parts for x in part[1]]
+    elapsed = max(part[2] for part in parts)
+    return {
+        "throughput": len(latencies) / elapsed if elapsed else 0.0,
+        "p50": loadgen.percentile(latencies, 50),
+        "p99": loadgen.percentile(latencies, 99),
+        "errors": sum(status != 200 for status in statuses),
+        "requests": len(latencies),
+    }
+
+
+def served(
+    model: Path,
+    device: str,
+    payloads: Sequence[Payload],
+    concurrencies: Sequence[int],
+    seconds: float,
+    extra: list[str],
+) -> tuple[list[tuple[int, dict[str, float]]], str]:
+    missing = [name for name in SERVICE_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        return [], f"service not run: missing {', '.join(missing)} (carry them as wheels)"
+    from bench.analysis import stage_breakdown
+    from bench.server import diff, start_server
+
+    log_dir = Path(tempfile.mkdtemp(prefix="gpu-check-logs-"))
+    server = start_server("gpu-check", model, ["--device", device, *extra], log_dir)
+    note = f"service ready in {server.ready_s:.1f} s (inside: {server.startup_phases.get('total', float('nan')):.1f} s)"
+    requests = [p.request() for p in payloads]
+    processes = max(1, min(4, (os.cpu_count() or 1) // 4))
+    rows = []
+    try:
+        served_run(server.port, requests, max(concurrencies), min(seconds, 3.0), processes)  # warm the connections
+        for concurrency in concurrencies:
+            before = server.metrics()
+            row = served_run(server.port, requests, concurrency, seconds, processes)
+            row["mean_batch"] = stage_breakdown(diff(server.metrics(), before)).get("mean_batch", float("nan"))
+            rows.append((concurrency, row))
+            say(f"served c={concurrency}: {row['throughput']:.0f} req/s, p50 {row['p50'] * 1e3:.1f} ms")
+    finally:
+        server.stop()
+    return rows, note
+
+
+# -- the check -------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, help="model package (default: weights/shapesqa, else random weights)")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, tiny durations")
+    parser.add_argument("--concurrency", default="1,8,32,64,128")
+    parser.add_argument("--seconds", type=float, default=12.0, help="per served run")
+    parser.add_argument("--server-arg", action="append", default=[], help="a `python -m app` flag (repeatable)")
+    args = parser.parse_args(argv)
+    began = time.perf_counter()
+    # The service's own setting: one intra-op thread on the inference thread (on CUDA it only
+    # launches kernels; on the CPU dry run, more threads than the free cores make the timings noise).
+    torch.set_num_threads(1)
+
+    if args.dry_run:
+        device = torch.device("cpu")
+        concurrencies, seconds, sizes, ceiling_s = [1, 4], 1.0, [1, 4], 0.2
+        mix = MixSpec(slots=24, scenes_per_side=1, photo=(800, 600))
+        extra = ["--max-batch-size", "4", *args.server_arg]
+    else:
+        if not torch.cuda.is_available():
+            sys.stderr.write("gpu_check: no CUDA device here (use --dry-run to exercise the script on the CPU)\n")
+            return 2
+        device = torch.device("cuda")
+        concurrencies = [int(c) for c in args.concurrency.split(",")]
+        seconds, sizes, ceiling_s = args.seconds, [1, 2, 4, 8, 16, 32, 64, 128, 256], 1.0
+        mix, extra = MixSpec(), list(args.server_arg)
+
+    model, source = pick_model(args.model, args.dry_run)
+    manifest = read_manifest(model)
+    say(f"model {model} ({source}); building the payload mix")
+    payloads = build_mix(mix, manifest.max_text_length)
+
+    say("parity")
+    reference = load_package(model, "cpu")
+    candidate = load_package(model, device, check_golden=False)
+    try:
+        verify_golden(candidate)  # what the service runs at startup, on the device
+        golden = f"golden check on {device.type}: pass"
+    except PackageError as exc:
+        golden = f"golden check on {device.type}: FAIL: {exc}"
+    batches = parity_batches(reference, payloads)
+    check = parity(reference, candidate, batches)
+    if device.type == "cuda" and not check["ok"]:
+        # cuDNN runs float32 convolutions in TF32 by default: say whether that is the difference.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        strict = parity(reference, candidate, batches)
+        golden += f"; with TF32 off: worst error {strict['worst']:.2g} ({'PASS' if strict['ok'] else 'FAIL'})"
+        torch.backends.cudnn.allow_tf32 = True
+    half = half_parity(candidate, batches)
+
+    say("in-process ceilings")
+    rates = forward_rates(candidate, payloads, sizes, ceiling_s)
+    cores = os.cpu_count() or 1
+    pre_all = preprocess_rate(payloads, candidate, 1 if args.dry_run else cores, ceiling_s * (1 if args.dry_run else 3))
+    pre_one = preprocess_rate(payloads, candidate, 1, ceiling_s * (1 if args.dry_run else 3))
+    fuse = rates.get("fuse", {})
+    best = max(fuse, key=fuse.__getitem__) if fuse else 0
+
+    say("served")
+    served_rows, note = served(model, str(device), payloads, concurrencies, seconds, extra)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
+    lines = [
+        "",
+        f"GPU check: {name}, torch {torch.__version__}, {cores} cores; "
+        f"model {manifest.name} {manifest.version} ({source})",
+        f"parity {device.type} vs cpu (fp32): "
+        + ", ".join(f"{k} {v:.2g}" for k, v in check["errors"].items())
+        + f"; arg-max agreement {check['argmax']:.1%} -> {'PASS' if check['ok'] else 'FAIL'} (atol {GOLDEN_ATOL})",
+        golden,
+        half,
+        "forward items/s (fuse lane) by batch: " + ", ".join(f"{b}: {r:.0f}" for b, r in fuse.items()),
+        f"in-process ceiling: forward {fuse.get(best, 0):.0f} items/s at batch {best}; preprocessing "
+        f"{pre_all:.0f} req/s on {1 if args.dry_run else cores} process(es), {pre_one:.0f} req/s on one",
+        note,
+        "",
+        "| concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for concurrency, row in served_rows:
+        lines.append(
+            f"| {concurrency} | {row['throughput']:.0f} | {row['p50'] * 1e3:.1f} | {row['p99'] * 1e3:.1f} | "
+            f"{row['mean_batch']:.1f} | {row['errors']:.0f} |"
+        )
+    lines.append(f"({time.perf_counter() - began:.0f} s)")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0 if check["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

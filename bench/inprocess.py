@@ -1,0 +1,313 @@
+"""In-process ceilings and per-stage costs: the same model, thread count and inputs, no HTTP.
+
+- forward only, per batch lane (fuse = forward, image = encode_image, text = encode_text), at batch
+  sizes 1..max, on batches built from the mix's own items (texts padded to the longest, as the
+  batcher does);
+- preprocessing (the shared decode_image + tokenize) of every request in the mix;
+- the measured serial pipeline, preprocessing plus forward, one thread, at batch 1 and at the best
+  batch size: requests are taken from the rotation, preprocessed, collected per lane, and a lane
+  runs when it holds a full batch. This is the ceiling the served throughput is compared with;
+- the service's own per-request steps, timed one by one (multipart parsing, validation, decoding,
+  staging, the engine's output handling, JSON): where a request's CPU time goes without HTTP.
+
+Everything runs on the calling thread with `torch.set_num_threads(threads)`: the service runs
+every forward pass on one inference thread with that many intra-op threads.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.payloads import BOUNDARY, Payload
+from model.package import Manifest, ModelPackage, load_package
+from model.preprocess import decode_image, pad_tokens, tokenize
+
+KINDS = ("fuse", "image", "text")
+
+
+@dataclass
+class Prepared:
+    payload: Payload
+    image: torch.Tensor | None  # uint8 [3, H, W], contiguous
+    tokens: torch.Tensor | None  # int64 [L]
+    preprocess_s: float  # median over repeats of decode_image + tokenize
+
+
+@dataclass
+class Ceilings:
+    threads: int
+    batch_sizes: list[int]
+    forward_s: dict[str, dict[int, float]]  # lane -> batch size -> median seconds per batch
+    preprocess_mean_s: float
+    preprocess_median_s: float
+    preprocess_by_picture: dict[str, float]  # median seconds per picture kind
+    shares: dict[str, float]  # lane -> fraction of requests
+    best_batch: int
+    predicted_per_item_s: dict[int, float]  # batch size -> preprocessing + share-weighted forward / B
+    batch1_cost_median_s: float  # median over the mix of preprocessing + forward at batch 1
+    batch1_cost_mean_s: float
+    pipeline_rate: dict[int, list[float]] = field(default_factory=dict)  # batch size -> items/s per repeat
+    stages_s: dict[str, float] = field(default_factory=dict)  # the service's own steps, mean per request
+
+    def ceiling(self, batch: int) -> float:
+        return statistics.median(self.pipeline_rate[batch])
+
+
+def load(model: Path, threads: int) -> ModelPackage:
+    torch.set_num_threads(threads)
+    return load_package(model, "cpu", check_golden=False)
+
+
+def _median_time(action: Callable[[], object], repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - began)
+    return statistics.median(samples)
+
+
+def prepare(payloads: Sequence[Payload], manifest: Manifest, repeats: int) -> list[Prepared]:
+    prepared = []
+    size, max_length = manifest.image_size, manifest.max_text_length
+
+    def preprocess(payload: Payload) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        image = decode_image(payload.image, size).contiguous() if payload.image is not None else None
+        tokens = tokenize(payload.text, max_length).ids if payload.text is not None else None
+        return image, tokens
+
+    for payload in payloads:
+        image, tokens = preprocess(payload)
+        seconds = _median_time(lambda payload=payload: preprocess(payload), repeats)  # type: ignore[misc]
+        prepared.append(Prepared(payload, image, tokens, seconds))
+    return prepared
+
+
+def _batch(items: Sequence[Prepared], size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    chosen = [items[i % len(items)] for i in range(size)]
+    images = torch.stack([p.image for p in chosen]) if chosen[0].image is not None else None  # type: ignore[misc]
+    tokens = pad_tokens([p.tokens for p in chosen]) if chosen[0].tokens is not None else None  # type: ignore[misc]
+    return images, tokens
+
+
+def run_lane(
+    module: torch.jit.ScriptModule, kind: str, images: torch.Tensor | None, tokens: torch.Tensor | None
+) -> None:
+    if kind == "fuse":
+        module(images, tokens)
+    elif kind == "image":
+        module.encode_image(images)
+    else:
+        module.encode_text(tokens)
+
+
+@torch.inference_mode()
+def forward_table(
+    module: torch.jit.ScriptModule, prepared: Sequence[Prepared], sizes: Sequence[int], repeats: int
+) -> dict[str, dict[int, float]]:
+    table: dict[str, dict[int, float]] = {}
+    for kind in KINDS:
+        items = [p for p in prepared if p.payload.kind == kind]
+        if not items:
+            continue
+        table[kind] = {}
+        for size in sizes:
+            images, tokens = _batch(items, size)
+            for _ in range(2):  # first calls pay for graph optimization and allocator growth
+                run_lane(module, kind, images, tokens)
+            table[kind][size] = _median_time(lambda: run_lane(module, kind, images, tokens), repeats)  # noqa: B023
+    return table
+
+
+def interpolate(table: dict[int, float], size: int) -> float:
+    """Per-batch time at `size` from the measured sizes (linear between neighbours)."""
+    if size in table:
+        return table[size]
+    known = sorted(table)
+    lower = max((s for s in known if s < size), default=known[0])
+    upper = min((s for s in known if s > size), default=known[-1])
+    if lower == upper:
+        return table[lower] * size / lower
+    weight = (size - lower) / (upper - lower)
+    return table[lower] + weight * (table[upper] - table[lower])
+
+
+@torch.inference_mode()
+def pipeline_rate(
+    module: torch.jit.ScriptModule, payloads: Sequence[Payload], manifest: Manifest, batch: int, seconds: float
+) -> float:
+    """Measured serial ceiling: preprocess each request, run a lane when it holds `batch` items; items/s."""
+    size, max_length = manifest.image_size, manifest.max_text_length
+    lanes: dict[str, list[tuple[torch.Tensor | None, torch.Tensor | None]]] = {kind: [] for kind in KINDS}
+    done = 0
+    index = 0
+    began = time.perf_counter()
+    # At least one pass over the whole rotation, so every picture size counts in its proportion.
+    while index < len(payloads) or time.perf_counter() - began < seconds:
+        payload = payloads[index % len(payloads)]
+        index += 1
+        image = decode_image(payload.image, size) if payload.image is not None else None
+        tokens = tokenize(payload.text, max_length).ids if payload.text is not None else None
+        lane = lanes[payload.kind]
+        lane.append((image, tokens))
+        if len(lane) == batch:
+            images = torch.stack([i for i, _ in lane]) if lane[0][0] is not None else None  # type: ignore[misc]
+            texts = pad_tokens([t for _, t in lane]) if lane[0][1] is not None else None  # type: ignore[misc]
+            run_lane(module, payload.kind, images, texts)
+            done += batch
+            lane.clear()
+    return done / (time.perf_counter() - began)
+
+
+def measure(
+    package: ModelPackage,
+    payloads: Sequence[Payload],
+    *,
+    threads: int,
+    max_batch: int,
+    repeats: int,
+    pipeline_seconds: float,
+    pipeline_repeats: int,
+    all_sizes: bool,
+    stages: bool = True,
+) -> Ceilings:
+    module = package.module
+    manifest = package.manifest
+    prepared = prepare(payloads, manifest, repeats)
+    powers = sorted({1, max_batch, *(2**k for k in range(1, 11) if 2**k < max_batch)})
+    sizes = list(range(1, max_batch + 1)) if all_sizes else powers
+    forward = forward_table(module, prepared, sizes, repeats)
+    shares = {kind: sum(p.payload.kind == kind for p in prepared) / len(prepared) for kind in forward}
+    pre_mean = statistics.fmean(p.preprocess_s for p in prepared)
+    predicted = {
+        size: pre_mean + sum(shares[kind] * interpolate(forward[kind], size) / size for kind in forward)
+        for size in range(1, max_batch + 1)
+    }
+    best = min(predicted, key=predicted.__getitem__)
+    batch1 = [p.preprocess_s + forward[p.payload.kind][1] for p in prepared]
+    pictures: dict[str, list[float]] = {}
+    for p in prepared:
+        if p.payload.image is not None:
+            pictures.setdefault(p.payload.image_name, []).append(p.preprocess_s)
+    ceilings = Ceilings(
+        threads=threads,
+        batch_sizes=sizes,
+        forward_s=forward,
+        preprocess_mean_s=pre_mean,
+        preprocess_median_s=statistics.median(p.preprocess_s for p in prepared),
+        preprocess_by_picture={name: statistics.median(values) for name, values in pictures.items()},
+        shares=shares,
+        best_batch=best,
+        predicted_per_item_s=predicted,
+        batch1_cost_median_s=statistics.median(batch1),
+        batch1_cost_mean_s=statistics.fmean(batch1),
+    )
+    for batch in sorted({1, best}):
+        ceilings.pipeline_rate[batch] = [
+            pipeline_rate(module, payloads, manifest, batch, pipeline_seconds) for _ in range(pipeline_repeats)
+        ]
+    if stages:
+        ceilings.stages_s = service_stages(package, payloads, best, repeats)
+    return ceilings
+
+
+def service_stages(package: ModelPackage, payloads: Sequence[Payload], batch: int, repeats: int) -> dict[str, float]:
+    """Mean seconds per request of each step the service runs for it, outside HTTP, one at a time."""
+    from app.config import Settings
+    from app.decoding import Decoder
+    from app.engine import Engine, Kind, Row
+    from app.forms import parse_form
+    from app.routes.common import json_response
+
+    decoder = Decoder(Settings(), package.manifest)
+    engine = Engine(package)
+    boundary = BOUNDARY.encode()
+    bodies = [payload.request().split(b"\r\n\r\n", 1)[1] for payload in payloads]
+
+    def decode(payload: Payload, body: bytes) -> object:
+        return (decoder.predict if payload.route == "/predict" else decoder.embed)(body, boundary)
+
+    fields = decoder.predict_fields
+    parse = statistics.fmean(
+        _median_time(lambda b=body: parse_form(b, boundary, fields, 8), repeats)  # type: ignore[misc]
+        for body in bodies
+    )
+    decoded = [decode(p, b) for p, b in zip(payloads, bodies, strict=True)]
+    whole = statistics.fmean(
+        _median_time(lambda p=p, b=b: decode(p, b), repeats)  # type: ignore[misc]
+        for p, b in zip(payloads, bodies, strict=True)
+    )
+
+    # Staging: the batcher copies each decoded image and token row into a preallocated batch buffer.
+    height, width = package.manifest.image_size
+    images = np.zeros((batch, 3, height, width), dtype=np.uint8)
+    tokens = np.zeros((batch, package.manifest.max_text_length), dtype=np.int64)
+
+    def stage() -> None:
+        for row, item in enumerate(decoded[:batch]):
+            if item.image is not None:  # type: ignore[attr-defined]
+                images[row % batch] = item.image  # type: ignore[attr-defined]
+            if item.tokens is not None:  # type: ignore[attr-defined]
+                length = len(item.tokens)  # type: ignore[attr-defined]
+                tokens[row % batch, :length] = item.tokens  # type: ignore[attr-defined]
+                tokens[row % batch, length:] = 0
+
+    staging = _median_time(stage, repeats) / min(batch, len(decoded))
+
+    # The engine's whole batch call (forward + softmax + per-row results) against the bare forward.
+    fuse_items = [d for d, p in zip(decoded, payloads, strict=True) if p.kind == "fuse"]
+    chosen = [fuse_items[i % len(fuse_items)] for i in range(batch)]
+    longest = max(len(d.tokens) for d in chosen)  # type: ignore[attr-defined]
+    batch_images = np.stack([d.image for d in chosen])  # type: ignore[attr-defined]
+    batch_tokens = np.zeros((batch, longest), dtype=np.int64)
+    for row, d in enumerate(chosen):
+        batch_tokens[row, : len(d.tokens)] = d.tokens  # type: ignore[attr-defined]
+    engine.execute(Kind.FUSE, batch_images, batch_tokens)
+    with torch.inference_mode():
+        bare = _median_time(
+            lambda: package.module(torch.from_numpy(batch_images), torch.from_numpy(batch_tokens)), repeats
+        )
+    execute = _median_time(lambda: engine.execute(Kind.FUSE, batch_images, batch_tokens), repeats)
+    rows = engine.execute(Kind.FUSE, batch_images, batch_tokens)
+
+    labels = package.manifest.labels
+    model = {"name": package.manifest.name, "version": package.manifest.version}
+
+    def respond(payload: Payload, row: Row) -> bytes:
+        # What the routes do with a result row (app/routes/predict.py and embed.py).
+        if payload.route == "/predict":
+            assert row.probs is not None
+            best = np.argsort(-row.probs, kind="stable")[:5]
+            ranked = [{"label": labels[i], "score": float(row.probs[i])} for i in best]
+            body = {"label": ranked[0]["label"], "score": ranked[0]["score"], "top_k": ranked, "model": model}
+        else:
+            body = {"dim": package.manifest.embedding_dim, "model": model}
+            if payload.image is not None:
+                assert row.image_embedding is not None
+                body["image_embedding"] = row.image_embedding.tolist()
+            if payload.text is not None:
+                assert row.text_embedding is not None
+                body["text_embedding"] = row.text_embedding.tolist()
+        return bytes(json_response(body).body)
+
+    first = rows[0]
+    assert isinstance(first, Row)
+    serialize = statistics.fmean(
+        _median_time(lambda p=p: respond(p, first), repeats)  # type: ignore[misc]
+        for p in payloads
+    )
+    return {
+        "multipart parse": parse,
+        "decode + tokenize + validate": max(0.0, whole - parse),
+        "staging copy": staging,
+        f"forward (per item, batch {batch})": bare / batch,
+        "engine outputs to rows (per item)": max(0.0, (execute - bare) / batch),
+        "response JSON": serialize,
+    }

@@ -1,0 +1,703 @@
+"""bench/results/report.md and its plots, from the suite's results as read back from results.json
+(so every mapping key is a string, whatever it was when measured).
+
+`python -m bench.report [DIR]` rebuilds the report from DIR/results.json without measuring again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+STAGES = (
+    ("decode", "parse + decode + tokenize (pool)"),
+    ("queue", "batch queue wait"),
+    ("device", "batch on the device"),
+    ("other", "HTTP, body, event loop, response"),
+)
+WORKLOADS = {
+    "mixed": "realistic mix",
+    "scenes": "uniform: /predict, scenes only",
+}
+
+Results = dict[str, Any]
+
+
+def ms(seconds: float | None) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "n/a"
+    if math.isinf(seconds):
+        return "∞"
+    return f"{seconds * 1e3:.1f}" if seconds >= 0.01 else f"{seconds * 1e3:.2f}"
+
+
+def verdict(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def cell(results: Results, server: str, workload: str, concurrency: int) -> dict[str, float] | None:
+    found: dict[str, float] | None = results["closed_medians"].get(f"{server}/{workload}/{concurrency}")
+    return found
+
+
+def cell_keys(results: Results) -> list[tuple[str, str, int]]:
+    keys = [(k.split("/")[0], k.split("/")[1], int(k.split("/")[2])) for k in results["closed_medians"]]
+    order = {"mixed": 0, "scenes": 1}
+    return sorted(keys, key=lambda k: (order.get(k[1], 2), k[0], k[2]))
+
+
+def runs_of(results: Results, server: str, workload: str, concurrency: int) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in results["closed"]
+        if r["server"] == server and r["workload"] == workload and r["concurrency"] == concurrency
+    ]
+
+
+def ceiling_rate(results: Results, workload: str, batch: int | None = None) -> float:
+    ceilings = results["ceilings"][workload]
+    rates = ceilings["pipeline_rate"][str(batch if batch is not None else ceilings["best_batch"])]
+    return float(statistics.median(rates))
+
+
+def contended(results: Results) -> str | None:
+    env = results["environment"]
+    trainer = env["trainer_before"] or env["trainer_after"]
+    load = env["load_average_before"][0]
+    cores = env["cores"]
+    if trainer:
+        return f"a training process was running during the run (`{trainer[0][:120]}`)"
+    if load > 0.5 * cores:
+        return f"the machine was busy before the run (load average {load:.2f} on {cores} cores)"
+    return None
+
+
+# -- targets ---------------------------------------------------------------------------------------
+
+Check = tuple[str, bool | None]  # (measured text, met; None when only reported)
+
+
+def _per_workload(results: Results, workload: str) -> dict[str, Check]:
+    checks: dict[str, Check] = {}
+    c1, c32, c64 = (cell(results, "batched", workload, c) for c in (1, 32, 64))
+    if c32:
+        ceiling = ceiling_rate(results, workload)
+        ratio = c32["throughput"] / ceiling
+        checks["ceiling"] = (f"{c32['throughput']:.0f} / {ceiling:.0f} req/s = **{ratio:.2f}**", ratio >= 0.95)
+    for name, found in (("tail32", c32), ("tail64", c64)):
+        if found:
+            tail = found["p99_s"] / found["p50_s"]
+            checks[name] = (f"{ms(found['p99_s'])} / {ms(found['p50_s'])} ms = **{tail:.2f}**", tail <= 1.25)
+    if c1:
+        cost = results["ceilings"][workload]["batch1_cost_median_s"]
+        over = c1["p50_s"] - cost
+        checks["c1"] = (f"{ms(c1['p50_s'])} - {ms(cost)} ms = **{over * 1e3:+.2f} ms**", over <= 0.001)
+    if c32 and c64:
+        ratio = c64["throughput"] / c32["throughput"]
+        # Two medians of a noisy quantity: within 2 % counts as equal, not as a collapse.
+        checks["c64"] = (f"{c64['throughput']:.0f} vs {c32['throughput']:.0f} req/s = **{ratio:.2f}**", ratio >= 0.98)
+    return checks
+
+
+def targets(results: Results) -> list[tuple[str, ...]]:
+    """(target, mixed, uniform, goal, met) rows."""
+    per = {workload: _per_workload(results, workload) for workload in WORKLOADS}
+    best = {w: results["ceilings"][w]["best_batch"] for w in WORKLOADS if w in results["ceilings"]}
+    rows: list[tuple[str, ...]] = []
+
+    def add(key: str, label: str, goal: str) -> None:
+        values = [per[w].get(key) for w in WORKLOADS]
+        if not any(values):
+            return
+        met = " / ".join("–" if v is None or v[1] is None else verdict(v[1]) for v in values)
+        rows.append((label, *[v[0] if v else "–" for v in values], goal, met))
+
+    add(
+        "ceiling",
+        "throughput at c=32 / in-process ceiling (preprocessing + forward at the best batch size: "
+        + ", ".join(f"{w} {b}" for w, b in best.items())
+        + ")",
+        ">= 0.95",
+    )
+    add("tail32", "p99 / p50 at c=32", "<= 1.25")
+    add("tail64", "p99 / p50 at c=64", "<= 1.25")
+    add("c1", "median at c=1 minus the in-process batch-1 cost (median over the workload)", "<= 1.0 ms")
+    add("c64", "throughput at c=64 against c=32", ">= 1.0 (no collapse)")
+
+    def single(label: str, measured: str, goal: str, met: bool | None) -> None:
+        rows.append((label, measured, "–", goal, "–" if met is None else verdict(met)))
+
+    c1 = cell(results, "batched", "mixed", 1)
+    eighty = [r for r in results["open"] if abs(r["fraction"] - 0.8) < 1e-9]
+    if eighty and c1:
+        run = eighty[0]
+        ratio = run["p99_s"] / c1["p50_s"]
+        single(
+            f"open loop at 80 % of saturation ({run['offered_rate']:.0f}/s): p99 / c=1 median",
+            f"{ms(run['p99_s'])} / {ms(c1['p50_s'])} ms = **{ratio:.2f}**",
+            "<= 4",
+            ratio <= 4,
+        )
+    b32, u32 = cell(results, "batched", "mixed", 32), cell(results, "unbatched", "mixed", 32)
+    if b32 and u32:
+        single(
+            "batching on / off, throughput at c=32",
+            f"{b32['throughput']:.0f} / {u32['throughput']:.0f} req/s = "
+            f"**{b32['throughput'] / u32['throughput']:.2f}x**",
+            "(reported)",
+            None,
+        )
+    ready = [s["ready_s"] for s in results["starts"] if s["server"] == "batched"]
+    if ready:
+        median = statistics.median(ready)
+        single(
+            f"time from process start to ready (median of {len(ready)})", f"**{median:.2f} s**", "<= 5 s", median <= 5
+        )
+    memory = results["memory"]
+    if memory:
+        growth = memory["growth_after_warmup"]
+        single(
+            f"resident memory growth after warm-up, {memory['requests']:,} requests ({memory['bad']:,} bad)",
+            f"**{growth / 2**20:+.1f} MiB** ({memory['rss_warm'] / 2**20:.0f} -> {memory['rss_end'] / 2**20:.0f} MiB)",
+            "flat",
+            abs(growth) <= 16 * 2**20,
+        )
+    return rows
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in rows]
+    return lines
+
+
+def _median_stage(runs: Sequence[dict[str, Any]], name: str) -> float:
+    values = [r["stages"][name] for r in runs if r["stages"] and name in r["stages"]]
+    return statistics.median(values) if values else math.nan
+
+
+def write_report(results: Results, out: Path) -> Path:
+    plots = make_plots(results, out)
+    env, model, settings, plan = results["environment"], results["model"], results["settings"], results["plan"]
+    lines = ["# fusionserve benchmark", ""]
+    busy = contended(results)
+    if busy:
+        lines += [
+            f"> **Contended run:** {busy}. Absolute numbers are lower and noisier than on an idle machine; "
+            "the side-by-side ratios (served against in-process, batched against unbatched) are the "
+            "meaningful part, since both sides of each ratio ran under the same load.",
+            "",
+        ]
+    lines += [
+        f"{env['date']} · model `{model['name']}` {model['version']} ({model['source']}) · "
+        f"{env['cores']} cores · closed loop by {settings['generator']} · wall time {results['wall_s']:.0f} s",
+        "",
+        "Two workloads: the **realistic mix** (ShapesQA scenes of 64 to 512 px, 1024x768 and 12-megapixel "
+        "photos, English and Chinese texts, /predict and /embed) and a **uniform** one (/predict with the "
+        "scenes alone), which shows what the service does when requests cost about the same.",
+        "",
+        "## Targets",
+        "",
+    ]
+    lines += _table(("target", *WORKLOADS.values(), "goal", "met"), targets(results))
+    lines += ["", "Medians over repeats; each ratio's two sides were measured in the same run.", ""]
+
+    lines += ["## Closed loop", ""]
+    rows = []
+    for server, workload, concurrency in cell_keys(results):
+        found = cell(results, server, workload, concurrency)
+        assert found is not None
+        runs = runs_of(results, server, workload, concurrency)
+        rows.append(
+            (
+                server,
+                workload,
+                concurrency,
+                f"{found['throughput']:.1f} ({found['throughput_min']:.0f}–{found['throughput_max']:.0f})",
+                ms(found["p50_s"]),
+                ms(found["p90_s"]),
+                ms(found["p99_s"]),
+                ms(found["p999_s"]),
+                f"{_median_stage(runs, 'mean_batch'):.1f}",
+                int(found["non_2xx"] + found["errors"]),
+                f"{found['server_cpu_per_request_s'] * 1e3:.2f}",
+            )
+        )
+    lines += _table(
+        (
+            "service",
+            "workload",
+            "concurrency",
+            "req/s median (min–max)",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "mean batch",
+            "non-2xx + errors",
+            "server CPU ms/req",
+        ),
+        rows,
+    )
+    lines += ["", f"![throughput]({plots['throughput']})", ""]
+
+    lines += ["## In-process ceilings (no HTTP, one thread, same model and thread count)", ""]
+    ceiling_rows = []
+    for workload in WORKLOADS:
+        ceilings = results["ceilings"].get(workload)
+        if not ceilings:
+            continue
+        for batch in sorted(int(b) for b in ceilings["pipeline_rate"]):
+            rates = ceilings["pipeline_rate"][str(batch)]
+            ceiling_rows.append(
+                (
+                    WORKLOADS[workload],
+                    f"preprocessing + forward, batch {batch}",
+                    f"{statistics.median(rates):.1f}",
+                    ", ".join(f"{r:.0f}" for r in rates),
+                    f"{1 / ceilings['predicted_per_item_s'][str(batch)]:.0f}",
+                )
+            )
+    lines += _table(
+        ("workload", "measured serial pipeline", "items/s (median)", "repeats", "predicted from the parts"),
+        ceiling_rows,
+    )
+    mixed = results["ceilings"]["mixed"]
+    lines += [
+        "",
+        "The best batch size is the one with the lowest predicted cost per item (preprocessing plus the "
+        "share-weighted forward time per item of each lane). Batch-1 cost per request of the mix, preprocessing + "
+        f"forward: median {ms(mixed['batch1_cost_median_s'])} ms, mean {ms(mixed['batch1_cost_mean_s'])} ms; "
+        f"preprocessing alone: mean {ms(mixed['preprocess_mean_s'])} ms, median {ms(mixed['preprocess_median_s'])} ms.",
+        "",
+    ]
+    forward = mixed["forward_s"]
+    sizes = [int(s) for s in mixed["batch_sizes"]]
+    shown = [s for s in sizes if s in (1, 2, 4, 8, 16, 24, 32) or s == max(sizes)]
+    lines += _table(
+        ("forward ms per batch (per item)", *[f"B={s}" for s in shown]),
+        [
+            (lane, *[f"{forward[lane][str(s)] * 1e3:.2f} ({forward[lane][str(s)] * 1e3 / s:.2f})" for s in shown])
+            for lane in forward
+        ],
+    )
+    lines += [
+        "",
+        "Preprocessing (decode_image + tokenize) by picture, median ms: "
+        + ", ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in mixed["preprocess_by_picture"].items()),
+        "",
+        f"![forward]({plots['forward']})",
+        "",
+    ]
+
+    lines += ["## Open loop (Poisson arrivals, realistic mix, latency from the intended send time)", ""]
+    lines += _table(
+        (
+            "x saturation",
+            "offered/s",
+            "200s/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "429",
+            "other non-200",
+            "unanswered",
+            "send lag p99 ms",
+            "mean batch",
+        ),
+        [
+            (
+                f"{r['fraction']:.2f}",
+                f"{r['offered_rate']:.1f}",
+                f"{r['ok_per_s']:.1f}",
+                ms(r["p50_s"]),
+                ms(r["p90_s"]),
+                ms(r["p99_s"]),
+                ms(r["p999_s"]),
+                r["shed"],
+                r["other_status"] + r["errors"],
+                r["unanswered"],
+                ms(r["send_lag_p99_s"]),
+                f"{r['stages'].get('mean_batch', math.nan):.1f}",
+            )
+            for r in results["open"]
+        ],
+    )
+    lines += [
+        "",
+        "Saturation is the best closed-loop throughput of the batched service on the mix in this run. "
+        "Percentiles are over the 200 answers, with unanswered requests counted as infinitely late; 429s "
+        "(shed at admission) are counted, not timed. Send lag is how late the generator itself sent.",
+        "",
+        f"![open loop]({plots['open']})",
+        "",
+    ]
+
+    lines += [
+        "## Where the time goes",
+        "",
+        "Served, per request, from the service's own histograms (/metrics, differences over each run, medians "
+        "over the repeats). 'device' is the whole batch an item ran in; 'other' is the rest of the end-to-end "
+        "time: HTTP parsing, reading the body, the event loop, writing the answer.",
+        "",
+    ]
+    stage_rows = []
+    for server, workload, concurrency in cell_keys(results):
+        runs = runs_of(results, server, workload, concurrency)
+        if any(r["stages"] for r in runs):
+            stage_rows.append(
+                (
+                    server,
+                    workload,
+                    concurrency,
+                    ms(_median_stage(runs, "e2e")),
+                    *[ms(_median_stage(runs, name)) for name, _ in STAGES],
+                )
+            )
+    lines += _table(
+        ("service", "workload", "concurrency", "end to end ms", *[f"{s} ms" for _, s in STAGES]), stage_rows
+    )
+    tail_rows = []
+    for server, workload, concurrency in cell_keys(results):
+        runs = runs_of(results, server, workload, concurrency)
+        if any(r["stages"] for r in runs):
+            tail_rows.append(
+                (
+                    server,
+                    workload,
+                    concurrency,
+                    *[ms(_median_stage(runs, f"{name}_p99")) for name in ("e2e", "decode", "queue", "device")],
+                )
+            )
+    lines += [
+        "",
+        "The same stages' p99, estimated from the histogram buckets (linear within a bucket, as Prometheus' "
+        "histogram_quantile; the batch column is per batch):",
+        "",
+    ]
+    lines += _table(
+        ("service", "workload", "concurrency", "end to end p99 ms", "decode p99 ms", "queue p99 ms", "batch p99 ms"),
+        tail_rows,
+    )
+    lines += [
+        "",
+        "In-process, each step of the service's own code on one thread, mean per request of the mix (no HTTP, "
+        "no contention between threads):",
+        "",
+    ]
+    lines += _table(("step", "ms per request"), [(k, f"{v * 1e3:.3f}") for k, v in mixed["stages_s"].items()])
+    in_process_total = sum(mixed["stages_s"].values())
+    b32 = cell(results, "batched", "mixed", 32)
+    if b32:
+        lines += [
+            "",
+            f"Sum of the steps: {in_process_total * 1e3:.2f} ms of CPU per request. The batched service used "
+            f"{b32['server_cpu_per_request_s'] * 1e3:.2f} ms of CPU (all its threads) per request at c=32; the "
+            f"difference, {(b32['server_cpu_per_request_s'] - in_process_total) * 1e3:.2f} ms, is HTTP, ASGI and "
+            "the framework, thread hand-offs and metrics.",
+        ]
+    floor = results.get("floor")
+    if floor:
+        lines += [
+            "",
+            f"The framework's floor, GET /healthz through the same service at c=8: {floor['throughput']:.0f} req/s, "
+            f"{floor['server_cpu_per_request_s'] * 1e3:.3f} ms of CPU per request, median {ms(floor['p50_s'])} ms.",
+        ]
+    lines += ["", f"![stages]({plots['stages']})", ""]
+
+    lines += ["## Batch sizes (batched service, whole run)", ""]
+    overall = results["overall_batches"]
+    total_batches = sum(overall.values()) or 1
+    lines += _table(
+        ("batch size", *[_bucket_label(le, list(overall)) for le in overall]),
+        [("share of batches", *[f"{count / total_batches:.0%}" for count in overall.values()])],
+    )
+    lines += ["", f"![batches]({plots['batches']})", ""]
+
+    memory = results["memory"]
+    if memory:
+        lines += [
+            "## Memory",
+            "",
+            f"{memory['requests']:,} requests (planned {memory['planned']:,}) in {memory['seconds']:.0f} s at "
+            f"concurrency {plan['memory_concurrency']}, {memory['bad']:,} of them refused with 4xx (statuses "
+            f"{memory['statuses']}; answers with another status than expected: {memory['unexpected_status']}). "
+            f"Resident memory: {memory['rss_start'] / 2**20:.1f} MiB at the start, {memory['rss_warm'] / 2**20:.1f} "
+            f"MiB after {memory['rss_warm_at']:,} requests (warm), {memory['rss_end'] / 2**20:.1f} MiB at the end, "
+            f"peak {memory['rss_peak'] / 2**20:.1f} MiB: growth after warm-up "
+            f"**{memory['growth_after_warmup'] / 2**20:+.1f} MiB**. At ready: batched "
+            f"{results['rss_ready']['batched'] / 2**20:.0f} MiB, "
+            f"unbatched {results['rss_ready']['unbatched'] / 2**20:.0f} MiB.",
+            "",
+            f"![memory]({plots['memory']})",
+            "",
+        ]
+
+    lines += ["## Time to ready", ""]
+    lines += _table(
+        ("service", "process start to /readyz 200 (s)", "load", "warmup", "selfcheck", "total inside"),
+        [
+            (
+                s["server"],
+                f"{s['ready_s']:.2f}",
+                *[f"{s['phases'].get(p, math.nan):.2f}" for p in ("load", "warmup", "selfcheck", "total")],
+            )
+            for s in results["starts"]
+        ],
+    )
+    lines += ["", "The first column minus 'total inside' is the interpreter's start and the imports.", ""]
+
+    lines += ["## Load generator cost", ""]
+    gen_rows = []
+    for server, workload, concurrency in cell_keys(results):
+        found = cell(results, server, workload, concurrency)
+        assert found is not None
+        gen, serv = found["generator_cpu_per_request_s"], found["server_cpu_per_request_s"]
+        gen_rows.append(
+            (f"closed {server}/{workload}/{concurrency}", f"{gen * 1e3:.3f}", f"{serv * 1e3:.3f}", _share(gen, serv))
+        )
+    for r in results["open"]:
+        count = max(1, r["answered"])
+        gen, serv = r["generator_cpu_s"] / count, r["server_cpu_s"] / count
+        gen_rows.append((f"open {r['fraction']:.2f}", f"{gen * 1e3:.3f}", f"{serv * 1e3:.3f}", _share(gen, serv)))
+    lines += _table(("run", "generator CPU ms/req", "server CPU ms/req", "generator / server"), gen_rows)
+    lines += [
+        "",
+        f"Closed loop: {settings['generator']} with one thread. Open loop and memory: bench.loadgen (asyncio on "
+        "uvloop, raw sockets, pre-built requests) in the harness process.",
+        "",
+    ]
+
+    lines += ["## Machine, versions, settings", ""]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    lines += [
+        f"- CPU: {env['cpu']}, {env['cores']} cores usable; memory {env['memory']}; kernel {env['kernel']}",
+        f"- load average before {_load(env['load_average_before'])}, after {_load(env['load_average_after'])}; "
+        f"a training process running: before {'yes' if env['trainer_before'] else 'no'}, "
+        f"after {'yes' if env['trainer_after'] else 'no'}",
+        f"- Python {env['python']}; {versions}; wrk: {env['wrk']}",
+        f"- commit {env['commit']}",
+        f"- model: `{model['path']}`, {model['name']} {model['version']}, sha256 {model['sha256'][:16]}…, image "
+        f"{model['image_size'][0]}x{model['image_size'][1]}, max text {model['max_text_length']} bytes, "
+        f"{model['labels']} labels, embedding {model['embedding_dim']}",
+        f"- model config: `{json.dumps(model['config'], sort_keys=True)}`",
+        f"- service: `python -m app {' '.join(settings['server_args'])}` → {settings['threads']} intra-op "
+        f"thread(s), {settings['decode_workers']} decode workers, max batch {settings['max_batch_size']}, max wait "
+        f"{settings['max_wait_ms']} ms, max queue {settings['max_queue']}; baseline adds "
+        f"`{' '.join(settings['unbatched_args'])}`",
+        f"- plan: budget {plan['budget_s']:.0f} s; closed loop {plan['run_s']:.1f} s per run x {plan['repeats']} "
+        f"repeats; open loop {plan['open_s']:.1f} s per rate (+ up to {plan['drain_s']:.1f} s drain); in-process "
+        f"{plan['inprocess_repeats']} repeats, pipeline {plan['pipeline_s']:.1f} s x {plan['pipeline_repeats']}",
+        "",
+        "### Payloads",
+        "",
+    ]
+    for workload, mix in results["mix"].items():
+        counts, sizes = mix["counts"], mix["bytes"]
+        pictures = ", ".join(
+            f"{k} {v}" + (f" ({sizes[k] / 1024:.0f} KiB)" if k in sizes else "") for k, v in counts["picture"].items()
+        )
+        lines += [
+            f"- {WORKLOADS.get(workload, workload)}: {sum(counts['route'].values())} requests in rotation: "
+            + ", ".join(f"{k} {v}" for k, v in counts["route"].items())
+            + f"; pictures: {pictures}; texts: "
+            + ", ".join(f"{k} {v}" for k, v in counts["lang"].items()),
+        ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{part / whole:.1%}" if whole else "n/a"
+
+
+def _load(values: Sequence[float]) -> str:
+    return " ".join(f"{v:.2f}" for v in values)
+
+
+def _bucket_label(le: str, all_le: Sequence[str]) -> str:
+    upper = float(le)
+    lower = max((float(k) for k in all_le if float(k) < upper), default=0.0)
+    return f"{int(upper)}" if upper - lower <= 1 else f"{int(lower) + 1}–{int(upper)}"
+
+
+# -- plots -----------------------------------------------------------------------------------------
+
+
+def make_plots(results: Results, out: Path) -> dict[str, str]:
+    makers: dict[str, tuple[str, Callable[[Results, Path], None]]] = {
+        "throughput": ("throughput.png", _throughput),
+        "open": ("open_loop.png", _open),
+        "stages": ("stages.png", _stages),
+        "batches": ("batches.png", _batches),
+        "forward": ("forward.png", _forward),
+        "memory": ("memory.png", _memory),
+    }
+    for name, maker in makers.values():
+        maker(results, out / name)
+    return {key: name for key, (name, _) in makers.items()}
+
+
+def _save(figure: Any, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _throughput(results: Results, path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    series = (
+        ("batched", "mixed", "tab:blue", "o"),
+        ("unbatched", "mixed", "tab:orange", "o"),
+        ("batched", "scenes", "tab:green", "s"),
+    )
+    for server, workload, color, marker in series:
+        keys = [k for k in cell_keys(results) if k[0] == server and k[1] == workload]
+        if not keys:
+            continue
+        cells = [cell(results, *k) for k in keys]
+        xs = [k[2] for k in keys]
+        ys = [c["throughput"] for c in cells if c]
+        low = [y - c["throughput_min"] for y, c in zip(ys, cells, strict=True) if c]
+        high = [c["throughput_max"] - y for y, c in zip(ys, cells, strict=True) if c]
+        axes.errorbar(xs, ys, yerr=[low, high], marker=marker, color=color, capsize=3, label=f"{server}, {workload}")
+    for workload, color in (("mixed", "tab:blue"), ("scenes", "tab:green")):
+        if workload in results["ceilings"]:
+            best = results["ceilings"][workload]["best_batch"]
+            rate = ceiling_rate(results, workload)
+            axes.axhline(rate, linestyle="--", color=color, alpha=0.6, label=f"ceiling, {workload}, batch {best}")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("concurrency (closed loop)")
+    axes.set_ylabel("requests/s (median, min–max)")
+    axes.set_title("Throughput against concurrency")
+    axes.set_ylim(bottom=0)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def _open(results: Results, path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    runs = results["open"]
+    if runs:
+        rates = [r["offered_rate"] for r in runs]
+
+        def finite(value: float) -> float:
+            return value if math.isfinite(value) else math.nan
+
+        axes.plot(rates, [finite(r["p50_s"]) * 1e3 for r in runs], marker="o", label="p50")
+        axes.plot(rates, [finite(r["p99_s"]) * 1e3 for r in runs], marker="s", label="p99")
+        c1 = cell(results, "batched", "mixed", 1)
+        if c1:
+            axes.axhline(4 * c1["p50_s"] * 1e3, linestyle="--", color="gray", label="4 x c=1 median")
+        saturation = rates[0] / runs[0]["fraction"]
+        axes.axvline(saturation, linestyle=":", color="black", label=f"saturation {saturation:.0f}/s")
+        axes.set_yscale("log")
+    axes.set_xlabel("offered load (requests/s, Poisson arrivals)")
+    axes.set_ylabel("latency, ms from the intended send time")
+    axes.set_title("Latency against offered load (open loop, batched, realistic mix)")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3, which="both")
+    _save(figure, path)
+
+
+def _stages(results: Results, path: Path) -> None:
+    labels, values = [], []
+    for server, workload, concurrency in cell_keys(results):
+        runs = runs_of(results, server, workload, concurrency)
+        if any(r["stages"] for r in runs):
+            labels.append(f"{server[0].upper()}{workload[0]} {concurrency}")
+            values.append([_median_stage(runs, name) * 1e3 for name, _ in STAGES])
+    figure, axes = plt.subplots(figsize=(9, 4.5))
+    bottom = [0.0] * len(labels)
+    for index, (_, label) in enumerate(STAGES):
+        heights = [v[index] for v in values]
+        axes.bar(labels, heights, bottom=bottom, label=label)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    axes.set_ylabel("mean ms per request")
+    axes.set_xlabel("service (B batched, U unbatched), workload (m mix, s scenes), concurrency")
+    axes.set_title("Where a request's time goes (from /metrics)")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3, axis="y")
+    _save(figure, path)
+
+
+def _batches(results: Results, path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    keys = [k for k in cell_keys(results) if k[0] == "batched" and k[1] == "mixed"]
+    width = 0.8 / max(1, len(keys))
+    labels: list[str] = []
+    for index, key in enumerate(keys):
+        merged: dict[str, float] = {}
+        for run in runs_of(results, *key):
+            for le, count in run["batches"].items():
+                merged[le] = merged.get(le, 0.0) + count
+        buckets = sorted(merged, key=float)
+        labels = [_bucket_label(le, buckets) for le in buckets]
+        total = sum(merged.values()) or 1
+        axes.bar(
+            [i + index * width for i in range(len(buckets))],
+            [merged[le] / total for le in buckets],
+            width=width,
+            label=f"c={key[2]}",
+        )
+    axes.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(labels))], labels)
+    axes.set_xlabel("batch size")
+    axes.set_ylabel("share of batches")
+    axes.set_title("Batch sizes run (from /metrics; batched service, realistic mix)")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3, axis="y")
+    _save(figure, path)
+
+
+def _forward(results: Results, path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    for lane, table in results["ceilings"]["mixed"]["forward_s"].items():
+        sizes = sorted(int(s) for s in table)
+        axes.plot(sizes, [table[str(s)] / s * 1e3 for s in sizes], marker=".", label=lane)
+    axes.set_xlabel("batch size")
+    axes.set_ylabel("forward ms per item")
+    axes.set_title("In-process forward cost per item, by lane")
+    axes.set_ylim(bottom=0)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def _memory(results: Results, path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(7.5, 3.8))
+    samples = results["memory"].get("samples", []) if results["memory"] else []
+    if samples:
+        axes.plot([n for n, _ in samples], [rss / 2**20 for _, rss in samples], marker=".")
+    axes.set_xlabel("requests answered (one in four bad)")
+    axes.set_ylabel("resident memory (MiB)")
+    axes.set_title("Resident memory under sustained load (batched service)")
+    axes.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    folder = Path(args[0]) if args else Path(__file__).with_name("results")
+    results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    print(write_report(results, folder))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

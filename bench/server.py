@@ -1,0 +1,182 @@
+"""The service under test: `python -m app` as a child process, its readiness, /metrics, memory and CPU.
+
+Time to ready is measured from just before the process is spawned to the first 200 from /readyz
+(polled every 10 ms), so it includes the interpreter's start and every import, not only the
+phases the service times itself (those are read from `fusion_startup_seconds`).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+Sample = tuple[str, tuple[tuple[str, str], ...]]  # metric sample name, sorted labels
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def http_get(port: int, path: str, timeout_s: float = 10.0) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    args: list[str]
+    log_path: Path
+    ready_s: float = 0.0
+    startup_phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def metrics(self) -> dict[Sample, float]:
+        status, body = http_get(self.port, "/metrics")
+        if status != 200:
+            raise RuntimeError(f"{self.name}: /metrics answered {status}")
+        return parse_metrics(body.decode("utf-8"))
+
+    def rss_bytes(self) -> int:
+        """Resident set size now (from /proc/PID/statm: resident pages)."""
+        fields = Path(f"/proc/{self.pid}/statm").read_text().split()
+        return int(fields[1]) * _PAGE
+
+    def cpu_s(self) -> float:
+        """User + system CPU time of every thread of the process so far."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # the service's own drain, with --drain-delay-s 0
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(
+    name: str,
+    model: Path,
+    extra_args: Sequence[str],
+    log_dir: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    ready_timeout_s: float = 300.0,
+    prelude: str | None = None,
+) -> Server:
+    """Start `python -m app` and wait until /readyz answers 200.
+
+    `prelude`: Python run in the service's interpreter before the app (an interpreter setting to
+    try, say `import sys; sys.setswitchinterval(0.001)`), without editing the app.
+    """
+    port = free_port()
+    args = [
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--drain-delay-s",
+        "0",
+        "--log-level",
+        "warning",
+        *extra_args,
+    ]
+    log_path = log_dir / f"server-{name}.log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handle = log_path.open("wb")
+    began = time.perf_counter()
+    launcher = ["-m", "app"]
+    if prelude:
+        launcher = ["-c", f"{prelude}\nimport runpy\nrunpy.run_module('app', run_name='__main__', alter_sys=True)"]
+    process = subprocess.Popen(
+        [sys.executable, *launcher, *args],
+        cwd=ROOT,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    handle.close()
+    server = Server(name, process, port, args, log_path)
+    deadline = began + ready_timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name}: the server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            status, _ = http_get(port, "/readyz", timeout_s=2.0)
+        except OSError:
+            status = 0
+        if status == 200:
+            server.ready_s = time.perf_counter() - began
+            break
+        if time.perf_counter() > deadline:
+            server.stop()
+            raise RuntimeError(f"{name}: not ready after {ready_timeout_s:.0f} s; see {log_path}")
+        time.sleep(0.01)
+    metrics = server.metrics()
+    server.startup_phases = {
+        dict(labels)["phase"]: value
+        for (sample, labels), value in metrics.items()
+        if sample == "fusion_startup_seconds"
+    }
+    return server
+
+
+def parse_metrics(text: str) -> dict[Sample, float]:
+    samples: dict[Sample, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
+    return samples
+
+
+def diff(after: Mapping[Sample, float], before: Mapping[Sample, float]) -> dict[Sample, float]:
+    """What happened between two scrapes (counters and histogram series; gauges come out as changes)."""
+    return {key: value - before.get(key, 0.0) for key, value in after.items()}
+
+
+def total(samples: Mapping[Sample, float], name: str, **labels: str) -> float:
+    """Sum of a sample over all label sets that include `labels`."""
+    wanted = set(labels.items())
+    return sum(value for (sample, series), value in samples.items() if sample == name and wanted <= set(series))
+
+
+def by_label(samples: Mapping[Sample, float], name: str, label: str) -> dict[str, float]:
+    result: dict[str, float] = {}
+    for (sample, series), value in samples.items():
+        if sample == name:
+            key = dict(series).get(label, "")
+            result[key] = result.get(key, 0.0) + value
+    return result

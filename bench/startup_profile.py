@@ -1,0 +1,107 @@
+"""Where the time to ready goes, and what a smaller warm-up would cost the first requests.
+
+    python -m bench.startup_profile [--model DIR] [--max-batch-size 32]
+
+1. the interpreter's start and the service's imports (`python -c "import app.main"`, median of 3);
+2. the service's own warm-up plan (app.engine.Engine.warm_up_plan), every call timed, summed by lane;
+3. in a fresh module: warm up at powers of two only (and the text lengths at the extremes), then
+   call every other batch size for the first time, and compare that first call with the same
+   call repeated: if the first call costs no more than a steady one, warming those sizes buys
+   nothing and the warm-up can shrink to the powers of two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bench.server import ROOT
+from bench.suite import resolve_model
+
+
+def import_seconds(repeats: int = 3) -> float:
+    samples = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import app.main"], cwd=ROOT, check=True)
+        samples.append(time.perf_counter() - began)
+    return statistics.median(samples)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.startup_profile", description=__doc__)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    from app.engine import Engine, Kind, WarmUp
+    from app.lifespan import warmup_text_lengths
+
+    torch.set_num_threads(args.threads)
+    model, source = resolve_model(args.model)
+    print(f"model {model} ({source}); {args.threads} intra-op thread(s)")
+    print(f"interpreter + imports (python -c 'import app.main'): {import_seconds():.2f} s")
+
+    began = time.perf_counter()
+    engine = Engine.load(model, torch.device("cpu"))
+    print(f"load: {time.perf_counter() - began:.2f} s")
+    lengths = warmup_text_lengths(engine.manifest.max_text_length)
+    plan = engine.warm_up_plan(list(Kind), args.max_batch_size, lengths)
+    by_lane: dict[str, float] = {}
+    for step in plan:
+        began = time.perf_counter()
+        engine.warm_up(step)
+        by_lane[step.kind.value] = by_lane.get(step.kind.value, 0.0) + time.perf_counter() - began
+    print(
+        f"warm-up as the service runs it: {len(plan)} calls, {sum(by_lane.values()):.2f} s ("
+        + ", ".join(f"{k} {v:.2f} s" for k, v in by_lane.items())
+        + ")"
+    )
+
+    fresh = Engine.load(model, torch.device("cpu"))
+    powers = sorted({1, args.max_batch_size, *(2**k for k in range(1, 11) if 2**k < args.max_batch_size)})
+    small_plan = [
+        WarmUp(kind, size, length)
+        for kind in Kind
+        for size in powers
+        for length in (lengths if size in (1, args.max_batch_size) else lengths[:1])
+        if kind.needs_text or length == lengths[0]
+    ]
+    began = time.perf_counter()
+    for step in small_plan:
+        fresh.warm_up(step)
+    print(f"warm-up at powers of two only: {len(small_plan)} calls, {time.perf_counter() - began:.2f} s")
+    ratios = []
+    worst = (0.0, 0, "")
+    for kind in Kind:
+        for size in range(1, args.max_batch_size + 1):
+            if size in powers:
+                continue
+            step = WarmUp(kind, size, lengths[len(lengths) // 2])
+            first = _timed(fresh, step)
+            steady = statistics.median(_timed(fresh, step) for _ in range(3))
+            ratios.append(first / steady)
+            if first / steady > worst[0]:
+                worst = (first / steady, size, kind.value)
+    print(
+        f"first call at an unwarmed batch size / the same call repeated: median {statistics.median(ratios):.2f}, "
+        f"max {worst[0]:.2f} ({worst[2]} at batch {worst[1]}), over {len(ratios)} sizes"
+    )
+    return 0
+
+
+def _timed(engine: object, step: object) -> float:
+    began = time.perf_counter()
+    engine.warm_up(step)  # type: ignore[attr-defined]
+    return time.perf_counter() - began
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""bench.loadgen against a small in-test HTTP server: framing, counting, and no coordinated omission."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from bench import loadgen
+
+REQUEST = b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi"
+
+
+async def serve(gate: asyncio.Event | None = None, chunked: bool = False) -> tuple[asyncio.Server, int]:
+    """Answers every request 200 (or 404 for /missing); holds all answers until `gate` is set."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    ),
+                    0,
+                )
+                await reader.readexactly(length)
+                if gate is not None:
+                    await gate.wait()
+                status = b"404 Not Found" if head.startswith(b"POST /missing") else b"200 OK"
+                if chunked:
+                    writer.write(b"HTTP/1.1 " + status + b"\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+                else:
+                    writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 5\r\n\r\nhello")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_closed_loop_counts_statuses_and_reads_both_framings() -> None:
+    async def go(chunked: bool) -> loadgen.RunResult:
+        server, port = await serve(chunked=chunked)
+        async with server:
+            missing = REQUEST.replace(b"/x", b"/missing")
+            return await loadgen.closed_loop("127.0.0.1", port, [REQUEST, missing], 3, count=40, expected=[200, 200])
+
+    for chunked in (False, True):
+        result = asyncio.run(go(chunked))
+        assert result.completed == 40
+        assert result.status_counts() == {200: 20, 404: 20}
+        assert result.unexpected == 20  # the 404s were expected to be 200
+        assert result.connections == 3  # keep-alive: one connection each
+        assert result.connection_errors == 0
+        assert all(0 < latency < 1 for latency in result.latencies)
+
+
+def test_open_loop_latency_counts_from_the_intended_send_time() -> None:
+    """One connection and a server that answers nothing for 0.4 s: requests due meanwhile wait in the
+    generator, and their latency must include that wait (a closed-loop generator would hide it)."""
+
+    async def go() -> loadgen.RunResult:
+        gate = asyncio.Event()
+        server, port = await serve(gate)
+        async with server:
+            asyncio.get_running_loop().call_later(0.4, gate.set)
+            return await loadgen.open_loop(
+                "127.0.0.1", port, [REQUEST], rate=50, duration_s=1.0, seed=3, max_connections=1, drain_s=5
+            )
+
+    began = time.perf_counter()
+    result = asyncio.run(go())
+    schedule = loadgen.poisson_schedule(50, 1.0, 3)
+    assert result.completed == len(schedule) and result.unanswered == 0
+    assert set(result.statuses) == {200}
+    # The first request was due at schedule[0] and answered at ~0.4 s.
+    assert max(result.latencies) >= 0.4 - schedule[0] - 0.05
+    early = [s for s in schedule if s < 0.3]
+    late_enough = [latency for latency in result.latencies if latency >= 0.1]
+    assert len(late_enough) >= len(early) - 1
+    assert time.perf_counter() - began < 5
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert loadgen.percentile(values, 50) == 50
+    assert loadgen.percentile(values, 99) == 99
+    assert loadgen.percentile(values, 100) == 100
+    assert loadgen.percentile([], 50) != loadgen.percentile([], 50)  # NaN

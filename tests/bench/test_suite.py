@@ -1,0 +1,77 @@
+"""The benchmark suite end to end at tiny scale (two real services, a 5-second budget), so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import suite
+from bench.payloads import MixSpec, build_mix, memory_rotation
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_MIX = MixSpec(slots=40, scenes_per_side=1, photo=(800, 600))
+
+
+def test_the_mix_holds_its_proportions_and_fits_the_model() -> None:
+    payloads = build_mix(MixSpec(slots=100, scenes_per_side=1, photo=(800, 600)), max_text_length=64)
+    routes = [(p.route, p.kind) for p in payloads]
+    assert routes.count(("/predict", "fuse")) == 60
+    assert routes.count(("/embed", "fuse")) == 20
+    assert routes.count(("/embed", "image")) == routes.count(("/embed", "text")) == 10
+    assert {p.lang for p in payloads if p.text is not None} == {"en", "zh"}
+    assert all(len(p.text.encode()) <= 64 for p in payloads if p.text is not None)
+    assert sum(p.image_name.startswith("photo-800x600") for p in payloads) >= 1
+    rotation = memory_rotation(payloads, 64)
+    assert sum(status != 200 for _, status in rotation) * 4 >= len(rotation) - 4  # one in four is bad
+
+
+@pytest.mark.slow
+def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_path: Path) -> None:
+    report = suite.run(
+        model=tiny_package,
+        out=tmp_path,
+        budget_s=5,
+        concurrencies=(1, 4),
+        memory_requests=200,
+        mix=TINY_MIX,
+        server_args=["--max-batch-size", "4"],
+    )
+    text = report.read_text(encoding="utf-8")
+    for heading in ("## Targets", "## Closed loop", "## In-process ceilings", "## Open loop", "## Where the time goes"):
+        assert heading in text
+    for plot in ("throughput", "open_loop", "stages", "batches", "forward", "memory"):
+        assert (tmp_path / f"{plot}.png").stat().st_size > 1000
+    results = json.loads((tmp_path / "results.json").read_text())
+    expected = {(server, "mixed", c) for server in ("batched", "unbatched") for c in (1, 4)}
+    expected |= {("batched", "scenes", c) for c in (1, 4)}
+    assert {(r["server"], r["workload"], r["concurrency"]) for r in results["closed"]} == expected
+    assert all(r["non_2xx"] == 0 and r["errors"] == 0 and r["requests"] > 0 for r in results["closed"])
+    assert all(r["unanswered"] == 0 and r["ok"] > 0 for r in results["open"])
+    memory = results["memory"]
+    # Every bad request got exactly the status the service documents for it.
+    assert memory["requests"] > 0 and memory["unexpected_status"] == 0 and memory["bad"] > 0
+    for workload in ("mixed", "scenes"):
+        assert results["ceilings"][workload]["pipeline_rate"]["1"][0] > 0
+    assert results["floor"]["throughput"] > 0
+    assert results["starts"][0]["ready_s"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert any("PASS" in line for line in lines)
+    assert "| concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 |" in lines
+    assert lines[-1].startswith("(") and lines[-1].endswith(" s)")
