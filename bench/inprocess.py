@@ -49,7 +49,7 @@ class Ceilings:
     preprocess_median_s: float
     preprocess_by_picture: dict[str, float]  # median seconds per picture kind
     shares: dict[str, float]  # lane -> fraction of requests
-    best_batch: int
+    best_batch: int  # the candidate batch size with the highest measured pipeline rate
     predicted_per_item_s: dict[int, float]  # batch size -> preprocessing + share-weighted forward / B
     batch1_cost_median_s: float  # median over the mix of preprocessing + forward at batch 1
     batch1_cost_mean_s: float
@@ -209,12 +209,19 @@ def measure(
         batch1_cost_median_s=statistics.median(batch1),
         batch1_cost_mean_s=statistics.fmean(batch1),
     )
-    for batch in sorted({1, best}):
-        ceilings.pipeline_rate[batch] = [
-            pipeline_rate(module, payloads, manifest, batch, pipeline_seconds) for _ in range(pipeline_repeats)
+    # The prediction's batches are fixed item sets (their text lengths decide the padding), so it
+    # only proposes candidates: the measured pipeline, over the whole rotation, picks the best.
+    candidates = sorted({best, *(size for size in (4, 8, 16, max_batch) if size <= max_batch)} - {1})
+    for batch in [1, *candidates]:
+        ceilings.pipeline_rate[batch] = [pipeline_rate(module, payloads, manifest, batch, pipeline_seconds)]
+    measured_best = max(candidates, key=lambda size: ceilings.pipeline_rate[size][0]) if candidates else 1
+    ceilings.best_batch = measured_best
+    for batch in sorted({1, measured_best}):
+        ceilings.pipeline_rate[batch] += [
+            pipeline_rate(module, payloads, manifest, batch, pipeline_seconds) for _ in range(pipeline_repeats - 1)
         ]
     if stages:
-        ceilings.stages_s = service_stages(package, payloads, best, repeats)
+        ceilings.stages_s = service_stages(package, payloads, measured_best, repeats)
     return ceilings
 
 

@@ -70,16 +70,28 @@ def ceiling_rate(results: Results, workload: str, batch: int | None = None) -> f
     return float(statistics.median(rates))
 
 
+FOREIGN_LIMIT = 0.15  # cores of other processes' CPU during a run above which it counts as contended
+
+
 def contended(results: Results) -> str | None:
     env = results["environment"]
     trainer = env["trainer_before"] or env["trainer_after"]
     load = env["load_average_before"][0]
     cores = env["cores"]
+    runs = results["closed"] + results["open"]
+    busy = [r for r in runs if r.get("foreign_cpu", 0.0) > FOREIGN_LIMIT]
+    reasons = []
     if trainer:
-        return f"a training process was running during the run (`{trainer[0][:120]}`)"
-    if load > 0.5 * cores:
-        return f"the machine was busy before the run (load average {load:.2f} on {cores} cores)"
-    return None
+        reasons.append(f"a training process was running (`{trainer[0][:120]}`)")
+    if busy:
+        worst = max(r["foreign_cpu"] for r in busy)
+        reasons.append(
+            f"other processes kept up to {worst:.2f} of the {cores} cores busy during {len(busy)} of the "
+            f"{len(runs)} load runs (column 'foreign CPU')"
+        )
+    if load > 0.5 * cores and not busy:
+        reasons.append(f"the machine was busy before the run (load average {load:.2f} on {cores} cores)")
+    return "; ".join(reasons) or None
 
 
 # -- targets ---------------------------------------------------------------------------------------
@@ -234,6 +246,7 @@ def write_report(results: Results, out: Path) -> Path:
                 f"{_median_stage(runs, 'mean_batch'):.1f}",
                 int(found["non_2xx"] + found["errors"]),
                 f"{found['server_cpu_per_request_s'] * 1e3:.2f}",
+                f"{found.get('foreign_cpu_max', math.nan):.2f}",
             )
         )
     lines += _table(
@@ -249,9 +262,15 @@ def write_report(results: Results, out: Path) -> Path:
             "mean batch",
             "non-2xx + errors",
             "server CPU ms/req",
+            "foreign CPU (cores, max)",
         ),
         rows,
     )
+    lines += [
+        "",
+        "Foreign CPU: how many cores other processes kept busy during the run, on average (all CPU time on "
+        "the machine, from /proc/stat, less the service's and the load generator's).",
+    ]
     lines += ["", f"![throughput]({plots['throughput']})", ""]
 
     lines += ["## In-process ceilings (no HTTP, one thread, same model and thread count)", ""]
@@ -265,7 +284,8 @@ def write_report(results: Results, out: Path) -> Path:
             ceiling_rows.append(
                 (
                     WORKLOADS[workload],
-                    f"preprocessing + forward, batch {batch}",
+                    f"preprocessing + forward, batch {batch}"
+                    + (" (**best**)" if batch == ceilings["best_batch"] and batch != 1 else ""),
                     f"{statistics.median(rates):.1f}",
                     ", ".join(f"{r:.0f}" for r in rates),
                     f"{1 / ceilings['predicted_per_item_s'][str(batch)]:.0f}",
@@ -278,8 +298,10 @@ def write_report(results: Results, out: Path) -> Path:
     mixed = results["ceilings"]["mixed"]
     lines += [
         "",
-        "The best batch size is the one with the lowest predicted cost per item (preprocessing plus the "
-        "share-weighted forward time per item of each lane). Batch-1 cost per request of the mix, preprocessing + "
+        "Candidate batch sizes come from the prediction (preprocessing plus the share-weighted forward time per "
+        "item of each lane, on fixed batches) and 4, 8, 16 and the maximum; each runs once over the whole "
+        "rotation, and the fastest is the ceiling's batch size, measured again with batch 1. Batch-1 cost per "
+        "request of the mix, preprocessing + "
         f"forward: median {ms(mixed['batch1_cost_median_s'])} ms, mean {ms(mixed['batch1_cost_mean_s'])} ms; "
         f"preprocessing alone: mean {ms(mixed['preprocess_mean_s'])} ms, median {ms(mixed['preprocess_median_s'])} ms.",
         "",
@@ -318,6 +340,7 @@ def write_report(results: Results, out: Path) -> Path:
             "unanswered",
             "send lag p99 ms",
             "mean batch",
+            "foreign CPU",
         ),
         [
             (
@@ -333,6 +356,7 @@ def write_report(results: Results, out: Path) -> Path:
                 r["unanswered"],
                 ms(r["send_lag_p99_s"]),
                 f"{r['stages'].get('mean_batch', math.nan):.1f}",
+                f"{r.get('foreign_cpu', math.nan):.2f}",
             )
             for r in results["open"]
         ],

@@ -26,6 +26,14 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat): to tell how much CPU other
+    processes took while a run was measured."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = [int(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / _CLOCK_TICKS
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -62,6 +70,25 @@ class Server:
         if status != 200:
             raise RuntimeError(f"{self.name}: /metrics answered {status}")
         return parse_metrics(body.decode("utf-8"))
+
+    def wait_idle(self, timeout_s: float = 10.0) -> None:
+        """Until nothing is queued or decoding and no request finishes between two looks: requests a
+        previous run left in flight must not be counted in the next run's numbers."""
+        deadline = time.monotonic() + timeout_s
+        previous = -1.0
+        while time.monotonic() < deadline:
+            metrics = self.metrics()
+            depth = sum(v for (name, _), v in metrics.items() if name == "fusion_queue_depth")
+            done = sum(  # the inference routes only: these scrapes count themselves under /metrics
+                v
+                for (name, labels), v in metrics.items()
+                if name == "fusion_request_duration_seconds_count"
+                and dict(labels).get("route") in ("/predict", "/embed")
+            )
+            if depth == 0 and done == previous:
+                return
+            previous = done
+            time.sleep(0.05)
 
     def rss_bytes(self) -> int:
         """Resident set size now (from /proc/PID/statm: resident pages)."""

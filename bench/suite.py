@@ -43,7 +43,7 @@ from typing import Any
 from bench import inprocess, loadgen
 from bench.analysis import batch_histogram, stage_breakdown
 from bench.payloads import MixSpec, Payload, build_mix, build_pictures, describe, memory_rotation, write_requests
-from bench.server import ROOT, Server, diff, start_server
+from bench.server import ROOT, Server, diff, machine_busy_s, start_server
 from bench.wrk import run_wrk, wrk_path, wrk_version
 from model.package import read_manifest
 
@@ -136,6 +136,7 @@ class ClosedRun:
     errors: int
     generator_cpu_s: float
     server_cpu_s: float
+    foreign_cpu: float = 0.0  # cores other processes kept busy during the run, on average
     stages: dict[str, float] = field(default_factory=dict)
     batches: dict[float, float] = field(default_factory=dict)
 
@@ -159,6 +160,7 @@ class OpenRun:
     send_lag_p99_s: float
     generator_cpu_s: float
     server_cpu_s: float
+    foreign_cpu: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
     batches: dict[float, float] = field(default_factory=dict)
 
@@ -281,7 +283,8 @@ def without_flag(args: Sequence[str], flag: str) -> list[str]:
 def closed_run(
     server: Server, workload: Workload, concurrency: int, seconds: float, generator: str, repeat: int
 ) -> ClosedRun:
-    before, cpu = server.metrics(), server.cpu_s()
+    server.wait_idle()
+    before, cpu, busy = server.metrics(), server.cpu_s(), machine_busy_s()
     if generator == "wrk":
         w = run_wrk(server.port, workload.requests_file, concurrency, seconds)
         record = ClosedRun(
@@ -329,7 +332,9 @@ def closed_run(
             r.generator_cpu_s,
             0.0,
         )
+    busy = machine_busy_s() - busy
     record.server_cpu_s = server.cpu_s() - cpu
+    record.foreign_cpu = max(0.0, busy - record.server_cpu_s - record.generator_cpu_s) / max(record.elapsed_s, 1e-9)
     delta = diff(server.metrics(), before)
     record.stages = stage_breakdown(delta)
     record.batches = batch_histogram(delta)
@@ -337,13 +342,17 @@ def closed_run(
 
 
 def open_run(server: Server, requests: Sequence[bytes], fraction: float, rate: float, plan: Plan) -> OpenRun:
-    before, cpu = server.metrics(), server.cpu_s()
+    server.wait_idle()
+    before, cpu, busy = server.metrics(), server.cpu_s(), machine_busy_s()
+    began = time.perf_counter()
     r = loadgen.run_async(
         lambda: loadgen.open_loop(
             "127.0.0.1", server.port, requests, rate, plan.open_s, seed=round(rate * 1000), drain_s=plan.drain_s
         )
     )
+    busy = machine_busy_s() - busy
     server_cpu = server.cpu_s() - cpu
+    foreign = max(0.0, busy - server_cpu - r.generator_cpu_s) / (time.perf_counter() - began)
     delta = diff(server.metrics(), before)
     ok = r.ok_latencies()
     # Requests without an answer when the drain ran out count as infinitely late, not as absent.
@@ -367,6 +376,7 @@ def open_run(server: Server, requests: Sequence[bytes], fraction: float, rate: f
         send_lag_p99_s=loadgen.percentile(r.send_lag, 99),
         generator_cpu_s=r.generator_cpu_s,
         server_cpu_s=server_cpu,
+        foreign_cpu=foreign,
         stages=stage_breakdown(delta),
         batches=batch_histogram(delta),
     )
@@ -438,6 +448,7 @@ def median_cells(runs: Sequence[ClosedRun]) -> dict[str, dict[str, float]]:
             / max(1, sum(r.requests for r in group)),
             "server_cpu_per_request_s": sum(r.server_cpu_s for r in group) / max(1, sum(r.requests for r in group)),
             "repeats": len(group),
+            "foreign_cpu_max": max(r.foreign_cpu for r in group),
         }
     return result
 
