@@ -51,6 +51,7 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
     assert {(r["server"], r["workload"], r["concurrency"]) for r in results["closed"]} == expected
     assert all(r["non_2xx"] == 0 and r["errors"] == 0 and r["requests"] > 0 for r in results["closed"])
     assert all(r["unanswered"] == 0 and r["ok"] > 0 for r in results["open"])
+    assert [r["workload"] for r in results["open"]] == ["mixed", "mixed", "scenes"]
     memory = results["memory"]
     # Every bad request got exactly the status the service documents for it.
     assert memory["requests"] > 0 and memory["unexpected_status"] == 0 and memory["bad"] > 0
