@@ -29,7 +29,7 @@ from model.package import (
     GoldenCase,
     Manifest,
     PackageError,
-    golden_inputs,
+    preprocess_golden,
     run_forward,
     sha256_file,
 )
@@ -102,7 +102,7 @@ def write_atomically(out_dir: Path | str, write: Callable[[Path], Manifest]) -> 
 
 
 def _write_package(model: nn.Module, info: PackageInfo, golden: Sequence[GoldenInput], staging: Path) -> Manifest:
-    draft, images, tokens = stage_golden(info, golden, staging)
+    cases, images, tokens = stage_golden(info, golden, staging)
     eager = model.cpu().eval()
     scripted = script_module(eager)
     assert_parity(eager, scripted, images, tokens, "eager vs scripted")
@@ -110,45 +110,30 @@ def _write_package(model: nn.Module, info: PackageInfo, golden: Sequence[GoldenI
     torchscript.save(scripted, archive)
     reloaded = torchscript.load(archive).eval()
     assert_parity(scripted, reloaded, images, tokens, "scripted vs reloaded archive")
-    return record_golden(info, draft, reloaded, images, tokens, staging)
+    return record_golden(info, cases, reloaded, images, tokens, staging)
 
 
 def stage_golden(
     info: PackageInfo, golden: Sequence[GoldenInput], staging: Path
-) -> tuple[Manifest, torch.Tensor, torch.Tensor]:
-    """Save the golden images into staging; return a draft manifest and the preprocessed inputs.
+) -> tuple[list[tuple[str, str]], torch.Tensor, torch.Tensor]:
+    """Save the golden images into staging; return their (path, text) pairs and the preprocessed inputs.
 
     The inputs are read back from the saved files through the shared preprocessing, exactly as
     the loader will read them, so the recorded outputs are the ones a server reproduces.
     """
     (staging / GOLDEN_DIR).mkdir()
-    image_names = []
+    cases = []
     for index, case in enumerate(golden):
         name = f"{GOLDEN_DIR}/{index}.png"
         Image.open(io.BytesIO(case.image)).save(staging / name, format="PNG")
-        image_names.append(name)
-    draft = _manifest(
-        info,
-        archive_sha256="0" * 64,
-        golden=tuple(
-            GoldenCase(
-                image=name,
-                text=case.text,
-                label=info.labels[0],
-                logits=(0.0,) * len(info.labels),
-                image_embedding=(0.0,) * info.embedding_dim,
-                text_embedding=(0.0,) * info.embedding_dim,
-            )
-            for name, case in zip(image_names, golden, strict=True)
-        ),
-    )
-    images, tokens = golden_inputs(staging, draft)
-    return draft, images, tokens
+        cases.append((name, case.text))
+    images, tokens = preprocess_golden(staging, cases, info.image_size, info.max_text_length)
+    return cases, images, tokens
 
 
 def record_golden(
     info: PackageInfo,
-    draft: Manifest,
+    cases: Sequence[tuple[str, str]],
     module: nn.Module,
     images: torch.Tensor,
     tokens: torch.Tensor,
@@ -158,18 +143,18 @@ def record_golden(
     archive = staging / ARCHIVE_NAME
     with torch.inference_mode():
         outputs = run_forward(module, images, tokens)
-    cases = tuple(
+    golden = tuple(
         GoldenCase(
-            image=case.image,
-            text=case.text,
+            image=image,
+            text=text,
             label=info.labels[int(outputs["logits"][i].argmax())],
             logits=tuple(outputs["logits"][i].tolist()),
             image_embedding=tuple(outputs["image_embedding"][i].tolist()),
             text_embedding=tuple(outputs["text_embedding"][i].tolist()),
         )
-        for i, case in enumerate(draft.golden)
+        for i, (image, text) in enumerate(cases)
     )
-    manifest = _manifest(info, archive_sha256=sha256_file(archive), golden=cases)
+    manifest = _manifest(info, archive_sha256=sha256_file(archive), golden=golden)
     manifest.validate(staging / MANIFEST_NAME)
     (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     return manifest

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -239,14 +240,22 @@ def verify_golden(package: ModelPackage) -> None:
 
 
 def golden_inputs(package_dir: Path, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
+    cases = [(case.image, case.text) for case in manifest.golden]
+    return preprocess_golden(package_dir, cases, manifest.image_size, manifest.max_text_length)
+
+
+def preprocess_golden(
+    package_dir: Path, cases: Sequence[tuple[str, str]], image_size: tuple[int, int], max_text_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image path relative to the package, text) pairs through the shared preprocessing: [B,3,H,W], [B,L]."""
     images = []
     texts = []
-    for case in manifest.golden:
-        path = package_dir / case.image
+    for image, text in cases:
+        path = package_dir / image
         if not path.is_file():
             raise PackageError(f"{path}: golden image not found")
-        images.append(decode_image(path.read_bytes(), manifest.image_size))
-        texts.append(tokenize(case.text, manifest.max_text_length).ids)
+        images.append(decode_image(path.read_bytes(), image_size))
+        texts.append(tokenize(text, max_text_length).ids)
     return torch.stack(images), pad_tokens(texts)
 
 

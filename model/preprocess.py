@@ -151,7 +151,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         samples = np.asarray(image, dtype=np.float32)
         gray = np.clip(np.rint(samples / 257.0), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
-    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info) or "transparency" in image.info:
+    if mode in _ALPHA_MODES or "transparency" in image.info:  # palette or RGB/L with a transparent color
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

@@ -87,10 +87,10 @@ def wrap_archive(
     )
 
     def write(staging: Path) -> Manifest:
-        draft, golden_images, golden_tokens = stage_golden(info, golden, staging)
+        cases, golden_images, golden_tokens = stage_golden(info, golden, staging)
         shutil.copyfile(archive, staging / ARCHIVE_NAME)
         copy = _load(staging / ARCHIVE_NAME)
-        return record_golden(info, draft, copy, golden_images, golden_tokens, staging)
+        return record_golden(info, cases, copy, golden_images, golden_tokens, staging)
 
     manifest = write_atomically(out_dir, write)
     load_package(out_dir)  # the loader's own checks, golden outputs included: what a server will run

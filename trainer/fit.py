@@ -103,7 +103,7 @@ class Trainer:
             "train_config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()},
             "labels": list(self.labels),
             "step": self.step,
-            "elapsed": self.elapsed + time.monotonic() - self.resumed_at,
+            "elapsed": self.training_seconds(),
             "history": self.history,
             "generator": self.generator.get_state(),
         }
@@ -117,11 +117,15 @@ class Trainer:
         self.history = list(state["history"])
         self.generator.set_state(state["generator"])
 
+    def training_seconds(self) -> float:
+        """Training time of the whole run, across --resume (the checkpoint carries what came before)."""
+        return self.elapsed + time.monotonic() - self.resumed_at
+
     def progress(self) -> float:
         """Fraction of the run done: by steps, or by time when a time budget is set (whichever is further)."""
         done = self.step / self.config.steps
         if self.config.time_budget_min:
-            done = max(done, (self.elapsed + time.monotonic() - self.resumed_at) / (60 * self.config.time_budget_min))
+            done = max(done, self.training_seconds() / (60 * self.config.time_budget_min))
         return min(done, 1.0)
 
     def train_step(self) -> dict[str, float]:
@@ -185,7 +189,6 @@ def fit(config: TrainConfig, argv: Sequence[str] = ()) -> dict[str, Any]:
         f" for {config.steps} steps or {config.time_budget_min} min"
     )
 
-    train_started = time.monotonic()
     window: list[dict[str, float]] = []
     bar = tqdm(total=config.steps, initial=trainer.step, disable=not config.progress, file=sys.stderr, unit="step")
     while trainer.progress() < 1.0:
@@ -200,7 +203,7 @@ def fit(config: TrainConfig, argv: Sequence[str] = ()) -> dict[str, Any]:
         if trainer.step % config.eval_every == 0 or trainer.progress() >= 1.0:
             point = {key: sum(s[key] for s in window) / len(window) for key in window[0]}
             point["step"] = trainer.step
-            point["minutes"] = (time.monotonic() - train_started) / 60
+            point["minutes"] = trainer.training_seconds() / 60
             if val is not None:
                 point["val_accuracy"] = accuracy_report(val, predict(trainer.model.eval(), val))["all"]
             trainer.history.append(point)
@@ -210,8 +213,7 @@ def fit(config: TrainConfig, argv: Sequence[str] = ()) -> dict[str, Any]:
             save_checkpoint(checkpoint_path, trainer.state())
     bar.close()
     save_checkpoint(checkpoint_path, trainer.state())
-    # Training time of the whole run, across --resume (the checkpoint carries what came before).
-    train_minutes = (trainer.elapsed + time.monotonic() - trainer.resumed_at) / 60
+    train_minutes = trainer.training_seconds() / 60
 
     model = trainer.model.cpu().eval()
     metrics: dict[str, Any] = {"train_minutes": round(train_minutes, 1), "steps": trainer.step}
