@@ -39,7 +39,7 @@ class FusionConfig:
     fusion_layers: int = 2  # image-stream blocks: cross-attend to text, then self-attend among regions
     # FiLM: the question scales and shifts every region's channels before the image stream, so
     # "is this the object asked about" is one multiplication away rather than learned through attention.
-    film: bool = False
+    film: bool = True
     fusion_heads: int = 4
     embed_dim: int = 128  # shared contrastive embedding space
     num_labels: int = 22

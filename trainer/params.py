@@ -25,7 +25,7 @@ class TrainConfig:
     context_layers: int = 0
     width: int = 64
     fusion_layers: int = 2
-    film: bool = False
+    film: bool = True
     text_layers: int = 2
     max_length: int = 192
     embed_dim: int = 128
