@@ -264,7 +264,7 @@ def test_texts_are_padded_to_the_longest_in_the_batch() -> None:
     def item(length: int, fill: int) -> _Item:
         ids = np.full(length, fill, dtype=np.int64)
         image = np.full((3, 2, 2), fill, dtype=np.uint8)
-        return _Item(Kind.FUSE, image, ids, length, 0.0, 0.0, None, None)  # type: ignore[arg-type]
+        return _Item(Kind.FUSE, image, ids, length, 0.0, 0.0, 0.0, None, None)  # type: ignore[arg-type]
 
     for length, fill in ((3, 7), (9, 8), (5, 9)):
         stage.add(item(length, fill))
