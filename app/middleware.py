@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.handlers import error_response
+from app.request_ids import new_request_id
 from app.state import AppState
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         began = time.perf_counter()
-        request_id = _client_request_id(scope) or uuid.uuid4().hex
+        request_id = _client_request_id(scope) or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
         started = False

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app.request_ids import new_request_id
 
 
 def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[asyncio.Protocol]:
@@ -128,7 +129,7 @@ class _Guarded(HttpToolsProtocol):
     def _refuse(self, status: HTTPStatus, code: str, message: str) -> None:
         self._refused = True
         self._disarm()
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         body = json.dumps({"error": {"code": code, "message": message, "request_id": request_id}}).encode()
         head = (
             f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
