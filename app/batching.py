@@ -181,6 +181,7 @@ class MicroBatcher:
         self._running = 0  # items on the device now
         self._running_stage: _Stage | None = None
         self._closed = False
+        self._stalled: ServiceError | None = None  # set while a hung pass holds the device (abandon)
         self._batch_seconds = 0.0  # running estimate, for Retry-After
 
     @staticmethod
@@ -228,7 +229,9 @@ class MicroBatcher:
 
         The running batch's requests are answered now; should the pass ever return, its results
         find their requests already answered and are dropped. Queued requests would otherwise wait
-        behind it until their deadlines."""
+        behind it until their deadlines, and so would requests still decoding now: until `resume`,
+        they get `queued` the moment they would be queued."""
+        self._stalled = queued
         if self._running_stage is not None:
             for item in self._running_stage.items:
                 if not item.future.done():
@@ -236,6 +239,10 @@ class MicroBatcher:
         for lane in self._lanes.values():
             for item in [*lane.filling.items, *lane.overflow]:
                 self._drop(item, queued)
+
+    def resume(self) -> None:
+        """The hung pass has ended: queue requests again."""
+        self._stalled = None
 
     # -- admission and requests ------------------------------------------------------------------
 
@@ -282,6 +289,8 @@ class MicroBatcher:
             raise ClientGone("the client disconnected")
         if self._closed:
             raise NotReady("the server is shutting down", retry_after_s=1)
+        if self._stalled is not None:
+            raise self._stalled
         length = len(tokens) if tokens is not None else 0
         item = _Item(kind, image, tokens, length, deadline, now, time.perf_counter(), loop.create_future(), ticket)
         self._enqueue(item)

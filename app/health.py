@@ -124,6 +124,7 @@ class HealthMonitor:
         elif self.hung is not None:
             log.warning("the hung forward pass has finished: alive again")
             self.hung = None
+            batcher.resume()
         if self.failing is not None and not self._checking and now - self._last_check >= RECHECK_S:
             self._check_soon()
 

@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import pytest
 import torch
 from torch import Tensor, nn
 
 from app.engine import Engine, Kind, Row, is_out_of_memory
-from app.errors import InsufficientStorage, ModelFailure
+from app.errors import InsufficientStorage, ModelFailure, NotReady
 from model.package import ModelPackage, read_manifest
 from tests.app.conftest import Running, form, metric, picture, run, serve, settings_for, until
 from tests.app.test_batching import assert_same_prediction, hold_the_device, post
@@ -139,6 +141,16 @@ def test_a_hung_forward_pass_fails_its_batch_and_turns_liveness_red(probe_packag
             assert (await served.client.get("/readyz")).status_code == 503
             refused = await post(served, "/predict", picture(), "while hung")
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
+            # A request that was still decoding when the watchdog tripped is refused as it reaches
+            # the queue, not left to wait for its deadline behind the hung pass.
+            ticket = batcher.admit()
+            deadline = asyncio.get_running_loop().time() + 60
+            try:
+                late = batcher.run(ticket, Kind.TEXT, None, np.array([104, 105], dtype=np.int64), deadline)
+                with pytest.raises(NotReady):
+                    await asyncio.wait_for(late, 0.1)
+            finally:
+                ticket.release()
             samples = await served.metrics()
             assert metric(samples, "fusion_alive") == 0 and metric(samples, "fusion_forward_timeouts_total") == 1
             await until(lambda: served.state.liveness() is None, timeout_s=30)  # the pass ended after all
