@@ -30,25 +30,10 @@ async def info(state: StateDep) -> InfoResponse:
         ),
         device=str(engine.device),
         threads=settings.intra_op_threads(on_cuda=engine.device.type == "cuda"),
+        # Each field is the setting of the same name: one list of limits, in the schema.
         batching=BatchingInfo(
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue=settings.max_queue,
+            **settings.model_dump(include=set(BatchingInfo.model_fields) - {"decode_workers"}),
             decode_workers=settings.decode_threads(),
-            request_timeout_ms=settings.request_timeout_ms,
-            max_request_timeout_ms=settings.max_request_timeout_ms,
         ),
-        limits=LimitsInfo(
-            max_body_bytes=settings.max_body_bytes,
-            max_image_bytes=settings.max_image_bytes,
-            max_text_bytes=settings.max_text_bytes,
-            max_parts=settings.max_parts,
-            max_image_pixels=settings.max_image_pixels,
-            max_image_side=settings.max_image_side,
-            max_image_aspect=settings.max_image_aspect,
-            max_header_bytes=settings.max_header_bytes,
-            header_timeout_s=settings.header_timeout_s,
-            body_timeout_s=settings.body_timeout_s,
-            forward_timeout_s=settings.forward_timeout_s,
-        ),
+        limits=LimitsInfo(**settings.model_dump(include=set(LimitsInfo.model_fields))),
     )

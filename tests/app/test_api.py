@@ -183,7 +183,8 @@ def test_status_table_matches_the_design() -> None:
 
 def test_info_describes_model_device_and_batching(probe_package: Path) -> None:
     async def body() -> None:
-        async with serve(settings_for(probe_package, max_wait_ms=2, max_queue=99)) as served:
+        settings = settings_for(probe_package, max_wait_ms=2, max_queue=99, max_text_bytes=777, body_timeout_s=9.5)
+        async with serve(settings) as served:
             info = (await served.client.get("/info")).json()
         manifest = json.loads((probe_package / "manifest.json").read_text())
         assert info["model"]["name"] == "probe" and info["model"]["version"] == "1.2.3-probe"
@@ -194,6 +195,9 @@ def test_info_describes_model_device_and_batching(probe_package: Path) -> None:
         assert info["batching"]["max_batch_size"] == 8
         assert info["batching"]["max_wait_ms"] == 2
         assert info["batching"]["max_queue"] == 99
+        assert info["batching"]["decode_workers"] == settings.decode_threads()
+        assert info["limits"]["max_text_bytes"] == 777 and info["limits"]["body_timeout_s"] == 9.5
+        assert info["limits"] == {name: getattr(settings, name) for name in info["limits"]}
 
     run(body())
 
