@@ -84,7 +84,7 @@ def sincos_grid(height: int, wide: int, width: int) -> Tensor:
     """Fixed position code of an h x w grid: [1, h*w, width], half the channels for x, half for y.
 
     Cell centers map to (0, 1); frequencies run geometrically from a half period across the image
-    to a period of two cells (the finest a grid carries); unit RMS per channel, like a feature.
+    to a period of two cells (the finest a grid carries); each cell's code has unit RMS, like a feature.
     """
     if width % 4 != 0:
         raise ValueError(f"the position code needs a width divisible by 4, got {width}")
@@ -99,7 +99,7 @@ def sincos_grid(height: int, wide: int, width: int) -> Tensor:
         angles = values.reshape(-1, 1) * frequencies  # (h*w, n)
         return torch.cat([angles.sin(), angles.cos()], dim=1)  # (h*w, 2n)
 
-    table = torch.cat([code(grid_x), code(grid_y)], dim=1) * math.sqrt(2.0)  # unit RMS per channel
+    table = torch.cat([code(grid_x), code(grid_y)], dim=1) * math.sqrt(2.0)  # sin^2 + cos^2 = 1: unit RMS per cell
     return table.unsqueeze(0).to(torch.float32)  # (1, h*w, width)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model.fusion import FusionModel
+from model.towers import sincos_grid
 from tests.conftest import tiny_config
 
 
@@ -67,3 +68,28 @@ def test_images_are_normalized_inside(model: FusionModel) -> None:
         black = model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), tokens)["logits"]
         white = model(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8), tokens)["logits"]
     assert not torch.allclose(black, white)
+
+
+def test_position_code_is_fixed_unit_scale_and_left_to_right() -> None:
+    code = sincos_grid(8, 8, 64)[0]  # (64 cells, 64 channels), row-major over the grid
+    assert code.shape == (64, 64)
+    torch.testing.assert_close(code.pow(2).mean(dim=1), torch.ones(64), atol=1e-5, rtol=0)  # unit RMS per cell
+    assert torch.cdist(code, code).add(torch.eye(64) * 99).min() > 1.0  # every cell tagged apart from the rest
+    # The slowest x channel rises strictly from the left column to the right one and is the same
+    # down each column: "left or right" is one linear read-out.
+    slowest_x = code[:, 0].view(8, 8)
+    assert (slowest_x[:, 1:] > slowest_x[:, :-1]).all()
+    torch.testing.assert_close(slowest_x, slowest_x[:1].expand(8, 8))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_grid(8, 8, 30)
+
+
+def test_regions_know_where_they_are_on_a_blank_image() -> None:
+    """On a uniform image only position tells regions apart (the coordinate channels and the
+    position code), and it does so at the scale of the features, where attention can read it."""
+    torch.manual_seed(0)
+    encoder = FusionModel(tiny_config()).image_encoder.eval()
+    with torch.inference_mode():
+        regions = encoder(torch.full((1, 3, 32, 32), 200, dtype=torch.uint8))[0]  # (N, C)
+    distances = torch.cdist(regions, regions) + torch.eye(len(regions)) * 99
+    assert distances.min() > 0.5 * regions.norm(dim=1).mean() / 8  # distinct, not a rounding difference
