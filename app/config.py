@@ -88,6 +88,17 @@ class Settings(BaseSettings):
             ge=0, le=10_000, description="extra wait for a fuller batch when the device is idle (0: dispatch at once)"
         ),
     ] = 0.0
+    gather_ms: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=1_000,
+            description=(
+                "when the device frees while admitted requests are still being decoded, wait up to this long"
+                " for them to join the batch (0: never; nothing to wait for when idle)"
+            ),
+        ),
+    ] = 1.0
     max_queue: Annotated[
         int,
         Field(ge=1, description="requests admitted but not yet running (decoding + queued); beyond it: 429"),

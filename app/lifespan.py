@@ -128,6 +128,7 @@ async def _phases(state: AppState, device: torch.device) -> None:
         buffers=buffers,
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_ms / 1000,
+        gather_s=settings.gather_ms / 1000,
         max_queue=settings.max_queue,
         metrics=metrics,
         on_batch=state.monitor.batch_done,

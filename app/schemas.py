@@ -66,6 +66,7 @@ class ModelInfo(BaseModel):
 class BatchingInfo(BaseModel):
     max_batch_size: int
     max_wait_ms: float = Field(description="extra wait for a fuller batch when idle (0: none)")
+    gather_ms: float = Field(description="longest wait, when the device frees, for requests still decoding")
     max_queue: int = Field(description="admitted requests not yet running, beyond which 429")
     decode_workers: int
     request_timeout_ms: int = Field(description="default deadline (X-Request-Timeout-Ms overrides it)")

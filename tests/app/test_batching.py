@@ -4,6 +4,8 @@ item fails alone, deadlines and disconnects keep work off the device, a full que
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -300,5 +302,55 @@ def test_max_wait_holds_an_idle_device_for_a_fuller_batch(probe_package: Path) -
             assert await staggered(served) == 1  # one batch of three
         async with serve(settings_for(probe_package, max_wait_ms=0)) as served:
             assert await staggered(served) == 3  # no added wait: each ran at once
+
+    run(body())
+
+
+def test_a_request_still_arriving_when_the_device_frees_joins_the_next_batch(probe_package: Path) -> None:
+    """One request waits in the queue behind a slow batch; a second one is admitted but its body is
+    still arriving when the device frees. With gather_ms the dispatcher waits for it, and both run
+    in one batch; without, the first runs alone at once and the second after it."""
+
+    async def late_upload(served: Running, slow: asyncio.Task[httpx.Response]) -> httpx.Response:
+        request = served.client.build_request("POST", "/predict", **form(picture(), "late"))
+        body = request.read()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield body[:100]
+            await slow  # the device is free (the slow batch answered); the rest comes 50 ms later
+            await asyncio.sleep(0.05)
+            yield body[100:]
+
+        headers = {"content-type": request.headers["content-type"], "content-length": str(len(body))}
+        return await served.client.post("/predict", content=chunks(), headers=headers)
+
+    async def batches(gather_ms: float) -> float:
+        async with serve(settings_for(probe_package, gather_ms=gather_ms)) as served:
+            batcher = served.state.batcher
+            assert batcher is not None
+            slow = await hold_the_device(served)
+            before = metric(await served.metrics(), "fusion_batch_size_count", kind="fuse")  # counted when done
+            queued = asyncio.create_task(post(served, "/predict", picture(), "queued"))
+            await until(lambda: batcher.queued == 1)
+            late = asyncio.create_task(late_upload(served, slow))
+            await until(lambda: batcher.decoding == 1)
+            responses = await gather(slow, queued, late)
+            assert [r.status_code for r in responses] == [200, 200, 200]
+            return metric(await served.metrics(), "fusion_batch_size_count", kind="fuse") - before
+
+    async def body() -> None:
+        assert await batches(gather_ms=1000) == 2  # the slow batch, then both together
+        assert await batches(gather_ms=0) == 3  # the slow batch, the queued one alone, the late one
+
+    run(body())
+
+
+def test_gather_adds_no_wait_when_nothing_is_decoding(probe_package: Path) -> None:
+    async def body() -> None:
+        async with serve(settings_for(probe_package, gather_ms=1000)) as served:
+            began = time.perf_counter()
+            for i in range(3):
+                assert (await post(served, "/predict", picture(), f"alone {i}")).status_code == 200
+            assert time.perf_counter() - began < 1.0  # three 1-second gathers would take 3 s
 
     run(body())
