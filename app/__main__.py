@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     config = uvicorn.Config(
         app,
-        http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
+        http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s, settings.body_timeout_s),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

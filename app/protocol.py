@@ -13,6 +13,10 @@ them: one client sending a header forever grows the process without bound (200 M
   the bound.
 - the line and headers must arrive within `header_timeout_s` of the request's first byte (or of
   the connection opening): 408 otherwise, or a silent close when nothing was sent at all.
+- a body the app answered without reading (a 415, 429 or 413 sent from the headers alone) must
+  finish arriving within `drain_timeout_s` of that answer, or the connection is closed: uvicorn
+  reads and discards the rest to keep the connection, and every byte restarts its keep-alive
+  timer, so a client trickling the rest of a refused body would otherwise hold it forever.
 
 Requests refused here never reach the app: they get the one error shape with a fresh request id.
 """
@@ -29,7 +33,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from app.request_ids import new_request_id
 
 
-def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[asyncio.Protocol]:
+def guarded_protocol(max_header_bytes: int, header_timeout_s: float, drain_timeout_s: float) -> type[asyncio.Protocol]:
     """An HttpToolsProtocol class with these limits, for `uvicorn.Config(http=...)`."""
 
     class GuardedHttpToolsProtocol(_Guarded):
@@ -37,12 +41,14 @@ def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[asy
 
     GuardedHttpToolsProtocol.max_header_bytes = max_header_bytes
     GuardedHttpToolsProtocol.header_timeout_s = header_timeout_s
+    GuardedHttpToolsProtocol.drain_timeout_s = drain_timeout_s
     return GuardedHttpToolsProtocol
 
 
 class _Guarded(HttpToolsProtocol):
     max_header_bytes = 32 * 1024
     header_timeout_s = 10.0
+    drain_timeout_s = 30.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -50,6 +56,8 @@ class _Guarded(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
+        self._in_body = False  # between a request's headers' end and its body's end
+        self._drain_timer: asyncio.TimerHandle | None = None
 
     # -- the timer -------------------------------------------------------------------------------
 
@@ -59,6 +67,7 @@ class _Guarded(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._stop_draining()
         super().connection_lost(exc)
 
     def _arm(self) -> None:
@@ -78,6 +87,23 @@ class _Guarded(HttpToolsProtocol):
             self.transport.close()  # a connection that never said anything gets no answer
             return
         self._refuse(HTTPStatus.REQUEST_TIMEOUT, "header_timeout", "the request headers did not arrive in time")
+
+    # -- the rest of a body answered without reading it --------------------------------------------
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._in_body and self._drain_timer is None and not self.transport.is_closing():
+            self._drain_timer = self.loop.call_later(self.drain_timeout_s, self._drain_timed_out)
+
+    def _stop_draining(self) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+
+    def _drain_timed_out(self) -> None:
+        self._drain_timer = None
+        if self._in_body and not self.transport.is_closing():
+            self.transport.close()  # its answer went out already; there is nothing left to say
 
     # -- counting --------------------------------------------------------------------------------
 
@@ -103,6 +129,7 @@ class _Guarded(HttpToolsProtocol):
         if self._head_size() > self.max_header_bytes:
             self._refuse_too_large()  # no ASGI task is started for this request
             return
+        self._in_body = True
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -113,6 +140,8 @@ class _Guarded(HttpToolsProtocol):
         if self._refused:
             return
         super().on_message_complete()
+        self._in_body = False
+        self._stop_draining()
         self._in_head, self._head_bytes = True, 0  # what comes next is the next request's head
 
     def _head_size(self) -> int:

@@ -580,6 +580,36 @@ def test_a_body_that_trickles_in_is_cut_off(server: Server, prober: httpx.Client
     assert_fast_health(prober)
 
 
+def test_the_rest_of_a_refused_body_cannot_hold_the_connection(server: Server, prober: httpx.Client) -> None:
+    """A 415 is answered from the headers, before the body is read, on a kept-alive connection.
+    uvicorn then reads and discards the rest; a client trickling it must not keep the connection
+    past --body-timeout-s (1 s) from the answer."""
+    head = b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head + b"x" * 10)
+        sock.settimeout(5)
+        reply = b""
+        while b'"request_id"' not in reply:
+            reply += sock.recv(65536)
+        answered = time.monotonic()
+        assert status_line(reply) == b"HTTP/1.1 415 Unsupported Media Type", reply
+        assert b"connection: close" not in reply.lower()  # kept alive: the rest of the body is still due
+        closed = None
+        for _ in range(60):  # one byte every 0.05 s, for up to 3 s
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                closed = time.monotonic() - answered
+                break
+            readable, _, _ = select.select([sock], [], [], 0.05)
+            if readable and not sock.recv(65536):
+                closed = time.monotonic() - answered
+                break
+        assert closed is not None, "the connection was still open 3 s after the answer"
+        assert 0.9 <= closed < 2.0, closed
+    assert_fast_health(prober)
+
+
 def test_headers_that_trickle_in_are_cut_off(server: Server, prober: httpx.Client) -> None:
     """--header-timeout-s 1: headers in three pieces within 0.3 s are served; headers still arriving
     after a second get 408; a connection that sends nothing is closed after a second."""
