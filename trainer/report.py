@@ -52,9 +52,9 @@ def write_model_card(
         command or "python -m trainer fit --data DATA --out OUT",
         "```",
         "",
-        f"Training {metrics.get('train_minutes', 0)} min wall time, {metrics.get('steps')} steps; this export"
-        f" {seconds / 60:.1f} min; on {platform.machine()} with {torch.get_num_threads()} threads,"
-        f" torch {torch.__version__}.",
+        f"Training {metrics.get('train_minutes', 0)} min wall time, {metrics.get('steps')} steps; the whole"
+        f" command {seconds / 60:.1f} min (reading the data, training, evaluating, exporting); on"
+        f" {platform.machine()} with {_threads(torch.get_num_threads())}, torch {torch.__version__}.",
         "",
         "## Model",
         "",
@@ -70,3 +70,7 @@ def write_model_card(
             lines += [f"### {split}", "", "```json", json.dumps(metrics[split], indent=2), "```", ""]
     lines += ["![training curves](training.png)", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread" if count == 1 else f"{count} threads"
