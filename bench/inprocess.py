@@ -65,7 +65,7 @@ def load(model: Path, threads: int) -> ModelPackage:
     return load_package(model, "cpu", check_golden=False)
 
 
-def _median_time(action: Callable[[], object], repeats: int) -> float:
+def median_time(action: Callable[[], object], repeats: int) -> float:
     samples = []
     for _ in range(repeats):
         began = time.perf_counter()
@@ -85,7 +85,7 @@ def prepare(payloads: Sequence[Payload], manifest: Manifest, repeats: int) -> li
 
     for payload in payloads:
         image, tokens = preprocess(payload)
-        seconds = _median_time(lambda payload=payload: preprocess(payload), repeats)  # type: ignore[misc]
+        seconds = median_time(lambda payload=payload: preprocess(payload), repeats)  # type: ignore[misc]
         prepared.append(Prepared(payload, image, tokens, seconds))
     return prepared
 
@@ -122,7 +122,7 @@ def forward_table(
             images, tokens = _batch(items, size)
             for _ in range(2):  # first calls pay for graph optimization and allocator growth
                 run_lane(module, kind, images, tokens)
-            table[kind][size] = _median_time(lambda: run_lane(module, kind, images, tokens), repeats)  # noqa: B023
+            table[kind][size] = median_time(lambda: run_lane(module, kind, images, tokens), repeats)  # noqa: B023
     return table
 
 
@@ -232,6 +232,8 @@ def service_stages(package: ModelPackage, payloads: Sequence[Payload], batch: in
     from app.engine import Engine, Kind, Row
     from app.forms import parse_form
     from app.routes.common import json_response
+    from app.routes.embed import embed_body
+    from app.routes.predict import predict_body
 
     decoder = Decoder(Settings(), package.manifest)
     engine = Engine(package)
@@ -243,12 +245,12 @@ def service_stages(package: ModelPackage, payloads: Sequence[Payload], batch: in
 
     fields = decoder.predict_fields
     parse = statistics.fmean(
-        _median_time(lambda b=body: parse_form(b, boundary, fields, 8), repeats)  # type: ignore[misc]
+        median_time(lambda b=body: parse_form(b, boundary, fields, 8), repeats)  # type: ignore[misc]
         for body in bodies
     )
     decoded = [decode(p, b) for p, b in zip(payloads, bodies, strict=True)]
     whole = statistics.fmean(
-        _median_time(lambda p=p, b=b: decode(p, b), repeats)  # type: ignore[misc]
+        median_time(lambda p=p, b=b: decode(p, b), repeats)  # type: ignore[misc]
         for p, b in zip(payloads, bodies, strict=True)
     )
 
@@ -266,7 +268,7 @@ def service_stages(package: ModelPackage, payloads: Sequence[Payload], batch: in
                 tokens[row % batch, :length] = item.tokens  # type: ignore[attr-defined]
                 tokens[row % batch, length:] = 0
 
-    staging = _median_time(stage, repeats) / min(batch, len(decoded))
+    staging = median_time(stage, repeats) / min(batch, len(decoded))
 
     # The engine's whole batch call (forward + softmax + per-row results) against the bare forward.
     fuse_items = [d for d, p in zip(decoded, payloads, strict=True) if p.kind == "fuse"]
@@ -278,36 +280,27 @@ def service_stages(package: ModelPackage, payloads: Sequence[Payload], batch: in
         batch_tokens[row, : len(d.tokens)] = d.tokens  # type: ignore[attr-defined]
     engine.execute(Kind.FUSE, batch_images, batch_tokens)
     with torch.inference_mode():
-        bare = _median_time(
+        bare = median_time(
             lambda: package.module(torch.from_numpy(batch_images), torch.from_numpy(batch_tokens)), repeats
         )
-    execute = _median_time(lambda: engine.execute(Kind.FUSE, batch_images, batch_tokens), repeats)
+    execute = median_time(lambda: engine.execute(Kind.FUSE, batch_images, batch_tokens), repeats)
     rows = engine.execute(Kind.FUSE, batch_images, batch_tokens)
 
-    labels = package.manifest.labels
-    model = {"name": package.manifest.name, "version": package.manifest.version}
+    manifest = package.manifest
 
     def respond(payload: Payload, row: Row) -> bytes:
-        # What the routes do with a result row (app/routes/predict.py and embed.py).
+        # What the routes do with a result row: their own body builders, then the JSON encoding.
         if payload.route == "/predict":
             assert row.probs is not None
-            best = np.argsort(-row.probs, kind="stable")[:5]
-            ranked = [{"label": labels[i], "score": float(row.probs[i])} for i in best]
-            body = {"label": ranked[0]["label"], "score": ranked[0]["score"], "top_k": ranked, "model": model}
+            body = predict_body(manifest, row.probs, 5)
         else:
-            body = {"dim": package.manifest.embedding_dim, "model": model}
-            if payload.image is not None:
-                assert row.image_embedding is not None
-                body["image_embedding"] = row.image_embedding.tolist()
-            if payload.text is not None:
-                assert row.text_embedding is not None
-                body["text_embedding"] = row.text_embedding.tolist()
+            body = embed_body(manifest, row, payload.image is not None, payload.text is not None)
         return bytes(json_response(body).body)
 
     first = rows[0]
     assert isinstance(first, Row)
     serialize = statistics.fmean(
-        _median_time(lambda p=p: respond(p, first), repeats)  # type: ignore[misc]
+        median_time(lambda p=p: respond(p, first), repeats)  # type: ignore[misc]
         for p in payloads
     )
     return {

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -38,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.config import Settings  # noqa: E402
+from bench.inprocess import median_time  # noqa: E402
 from model.config import FusionConfig  # noqa: E402
 from model.export import export_random_package  # noqa: E402
 from model.package import load_package  # noqa: E402
@@ -68,15 +68,6 @@ def multipart_request(image: bytes, text: str, port: int) -> bytes:
     body = request.read()
     head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items() if k.lower() != "host")
     return f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode("latin-1") + body
-
-
-def median_time(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
 
 
 def in_process(package: Path, threads: int, max_batch: int, image: bytes) -> dict[str, float]:

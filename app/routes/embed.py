@@ -10,9 +10,10 @@ from starlette.responses import Response
 
 from app.decoding import Decoded
 from app.deps import ServingDep
-from app.engine import FloatArray, Kind
+from app.engine import FloatArray, Kind, Row
 from app.routes.common import infer, json_response, model_ref
 from app.schemas import IMAGE_FIELD, TEXT_FIELD, EmbedResponse, error_responses, multipart_body
+from model.package import Manifest
 
 router = APIRouter(tags=["inference"])
 
@@ -34,20 +35,24 @@ def _kind(decoded: Decoded) -> Kind:
 )
 async def embed(request: Request, serving: ServingDep) -> Response:
     decoded, row = await infer(request, serving, "/embed", serving.decoder.embed, _kind)
-    both = decoded.image is not None and decoded.tokens is not None
+    return json_response(embed_body(serving.manifest, row, decoded.image is not None, decoded.tokens is not None))
+
+
+def embed_body(manifest: Manifest, row: Row, image: bool, text: bool) -> dict[str, Any]:
+    """The answer to /embed: the embeddings asked for, and their similarity when both were."""
     payload: dict[str, Any] = {}
-    if decoded.image is not None:
+    if image:
         assert row.image_embedding is not None
         payload["image_embedding"] = row.image_embedding.tolist()
-    if decoded.tokens is not None:
+    if text:
         assert row.text_embedding is not None
         payload["text_embedding"] = row.text_embedding.tolist()
-    if both:
+    if image and text:
         assert row.image_embedding is not None and row.text_embedding is not None
         payload["similarity"] = _cosine(row.image_embedding, row.text_embedding)
-    payload["dim"] = serving.manifest.embedding_dim
-    payload["model"] = model_ref(serving.manifest)
-    return json_response(payload)
+    payload["dim"] = manifest.embedding_dim
+    payload["model"] = model_ref(manifest)
+    return payload
 
 
 def _cosine(a: FloatArray, b: FloatArray) -> float:

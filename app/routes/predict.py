@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.decoding import Decoded
 from app.deps import ServingDep
-from app.engine import Kind
+from app.engine import FloatArray, Kind
 from app.routes.common import infer, json_response, model_ref
 from app.schemas import IMAGE_FIELD, TEXT_FIELD, TOP_K_FIELD, PredictResponse, error_responses, multipart_body
+from model.package import Manifest
 
 router = APIRouter(tags=["inference"])
 
@@ -28,17 +31,14 @@ def _fuse(_: Decoded) -> Kind:
 async def predict(request: Request, serving: ServingDep) -> Response:
     decoded, row = await infer(request, serving, "/predict", serving.decoder.predict, _fuse)
     assert row.probs is not None
-    labels = serving.manifest.labels
+    return json_response(predict_body(serving.manifest, row.probs, decoded.top_k))
+
+
+def predict_body(manifest: Manifest, probs: FloatArray, top_k: int) -> dict[str, Any]:
+    """The answer to /predict: the top_k labels, most probable first (ties by label index)."""
     # In Python on a list of 22, not np.argsort: numpy releases the GIL around its sort, and the
     # event loop then waits for the GIL behind the decode and inference threads.
-    probs = row.probs.tolist()
-    best = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[: decoded.top_k]  # stable: ties by index
-    ranked = [{"label": labels[i], "score": probs[i]} for i in best]
-    return json_response(
-        {
-            "label": ranked[0]["label"],
-            "score": ranked[0]["score"],
-            "top_k": ranked,
-            "model": model_ref(serving.manifest),
-        }
-    )
+    scores = probs.tolist()
+    best = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)[:top_k]  # stable
+    ranked = [{"label": manifest.labels[i], "score": scores[i]} for i in best]
+    return {"label": ranked[0]["label"], "score": ranked[0]["score"], "top_k": ranked, "model": model_ref(manifest)}
