@@ -374,21 +374,18 @@ class MicroBatcher:
 
     async def _linger(self, lane: _Lane) -> None:
         """Hold an idle device up to max_wait_s past the oldest item's arrival, for a fuller batch."""
-        loop = asyncio.get_running_loop()
-        until = lane.oldest() + self.max_wait_s
-        while lane.live < self.max_batch_size and (remaining := until - loop.time()) > 0:
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
-                return
+        await self._wait_while(lambda: lane.live < self.max_batch_size, lane.oldest() + self.max_wait_s)
 
     async def _gather(self, lane: _Lane) -> None:
         """Wait up to gather_s while requests are still decoding, so that they join this batch."""
+        until = asyncio.get_running_loop().time() + self.gather_s
+        await self._wait_while(lambda: self.decoding > 0 and lane.live < self.max_batch_size, until)
+
+    async def _wait_while(self, condition: Callable[[], bool], until: float) -> None:
+        """Re-check `condition` at every wakeup (a request queued, or one leaving decoding) until `until`."""
         loop = asyncio.get_running_loop()
-        until = loop.time() + self.gather_s
-        while self.decoding > 0 and lane.live < self.max_batch_size and (remaining := until - loop.time()) > 0:
-            self._wakeup.clear()  # set by each request queued, and by each one that leaves decoding
+        while condition() and (remaining := until - loop.time()) > 0:
+            self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except TimeoutError:
