@@ -64,6 +64,12 @@ class Metrics:
             buckets=FAST_BUCKETS,
             registry=r,
         )
+        self.decoded_on_loop = Counter(
+            "fusion_decoded_on_loop",
+            "Requests decoded on the event loop (alone in the server, small body) rather than in the decode pool",
+            ["route"],
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "fusion_queue_wait_seconds",
             "Time from joining the batch queue to starting on the device",

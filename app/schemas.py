@@ -69,6 +69,7 @@ class BatchingInfo(BaseModel):
     gather_ms: float = Field(description="longest wait, when the device frees, for requests still decoding")
     max_queue: int = Field(description="admitted requests not yet running, beyond which 429")
     decode_workers: int
+    inline_decode_bytes: int = Field(description="largest body decoded on the event loop when no other is in flight")
     request_timeout_ms: int = Field(description="default deadline (X-Request-Timeout-Ms overrides it)")
     max_request_timeout_ms: int
 

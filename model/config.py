@@ -40,6 +40,9 @@ class FusionConfig:
     # FiLM: the question scales and shifts every region's channels before the image stream, so
     # "is this the object asked about" is one multiplication away rather than learned through attention.
     film: bool = True
+    # A learned attention bias per head and per offset between two regions, in the regions' self-
+    # attention: nearest / farthest are functions of that offset (model.layers.RelativePositionBias).
+    relative_position: bool = True
     fusion_heads: int = 4
     embed_dim: int = 128  # shared contrastive embedding space
     num_labels: int = 22
@@ -61,6 +64,7 @@ class FusionConfig:
         if "widths" in image:
             image["widths"] = tuple(image["widths"])
         rest = {k: v for k, v in data.items() if k not in ("image", "text")}
+        rest.setdefault("relative_position", False)  # configs written before it existed were built without it
         return cls(image=ImageTowerConfig(**image), text=TextTowerConfig(**data.get("text", {})), **rest)
 
     @classmethod

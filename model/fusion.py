@@ -4,7 +4,8 @@ embedding space for contrastive alignment.
     image uint8 [B,3,H,W] --ImageEncoder--> regions [B,N,C] --pool--> image_embedding [B,D]
     tokens int64 [B,L]    --TextEncoder---> words   [B,L,C] --pool--> text_embedding  [B,D]
 
-    image stream: regions attend to the words, then to each other (relations between objects)
+    image stream: regions attend to the words, then to each other (relations between objects,
+                  with a learned bias per offset between two regions)
     text stream:  words attend to the regions
     head: [image stream, text stream, image summary, text summary] -> MLP -> logits [B,K]
 
@@ -18,7 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import FusionConfig
-from model.layers import AttentionPool, CrossAttentionBlock, FiLM, NoFiLM, SelfAttentionBlock, masked_mean
+from model.layers import (
+    AttentionPool,
+    CrossAttentionBlock,
+    FiLM,
+    NoFiLM,
+    SelfAttentionBlock,
+    masked_mean,
+)
+from model.positions import NoPositionBias, RelativePositionBias
 from model.towers import ImageEncoder, build_text_encoder
 
 _EMBED_QUERIES = 4  # learned pooling queries per modality for the embeddings
@@ -28,13 +37,14 @@ _FUSED_QUERIES = 2  # and for the fused image stream
 class ImageStreamBlock(nn.Module):
     """Regions gather what the question asks about, then relate to each other."""
 
-    def __init__(self, width: int, heads: int, dropout: float) -> None:
+    def __init__(self, width: int, heads: int, dropout: float, grid: tuple[int, int] | None) -> None:
         super().__init__()
         self.cross = CrossAttentionBlock(width, heads, dropout)
         self.relate = SelfAttentionBlock(width, heads, dropout)
+        self.position_bias: nn.Module = RelativePositionBias(grid, heads) if grid is not None else NoPositionBias()
 
     def forward(self, regions: Tensor, words: Tensor, word_mask: Tensor) -> Tensor:
-        return self.relate(self.cross(regions, words, word_mask), None)
+        return self.relate(self.cross(regions, words, word_mask), None, self.position_bias())
 
 
 class FusionModel(nn.Module):
@@ -53,8 +63,9 @@ class FusionModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1 / 0.07)
 
         self.film: nn.Module = FiLM(width) if cfg.film else NoFiLM()
+        grid = self.image_encoder.grid if cfg.relative_position else None
         self.image_stream = nn.ModuleList(
-            [ImageStreamBlock(width, cfg.fusion_heads, cfg.dropout) for _ in range(cfg.fusion_layers)]
+            [ImageStreamBlock(width, cfg.fusion_heads, cfg.dropout, grid) for _ in range(cfg.fusion_layers)]
         )
         self.text_stream = CrossAttentionBlock(width, cfg.fusion_heads, cfg.dropout)
         self.fused_pool = AttentionPool(width, cfg.fusion_heads, _FUSED_QUERIES)

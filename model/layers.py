@@ -25,7 +25,8 @@ class Attention(nn.Module):
         self.key_value = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, context: Tensor, key_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, key_mask: Tensor | None, bias: Tensor | None = None) -> Tensor:
+        """`bias`, when given, is added to the attention logits: (1 or B, h, N, M)."""
         batch, n, width = x.shape  # B, N queries, C
         m = context.shape[1]  # M keys
         head_dim = width // self.heads
@@ -34,6 +35,8 @@ class Attention(nn.Module):
         attn_mask: Tensor | None = None
         if key_mask is not None:
             attn_mask = key_mask[:, None, None, :]  # (B, 1, 1, M), True = attend
+        if bias is not None:
+            attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask, dropout_p=p)  # (B, h, N, hd)
         return self.out(y.transpose(1, 2).reshape(batch, n, width))
@@ -60,9 +63,9 @@ class SelfAttentionBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(width)
         self.mlp = FeedForward(width, dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, bias: Tensor | None = None) -> Tensor:
         h = self.norm_attn(x)
-        x = x + self.attn(h, h, mask)
+        x = x + self.attn(h, h, mask, bias)
         return x + self.mlp(self.norm_mlp(x))
 
 

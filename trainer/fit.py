@@ -205,7 +205,9 @@ def fit(config: TrainConfig, argv: Sequence[str] = ()) -> dict[str, Any]:
             point["step"] = trainer.step
             point["minutes"] = trainer.training_seconds() / 60
             if val is not None:
-                point["val_accuracy"] = accuracy_report(val, predict(trainer.model.eval(), val))["all"]
+                report = accuracy_report(val, predict(trainer.model.eval(), val))
+                point["val_accuracy"] = report["all"]
+                point["val_relational"] = report.get("relational", float("nan"))
             trainer.history.append(point)
             window = []
             bar.write(" ".join(f"{k}={v:.4g}" for k, v in point.items()), file=sys.stderr)

@@ -26,6 +26,7 @@ class TrainConfig:
     width: int = 64
     fusion_layers: int = 2
     film: bool = True
+    relative_position: bool = True
     text_layers: int = 2
     max_length: int = 192
     embed_dim: int = 128
@@ -63,6 +64,7 @@ class TrainConfig:
             width=self.width,
             fusion_layers=self.fusion_layers,
             film=self.film,
+            relative_position=self.relative_position,
             embed_dim=self.embed_dim,
             num_labels=num_labels,
             dropout=self.dropout,

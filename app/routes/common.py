@@ -1,7 +1,8 @@
 """The per-request flow shared by /predict and /embed.
 
     deadline from X-Request-Timeout-Ms -> 415/413 from the headers -> admission (429) -> read the
-    body (413 while streaming, 408 past body_timeout_s) -> decode in the pool (400/413/415/422)
+    body (413 while streaming, 408 past body_timeout_s) -> decode in the pool, or on the loop when
+    alone and small (400/413/415/422)
     -> batch queue (504, 500, 507)
 
 Cheap refusals come first, so a request that cannot be served costs neither a queue slot nor a
@@ -46,7 +47,13 @@ async def infer(
         gone = watch_disconnect(request)
         try:
             began = time.perf_counter()
-            decoded = await loop.run_in_executor(serving.decode_pool, decode, body, boundary)
+            if serving.batcher.admitted == 1 and len(body) <= serving.settings.inline_decode_bytes:
+                # Alone in the server: nothing else waits on the loop, and the pool's hand-off there
+                # and back costs more than decoding a small image (0.5 ms against 0.15-0.4 ms).
+                serving.metrics.decoded_on_loop.labels(route).inc()
+                decoded = decode(body, boundary)
+            else:
+                decoded = await loop.run_in_executor(serving.decode_pool, decode, body, boundary)
             serving.metrics.decode.labels(route).observe(time.perf_counter() - began)
             row = await serving.batcher.run(ticket, kind_of(decoded), decoded.image, decoded.tokens, deadline, gone)
         finally:

@@ -67,6 +67,38 @@ def test_predict_answers_what_the_model_says(tiny_package: Path) -> None:
     run(body())
 
 
+def test_a_lone_small_request_decodes_on_the_loop_with_the_same_answer(tiny_package: Path) -> None:
+    small, large = picture(fmt="JPEG"), picture(size=(512, 512), fmt="PNG")
+    limit = len(small) + 1024  # the small body fits, the large one does not
+
+    async def answers(inline_decode_bytes: int) -> tuple[list[httpx.Response], dict[Any, float]]:
+        settings = settings_for(tiny_package, inline_decode_bytes=inline_decode_bytes)
+        async with serve(settings) as served:
+            responses = [
+                await served.client.post("/predict", **form(small, "q")),
+                await served.client.post("/embed", **form(small, "q")),
+                await served.client.post("/predict", **form(large, "q")),
+                await served.client.post("/predict", **form(b"not an image", "q")),
+            ]
+            return responses, await served.metrics()
+
+    async def body() -> None:
+        inline, on_loop = await answers(limit)
+        pooled, in_pool = await answers(0)
+        assert [r.status_code for r in inline] == [200, 200, 200, 415]
+        assert [r.json() for r in inline[:3]] == [r.json() for r in pooled[:3]]
+        assert inline[3].json()["error"]["code"] == pooled[3].json()["error"]["code"] == "unsupported_format"
+        assert len(large) > limit
+        # Decoded on the loop: the two small requests and the small bad one; the large one went to the pool.
+        assert metric(on_loop, "fusion_decoded_on_loop_total", route="/predict") == 2
+        assert metric(on_loop, "fusion_decoded_on_loop_total", route="/embed") == 1
+        assert metric(on_loop, "fusion_decode_duration_seconds_count", route="/predict") == 2
+        assert metric(in_pool, "fusion_decoded_on_loop_total", route="/predict") == 0
+        assert metric(in_pool, "fusion_decode_duration_seconds_count", route="/predict") == 2
+
+    run(body())
+
+
 def test_embed_image_text_and_both(tiny_package: Path) -> None:
     image, text = picture(color=(40, 170, 60)), "Is there a green triangle?"
     expected = expected_outputs(tiny_package, image, text)
