@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.config import FusionConfig
 from model.fusion import FusionModel
+from model.positions import RelativePositionBias
 from model.towers import sincos_grid
 from tests.conftest import tiny_config
 
@@ -93,3 +95,39 @@ def test_regions_know_where_they_are_on_a_blank_image() -> None:
         regions = encoder(torch.full((1, 3, 32, 32), 200, dtype=torch.uint8))[0]  # (N, C)
     distances = torch.cdist(regions, regions) + torch.eye(len(regions)) * 99
     assert distances.min() > 0.5 * regions.norm(dim=1).mean() / 8  # distinct, not a rounding difference
+
+
+def test_relative_position_bias_depends_on_the_offset_alone() -> None:
+    bias_module = RelativePositionBias((3, 4), heads=2)
+    assert bias_module.table.shape == (2, 5 * 7)
+    torch.nn.init.normal_(bias_module.table)
+    bias = bias_module()
+    assert bias is not None and bias.shape == (1, 2, 12, 12)
+    cells = [(y, x) for y in range(3) for x in range(4)]  # row-major, like the regions
+    by_offset: dict[tuple[int, int], torch.Tensor] = {}
+    for i, (yi, xi) in enumerate(cells):
+        for j, (yj, xj) in enumerate(cells):
+            value = bias[0, :, i, j]
+            seen = by_offset.setdefault((yi - yj, xi - xj), value)
+            assert torch.equal(seen, value)  # the same offset, the same bias, wherever the pair is
+    assert len(by_offset) == 5 * 7  # and every offset has its own entry
+    assert len({tuple(v.tolist()) for v in by_offset.values()}) == 5 * 7
+
+
+def test_relative_position_bias_starts_as_attention_without_it() -> None:
+    images, tokens = inputs(2, 7)
+    torch.manual_seed(0)
+    with_bias = FusionModel(tiny_config()).eval()
+    without = FusionModel(FusionConfig(**{**tiny_config().__dict__, "relative_position": False})).eval()
+    without.load_state_dict(with_bias.state_dict(), strict=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(with_bias(images, tokens), without(images, tokens), atol=0, rtol=0)
+        for block in with_bias.image_stream:
+            torch.nn.init.normal_(block.position_bias.table)
+        assert not torch.allclose(with_bias(images, tokens)["logits"], without(images, tokens)["logits"])
+
+
+def test_configs_written_before_the_bias_load_without_it() -> None:
+    old = {key: value for key, value in FusionConfig().to_dict().items() if key != "relative_position"}
+    assert FusionConfig.from_dict(old).relative_position is False
+    assert FusionConfig.from_dict(FusionConfig().to_dict()).relative_position is True
