@@ -123,6 +123,7 @@ def test_relative_position_bias_starts_as_attention_without_it() -> None:
     with torch.inference_mode():
         torch.testing.assert_close(with_bias(images, tokens), without(images, tokens), atol=0, rtol=0)
         for block in with_bias.image_stream:
+            assert isinstance(block.position_bias, RelativePositionBias)
             torch.nn.init.normal_(block.position_bias.table)
         assert not torch.allclose(with_bias(images, tokens)["logits"], without(images, tokens)["logits"])
 
