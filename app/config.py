@@ -109,6 +109,14 @@ class Settings(BaseSettings):
             ),
         ),
     ] = 128 * 1024
+    idle_spin_ms: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=100,
+            description="after each batch, the inference thread polls this long for the next one before it sleeps",
+        ),
+    ] = 0.0
     max_queue: Annotated[
         int,
         Field(ge=1, description="requests admitted but not yet running (decoding + queued); beyond it: 429"),
