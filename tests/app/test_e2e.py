@@ -7,12 +7,9 @@ saturated, a client that closes its socket, and startup failures that must exit 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,73 +21,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.app.conftest import form, free_port, metric, parse_metrics, picture
+from tests.app.conftest import form, metric, picture
+from tests.app.servers import SERVER_ARGS, Server, running_server, start_server
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=10).text)
-
-    def wait_ready(self, timeout_s: float = 90) -> None:
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"server not ready in {timeout_s} s:\n{self.output()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_server(package: Path, tmp: Path, *args: str) -> Server:
-    port = free_port()
-    log = tmp / f"server-{port}.log"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("FUSION_")}
-    command = [sys.executable, "-m", "app", "--model", str(package), "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as sink:
-        process = subprocess.Popen([*command, *args], cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    return Server(process, port, log)
-
-
-SERVER_ARGS = ("--max-batch-size", "8", "--threads", "1", "--decode-workers", "2", "--drain-delay-s", "0")
 
 
 @pytest.fixture(scope="module")
 def server(probe_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(probe_package, tmp_path_factory.mktemp("e2e"), *SERVER_ARGS)
-    try:
-        running.wait_ready()
+    with running_server(probe_package, tmp_path_factory.mktemp("e2e"), *SERVER_ARGS) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def test_endpoints_over_real_sockets(server: Server) -> None:
@@ -196,9 +136,7 @@ def test_sigterm_under_load_drains_and_loses_no_accepted_request(probe_package: 
     """/readyz turns 503 at once; requests are still served during the drain delay; the listener
     then closes; requests already accepted (queued and running) finish; the process exits 0."""
     drain_delay = 3.0
-    server = start_server(probe_package, tmp_path, *SERVER_ARGS[:-2], "--drain-delay-s", str(drain_delay))
-    try:
-        server.wait_ready()
+    with running_server(probe_package, tmp_path, *SERVER_ARGS[:-2], "--drain-delay-s", str(drain_delay)) as server:
         log, stop_sending = LoadLog(), threading.Event()
         readiness: dict[str, float] = {}
 
@@ -249,8 +187,6 @@ def test_sigterm_under_load_drains_and_loses_no_accepted_request(probe_package: 
             prober.result(timeout=30)
         exit_code = server.process.wait(timeout=30)
         exited_at = time.monotonic()
-    finally:
-        server.stop()
 
     assert exit_code == 0, server.output()
     assert [o for o in log.outcomes if o.status != 200] == []  # every request sent was answered 200

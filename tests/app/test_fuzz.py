@@ -26,7 +26,7 @@ from app.forms import FieldLimit, parse_form
 from model.package import read_manifest
 from model.preprocess import ALLOWED_FORMATS, ImageDecodeError, decode_image
 from tests.app.conftest import multipart, picture
-from tests.app.test_e2e import SERVER_ARGS, Server, start_server
+from tests.app.servers import SERVER_ARGS, Server, running_server
 
 # -- Schemathesis ------------------------------------------------------------------------------------
 
@@ -34,12 +34,8 @@ from tests.app.test_e2e import SERVER_ARGS, Server, start_server
 @pytest.fixture(scope="module")
 def fuzzed_server(tiny_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # A real (random) model: the probe model fails on purpose for texts starting with its markers.
-    running = start_server(tiny_package, tmp_path_factory.mktemp("fuzz"), *SERVER_ARGS)
-    try:
-        running.wait_ready()
+    with running_server(tiny_package, tmp_path_factory.mktemp("fuzz"), *SERVER_ARGS) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def asked_for_the_impossible(case: Any, response: Any) -> bool:

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 from model.package import ModelPackage, load_package
 from model.preprocess import decode_image, tokenize
 from tests.app.conftest import FormPart, image_file, metric, multipart, picture
-from tests.app.test_e2e import SERVER_ARGS, Server, start_server
+from tests.app.servers import SERVER_ARGS, Server, running_server
 from tests.conftest import TEST_LABELS
 
 pytestmark = pytest.mark.slow
@@ -50,12 +50,8 @@ ROBUST_ARGS = (*SERVER_ARGS, "--body-timeout-s", "1", "--header-timeout-s", "1",
 
 @pytest.fixture(scope="module")
 def server(probe_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(probe_package, tmp_path_factory.mktemp("robust"), *ROBUST_ARGS)
-    try:
-        running.wait_ready()
+    with running_server(probe_package, tmp_path_factory.mktemp("robust"), *ROBUST_ARGS) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")
