@@ -26,7 +26,7 @@ from pydantic_settings import CliApp
 
 from app.auth import ApiKeyError
 from app.config import Settings
-from app.engine import DeviceUnavailable, resolve_device
+from app.engine import DeviceUnavailable, PrecisionUnsupported, check_precision, resolve_device
 from app.main import create_app
 from app.protocol import guarded_protocol
 from app.state import AppState, Phase
@@ -76,10 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     try:
-        resolve_device(settings.device)
+        check_precision(resolve_device(settings.device), settings.precision)
         read_manifest(settings.model)  # the cheap checks, before binding a port; the rest in the lifespan
         app = create_app(settings)
-    except (DeviceUnavailable, PackageError, ApiKeyError) as exc:
+    except (DeviceUnavailable, PrecisionUnsupported, PackageError, ApiKeyError) as exc:
         log.error("cannot serve: %s", exc)
         return 1
     config = uvicorn.Config(

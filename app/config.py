@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from model.preprocess import DEFAULT_LIMITS, ImageLimits
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+Precision = Literal["fp32", "bf16", "fp16"]
 
 MiB = 1 << 20
 
@@ -73,6 +74,15 @@ class Settings(BaseSettings):
         str,
         Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA if present, else CPU), cpu, cuda, cuda:N"),
     ] = "auto"
+    precision: Annotated[
+        Precision,
+        Field(
+            description=(
+                "forward passes under autocast at this precision: bf16 (CPU or CUDA) or fp16 (CUDA); startup"
+                " refuses one that changes a golden answer"
+            )
+        ),
+    ] = "fp32"
     threads: Annotated[
         int | None,
         Field(

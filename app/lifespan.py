@@ -100,10 +100,13 @@ async def _phases(state: AppState, device: torch.device) -> None:
     begin = time.perf_counter()
 
     state.manifest = await _on_worker(state, read_manifest, settings.model)  # the version header, from now on
-    engine = await _timed(state, "load", _on_worker(state, Engine.load, settings.model, device, metrics))
+    load = _on_worker(state, Engine.load, settings.model, device, metrics, settings.precision)
+    engine = await _timed(state, "load", load)
     state.engine, state.manifest = engine, engine.manifest
     manifest = engine.manifest
-    log.info("loaded %s %s from %s on %s", manifest.name, manifest.version, settings.model, device)
+    log.info(
+        "loaded %s %s from %s on %s at %s", manifest.name, manifest.version, settings.model, device, engine.precision
+    )
 
     state.phase = Phase.WARMING_UP
     lengths = warmup_text_lengths(manifest.max_text_length)

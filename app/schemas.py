@@ -92,6 +92,7 @@ class InfoResponse(BaseModel):
     model: ModelInfo
     device: str
     threads: int = Field(description="intra-op threads of the inference thread")
+    precision: str = Field(description="fp32, or the autocast precision of every forward pass (bf16, fp16)")
     batching: BatchingInfo
     limits: LimitsInfo
 

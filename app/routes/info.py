@@ -30,6 +30,7 @@ async def info(state: StateDep) -> InfoResponse:
         ),
         device=str(engine.device),
         threads=settings.intra_op_threads(on_cuda=engine.device.type == "cuda"),
+        precision=engine.precision,
         # Each field is the setting of the same name: one list of limits, in the schema.
         batching=BatchingInfo(
             **settings.model_dump(include=set(BatchingInfo.model_fields) - {"decode_workers"}),

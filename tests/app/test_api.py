@@ -99,6 +99,31 @@ def test_a_lone_small_request_decodes_on_the_loop_with_the_same_answer(tiny_pack
     run(body())
 
 
+def test_bf16_gives_the_same_answers_as_fp32_within_its_precision(tiny_package: Path) -> None:
+    images = [picture(color=c, fmt="JPEG") for c in ((220, 40, 40), (40, 80, 220), (235, 200, 30))]
+    texts = ["What colour is the object?", "图中有几个圆形？", "Is it large?"]
+
+    async def answers(precision: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        async with serve(settings_for(tiny_package, precision=precision)) as served:
+            responses = [await served.client.post("/embed", **form(i, t)) for i, t in zip(images, texts, strict=True)]
+            responses += [
+                await served.client.post("/predict", **form(i, t)) for i, t in zip(images, texts, strict=True)
+            ]
+            assert [r.status_code for r in responses] == [200] * 6
+            return [r.json() for r in responses], (await served.client.get("/info")).json()
+
+    async def body() -> None:
+        (full, full_info), (half, half_info) = await answers("fp32"), await answers("bf16")
+        assert (full_info["precision"], half_info["precision"]) == ("fp32", "bf16")
+        for exact, reduced in zip(full[:3], half[:3], strict=True):
+            for name in ("image_embedding", "text_embedding"):
+                np.testing.assert_allclose(reduced[name], exact[name], atol=2e-2)
+                assert reduced[name] != exact[name]  # it did run at the reduced precision
+        assert [a["label"] for a in half[3:]] == [a["label"] for a in full[3:]]
+
+    run(body())
+
+
 def test_embed_image_text_and_both(tiny_package: Path) -> None:
     image, text = picture(color=(40, 170, 60)), "Is there a green triangle?"
     expected = expected_outputs(tiny_package, image, text)

@@ -108,3 +108,8 @@ def test_a_requested_gpu_that_is_absent(probe_package: Path, capsys: pytest.Capt
     assert main(["--model", str(probe_package), *FAST, "--device", "cuda"]) == 1
     output = capsys.readouterr().err
     assert "cannot serve: device 'cuda' was requested but this machine has no usable CUDA device" in output
+
+
+def test_fp16_on_the_cpu_is_refused_before_serving(probe_package: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model", str(probe_package), *FAST, "--device", "cpu", "--precision", "fp16"]) == 1
+    assert "--precision fp16 needs a CUDA device; on the CPU use bf16" in capsys.readouterr().err
