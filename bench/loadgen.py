@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import math
 import random
+import statistics
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,6 +27,27 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Latencies:
+    """A closed-loop run as the report reads it, whichever generator made it (seconds)."""
+
+    requests: int
+    elapsed_s: float
+    p50_s: float
+    p90_s: float
+    p99_s: float
+    p999_s: float
+    mean_s: float
+    max_s: float
+    non_2xx: int
+    errors: int  # connections that failed: refused, reset, timed out
+    generator_cpu_s: float
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
 @dataclass
@@ -56,6 +78,22 @@ class RunResult:
 
     def status_counts(self) -> dict[int, int]:
         return dict(Counter(self.statuses))
+
+    def summary(self) -> Latencies:
+        latencies = self.latencies
+        return Latencies(
+            requests=self.completed,
+            elapsed_s=self.elapsed_s,
+            p50_s=percentile(latencies, 50),
+            p90_s=percentile(latencies, 90),
+            p99_s=percentile(latencies, 99),
+            p999_s=percentile(latencies, 99.9),
+            mean_s=statistics.fmean(latencies) if latencies else float("nan"),
+            max_s=max(latencies, default=float("nan")),
+            non_2xx=sum(status != 200 for status in self.statuses),
+            errors=self.connection_errors,
+            generator_cpu_s=self.generator_cpu_s,
+        )
 
 
 def percentile(values: Sequence[float], q: float) -> float:

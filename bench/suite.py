@@ -135,7 +135,7 @@ class ClosedRun:
     non_2xx: int
     errors: int
     generator_cpu_s: float
-    server_cpu_s: float
+    server_cpu_s: float = 0.0
     foreign_cpu: float = 0.0  # cores other processes kept busy during the run, on average
     stages: dict[str, float] = field(default_factory=dict)
     batches: dict[float, float] = field(default_factory=dict)
@@ -287,52 +287,14 @@ def closed_run(
     server.wait_idle()
     before, cpu, busy = server.metrics(), server.cpu_s(), machine_busy_s()
     if generator == "wrk":
-        w = run_wrk(server.port, workload.requests_file, concurrency, seconds)
-        record = ClosedRun(
-            server.name,
-            workload.name,
-            concurrency,
-            repeat,
-            "wrk",
-            w.requests,
-            w.elapsed_s,
-            w.throughput,
-            w.p50_s,
-            w.p90_s,
-            w.p99_s,
-            w.p999_s,
-            w.mean_s,
-            w.max_s,
-            w.non_2xx,
-            w.socket_errors,
-            w.generator_cpu_s,
-            0.0,
-        )
+        latencies = run_wrk(server.port, workload.requests_file, concurrency, seconds)
     else:
-        r = loadgen.run_async(
+        latencies = loadgen.run_async(
             lambda: loadgen.closed_loop("127.0.0.1", server.port, workload.requests, concurrency, duration_s=seconds)
-        )
-        latencies = r.latencies
-        record = ClosedRun(
-            server.name,
-            workload.name,
-            concurrency,
-            repeat,
-            "python",
-            r.completed,
-            r.elapsed_s,
-            r.throughput,
-            loadgen.percentile(latencies, 50),
-            loadgen.percentile(latencies, 90),
-            loadgen.percentile(latencies, 99),
-            loadgen.percentile(latencies, 99.9),
-            statistics.fmean(latencies) if latencies else float("nan"),
-            max(latencies, default=float("nan")),
-            sum(status != 200 for status in r.statuses),
-            r.connection_errors,
-            r.generator_cpu_s,
-            0.0,
-        )
+        ).summary()
+    record = ClosedRun(
+        server.name, workload.name, concurrency, repeat, generator, **asdict(latencies), throughput=latencies.throughput
+    )
     busy = machine_busy_s() - busy
     record.server_cpu_s = server.cpu_s() - cpu
     record.foreign_cpu = max(0.0, busy - record.server_cpu_s - record.generator_cpu_s) / max(record.elapsed_s, 1e-9)

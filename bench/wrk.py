@@ -11,30 +11,11 @@ import json
 import resource
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
+from bench.loadgen import Latencies
+
 SCRIPT = Path(__file__).with_name("wrk_post.lua")
-
-
-@dataclass(frozen=True)
-class WrkResult:
-    concurrency: int
-    requests: int
-    elapsed_s: float
-    p50_s: float
-    p90_s: float
-    p99_s: float
-    p999_s: float
-    mean_s: float
-    max_s: float
-    non_2xx: int
-    socket_errors: int
-    generator_cpu_s: float
-
-    @property
-    def throughput(self) -> float:
-        return self.requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
 def wrk_path() -> str | None:
@@ -52,7 +33,7 @@ def wrk_version() -> str:
 
 def run_wrk(
     port: int, requests_file: Path, concurrency: int, duration_s: float, *, threads: int = 1, timeout_s: int = 30
-) -> WrkResult:
+) -> Latencies:
     path = wrk_path()
     if path is None:
         raise RuntimeError("wrk is not installed")
@@ -77,8 +58,7 @@ def run_wrk(
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
     data = json.loads(line.removeprefix("WRK_RESULT "))
     errors = data["connect"] + data["read"] + data["write"] + data["timeout"]
-    return WrkResult(
-        concurrency=concurrency,
+    return Latencies(
         requests=data["requests"],
         elapsed_s=data["duration_us"] / 1e6,
         p50_s=data["p50_us"] / 1e6,
@@ -88,6 +68,6 @@ def run_wrk(
         mean_s=data["mean_us"] / 1e6,
         max_s=data["max_us"] / 1e6,
         non_2xx=data["status"],
-        socket_errors=errors,
+        errors=errors,
         generator_cpu_s=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
     )
