@@ -29,12 +29,13 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Latencies:
     """A closed-loop run as the report reads it, whichever generator made it (seconds)."""
 
     requests: int
     elapsed_s: float
+    throughput: float  # answered requests per second
     p50_s: float
     p90_s: float
     p99_s: float
@@ -44,10 +45,6 @@ class Latencies:
     non_2xx: int
     errors: int  # connections that failed: refused, reset, timed out
     generator_cpu_s: float
-
-    @property
-    def throughput(self) -> float:
-        return self.requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
 @dataclass
@@ -84,6 +81,7 @@ class RunResult:
         return Latencies(
             requests=self.completed,
             elapsed_s=self.elapsed_s,
+            throughput=self.throughput,
             p50_s=percentile(latencies, 50),
             p90_s=percentile(latencies, 90),
             p99_s=percentile(latencies, 99),

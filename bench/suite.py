@@ -42,6 +42,7 @@ from typing import Any
 
 from bench import inprocess, loadgen
 from bench.analysis import batch_histogram, stage_breakdown
+from bench.loadgen import Latencies
 from bench.payloads import MixSpec, Payload, build_mix, build_pictures, describe, memory_rotation, write_requests
 from bench.server import ROOT, Server, diff, machine_busy_s, start_server
 from bench.wrk import run_wrk, wrk_path, wrk_version
@@ -117,24 +118,12 @@ class Workload:
 
 
 @dataclass
-class ClosedRun:
+class ClosedRun(Latencies):
     server: str
     workload: str
     concurrency: int
     repeat: int
     generator: str
-    requests: int
-    elapsed_s: float
-    throughput: float
-    p50_s: float
-    p90_s: float
-    p99_s: float
-    p999_s: float
-    mean_s: float
-    max_s: float
-    non_2xx: int
-    errors: int
-    generator_cpu_s: float
     server_cpu_s: float = 0.0
     foreign_cpu: float = 0.0  # cores other processes kept busy during the run, on average
     stages: dict[str, float] = field(default_factory=dict)
@@ -293,7 +282,12 @@ def closed_run(
             lambda: loadgen.closed_loop("127.0.0.1", server.port, workload.requests, concurrency, duration_s=seconds)
         ).summary()
     record = ClosedRun(
-        server.name, workload.name, concurrency, repeat, generator, **asdict(latencies), throughput=latencies.throughput
+        **asdict(latencies),
+        server=server.name,
+        workload=workload.name,
+        concurrency=concurrency,
+        repeat=repeat,
+        generator=generator,
     )
     busy = machine_busy_s() - busy
     record.server_cpu_s = server.cpu_s() - cpu

@@ -58,9 +58,11 @@ def run_wrk(
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
     data = json.loads(line.removeprefix("WRK_RESULT "))
     errors = data["connect"] + data["read"] + data["write"] + data["timeout"]
+    elapsed_s = data["duration_us"] / 1e6
     return Latencies(
         requests=data["requests"],
-        elapsed_s=data["duration_us"] / 1e6,
+        elapsed_s=elapsed_s,
+        throughput=data["requests"] / elapsed_s if elapsed_s > 0 else 0.0,
         p50_s=data["p50_us"] / 1e6,
         p90_s=data["p90_us"] / 1e6,
         p99_s=data["p99_us"] / 1e6,
