@@ -8,6 +8,7 @@
    preprocessing + forward rate on one thread;
 3. served: `python -m app --device cuda` driven closed loop at several concurrencies (wrk when it
    is installed, else bench.loadgen in several processes), with the mean batch size from /metrics;
+   then at `--precision fp16` (bf16 in the dry run) at the two highest concurrencies;
 4. a short table, printed last.
 
 `--dry-run` runs the same steps on the CPU with a tiny model and tiny durations (well under 30 s):
@@ -364,6 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     say("served")
     served_rows, note = served(model, str(device), payloads, concurrencies, seconds, extra)
+    reduced = "bf16" if args.dry_run else "fp16"
+    say(f"served at {reduced}")
+    reduced_extra = [*extra, "--precision", reduced]
+    reduced_rows, _ = served(model, str(device), payloads, concurrencies[-2:], seconds, reduced_extra)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     lines = [
@@ -380,14 +385,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{pre_all:.0f} req/s on {1 if args.dry_run else cores} process(es), {pre_one:.0f} req/s on one",
         note,
         "",
-        "| concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 |",
-        "|---|---|---|---|---|---|",
+        "| precision | concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for concurrency, row in served_rows:
-        lines.append(
-            f"| {concurrency} | {row['throughput']:.0f} | {row['p50'] * 1e3:.1f} | {row['p99'] * 1e3:.1f} | "
-            f"{row['mean_batch']:.1f} | {row['errors']:.0f} |"
-        )
+    for precision, rows in (("fp32", served_rows), (reduced, reduced_rows)):
+        for concurrency, row in rows:
+            lines.append(
+                f"| {precision} | {concurrency} | {row['throughput']:.0f} | {row['p50'] * 1e3:.1f} | "
+                f"{row['p99'] * 1e3:.1f} | {row['mean_batch']:.1f} | {row['errors']:.0f} |"
+            )
     lines.append(f"({time.perf_counter() - began:.0f} s)")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0 if check["ok"] else 1

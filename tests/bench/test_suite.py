@@ -74,5 +74,8 @@ def test_gpu_check_dry_run() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert any("PASS" in line for line in lines)
-    assert "| concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 |" in lines
+    header = lines.index("| precision | concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 |")
+    rows = [line.split(" | ")[:2] for line in lines[header + 2 : -1]]
+    assert rows == [["| fp32", "1"], ["| fp32", "4"], ["| bf16", "1"], ["| bf16", "4"]]
+    assert all(line.endswith(" | 0 |") for line in lines[header + 2 : -1])  # every request answered 200
     assert lines[-1].startswith("(") and lines[-1].endswith(" s)")
