@@ -1,4 +1,5 @@
-"""Per-request work, run in the decode pool before a request joins the batch queue.
+"""Per-request work, done before a request joins the batch queue: in the decode pool, or on the
+event loop for a lone request whose image is cheap to decode (app.routes.common).
 
 multipart body -> validated fields -> model inputs, through the one shared preprocessing module
 (`model.preprocess`), so the service feeds the model exactly what the trainer did. Anything wrong
@@ -18,7 +19,7 @@ from app.engine import ByteArray, TokenArray
 from app.errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.forms import FieldLimit, Part, parse_form
 from model.package import Manifest
-from model.preprocess import ImageDecodeError, decode_image, tokenize
+from model.preprocess import ImageDecodeError, decode_image, header_pixels, tokenize
 
 DEFAULT_TOP_K: Final = 5
 _TOP_K_BYTES: Final = 16
@@ -29,6 +30,10 @@ _UTF8_CHARSETS: Final = frozenset({b"utf-8", b"utf8", b"us-ascii", b"ascii"})
 # multi-line questions contain). NUL and the rest carry no meaning for the model, were never in
 # its training text, and are a classic way to smuggle a string past a log or a C library.
 _CONTROL_CHARACTERS: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+class DecodeElsewhere(Exception):
+    """The image has more pixels than the caller allowed here: decode the request in the pool."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,31 +55,34 @@ class Decoder:
         self.predict_fields = {"image": image, "text": text, "top_k": FieldLimit(_TOP_K_BYTES, self._bad_top_k)}
         self.embed_fields = {"image": image, "text": text}
 
-    def predict(self, body: bytes, boundary: bytes) -> Decoded:
-        """image (file) and text required; top_k optional."""
+    def predict(self, body: bytes, boundary: bytes, max_pixels_here: int | None = None) -> Decoded:
+        """image (file) and text required; top_k optional. With `max_pixels_here`, an image whose
+        header says more pixels raises DecodeElsewhere before any pixel is decoded."""
         parts = parse_form(body, boundary, self.predict_fields, self.max_parts)
-        image = self._image(_required(parts, "image"))
+        image = self._image(_required(parts, "image"), max_pixels_here)
         tokens = self._text(_required(parts, "text"))
         top_k = self._top_k(parts["top_k"]) if "top_k" in parts else min(DEFAULT_TOP_K, self.num_labels)
         return Decoded(image=image, tokens=tokens, top_k=top_k)
 
-    def embed(self, body: bytes, boundary: bytes) -> Decoded:
-        """image and/or text: at least one."""
+    def embed(self, body: bytes, boundary: bytes, max_pixels_here: int | None = None) -> Decoded:
+        """image and/or text: at least one. `max_pixels_here` as for predict."""
         parts = parse_form(body, boundary, self.embed_fields, self.max_parts)
         if not parts:
             raise InvalidInput("send an image, a text, or both", code="missing_field")
-        image = self._image(parts["image"]) if "image" in parts else None
+        image = self._image(parts["image"], max_pixels_here) if "image" in parts else None
         tokens = self._text(parts["text"]) if "text" in parts else None
         return Decoded(image=image, tokens=tokens)
 
-    def _image(self, part: Part) -> ByteArray:
+    def _image(self, part: Part, max_pixels_here: int | None) -> ByteArray:
+        if max_pixels_here is not None and (header_pixels(part.data) or 0) > max_pixels_here:
+            raise DecodeElsewhere
         try:
             tensor = decode_image(part.data, self.image_size, self.limits)
         except ImageDecodeError as exc:
             error: type[ServiceError] = UnsupportedMediaType if exc.code == "unsupported_format" else InvalidInput
             raise error(str(exc), code=exc.code) from exc
-        # [3, H, W] view of Pillow's [H, W, 3]: made contiguous here, in the pool, so that staging
-        # it into a batch on the event loop is one plain copy.
+        # [3, H, W] view of Pillow's [H, W, 3]: made contiguous here, before it queues, so that
+        # staging it into a batch on the event loop is one plain copy.
         return np.ascontiguousarray(tensor.numpy())
 
     def _text(self, part: Part) -> TokenArray:

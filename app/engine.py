@@ -132,6 +132,8 @@ def resolve_device(name: str) -> torch.device:
 def check_precision(device: torch.device, precision: Precision) -> None:
     if precision == "fp16" and device.type != "cuda":
         raise PrecisionUnsupported("--precision fp16 needs a CUDA device; on the CPU use bf16 (or fp32)")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise PrecisionUnsupported(f"{torch.cuda.get_device_name(device)} has no native bf16; use fp16 (or fp32)")
 
 
 _MODEL_FAILED: Final = "the model failed on this input"
@@ -303,25 +305,44 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
     def self_check(self) -> None:
-        """The package's golden check, then the same cases through the serving path (execute)."""
+        """The package's golden check (full precision: it checks the archive), then the same cases
+        through the serving path at the serving precision, all three methods: the same labels, and
+        every embedding within the tolerance of that precision."""
         verify_golden(self.package)
         images, tokens = golden_inputs(self.package.path, self.manifest)
+        count = len(images)
+        pixels, ids = images.contiguous().numpy(), tokens.numpy()
         with torch.inference_mode():
-            rows = self._rows(
-                self._call(Kind.FUSE, images.contiguous().numpy(), tokens.numpy(), len(images)), len(images)
-            )
+            runs = {kind: self._rows(self._call(kind, pixels, ids, count), count) for kind in Kind}
         tolerance = GOLDEN_ATOL if self._autocast_dtype is None else REDUCED_PRECISION_ATOL
         worst = 0.0
-        for index, (case, row) in enumerate(zip(self.manifest.golden, rows, strict=True)):
-            if not isinstance(row, Row) or row.probs is None or row.image_embedding is None:
-                raise OutputContractError(f"golden case {index} failed in the serving path")
-            label = self.manifest.labels[int(np.argmax(row.probs))]
-            error = float(np.abs(row.image_embedding - np.asarray(case.image_embedding, dtype=np.float32)).max())
-            if label != case.label or not error <= tolerance:
+        for index, case in enumerate(self.manifest.golden):
+            fused, image_only, text_only = runs[Kind.FUSE][index], runs[Kind.IMAGE][index], runs[Kind.TEXT][index]
+            if not (isinstance(fused, Row) and isinstance(image_only, Row) and isinstance(text_only, Row)):
+                raise OutputContractError(f"golden case {index} failed in the serving path at {self.precision}")
+            assert fused.probs is not None
+            label = self.manifest.labels[int(np.argmax(fused.probs))]
+            shipped_image = np.asarray(case.image_embedding, dtype=np.float32)
+            shipped_text = np.asarray(case.text_embedding, dtype=np.float32)
+            outputs = {
+                "forward image_embedding": (fused.image_embedding, shipped_image),
+                "forward text_embedding": (fused.text_embedding, shipped_text),
+                "encode_image": (image_only.image_embedding, shipped_image),
+                "encode_text": (text_only.text_embedding, shipped_text),
+            }
+            for name, (served, shipped) in outputs.items():
+                assert served is not None
+                error = float(np.abs(served - shipped).max())
+                if not error <= tolerance:  # also catches NaN
+                    raise OutputContractError(
+                        f"golden case {index}: {name} in the serving path at {self.precision} differs from the"
+                        f" shipped output by {error:.3g} (at most {tolerance:g} allowed)"
+                    )
+                worst = max(worst, error)
+            if label != case.label:
                 raise OutputContractError(
-                    f"golden case {index}: the serving path at {self.precision} gives {label!r} (embedding error"
-                    f" {error:.3g}, at most {tolerance:g} allowed), the package was shipped with {case.label!r}"
+                    f"golden case {index}: the serving path at {self.precision} gives {label!r}, the package was"
+                    f" shipped with {case.label!r}"
                 )
-            worst = max(worst, error)
         if self._autocast_dtype is not None:
             log.info("%s against the shipped fp32 outputs: same answers, embeddings within %.3g", self.precision, worst)

@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from app.config import Precision
+
 
 class ModelRef(BaseModel):
     name: str = Field(description="model package name")
@@ -69,7 +71,8 @@ class BatchingInfo(BaseModel):
     gather_ms: float = Field(description="longest wait, when the device frees, for requests still decoding")
     max_queue: int = Field(description="admitted requests not yet running, beyond which 429")
     decode_workers: int
-    inline_decode_bytes: int = Field(description="largest body decoded on the event loop when no other is in flight")
+    inline_decode_bytes: int = Field(description="largest body decoded on the event loop when alone in the server")
+    inline_decode_pixels: int = Field(description="most pixels of an image decoded on the event loop")
     request_timeout_ms: int = Field(description="default deadline (X-Request-Timeout-Ms overrides it)")
     max_request_timeout_ms: int
 
@@ -92,7 +95,7 @@ class InfoResponse(BaseModel):
     model: ModelInfo
     device: str
     threads: int = Field(description="intra-op threads of the inference thread")
-    precision: str = Field(description="fp32, or the autocast precision of every forward pass (bf16, fp16)")
+    precision: Precision = Field(description="fp32, or the autocast precision of every forward pass (bf16, fp16)")
     batching: BatchingInfo
     limits: LimitsInfo
 

@@ -368,7 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     reduced = "bf16" if args.dry_run else "fp16"
     say(f"served at {reduced}")
     reduced_extra = [*extra, "--precision", reduced]
-    reduced_rows, _ = served(model, str(device), payloads, concurrencies[-2:], seconds, reduced_extra)
+    try:
+        reduced_rows, _ = served(model, str(device), payloads, concurrencies[-2:], seconds, reduced_extra)
+    except Exception as exc:  # e.g. the startup self-check refused the precision: keep the fp32 results
+        reduced_rows = []
+        note += f"; served at {reduced}: not run ({type(exc).__name__}: {str(exc)[:160]})"
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     lines = [

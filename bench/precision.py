@@ -79,10 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
 
+    if args.precision == "fp16" and args.device == "cpu":
+        parser.error("fp16 runs on CUDA only (--device cuda); on the CPU compare bf16")
     torch.set_num_threads(args.threads)
     package = load_package(args.model, args.device, check_golden=False)
     full, reduced = Engine(package), Engine(package, precision=args.precision)
     rows = read_rows(args.data, args.limit)
+    if not rows:
+        parser.error(f"{args.data} has no rows")
     images, tokens = inputs(rows, args.data.parent, full)
     exact, approx = run_all(full, images, tokens, 32), run_all(reduced, images, tokens, 32)
 

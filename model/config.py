@@ -41,7 +41,7 @@ class FusionConfig:
     # "is this the object asked about" is one multiplication away rather than learned through attention.
     film: bool = True
     # A learned attention bias per head and per offset between two regions, in the regions' self-
-    # attention: nearest / farthest are functions of that offset (model.layers.RelativePositionBias).
+    # attention: nearest / farthest are functions of that offset (model.positions.RelativePositionBias).
     relative_position: bool = True
     fusion_heads: int = 4
     embed_dim: int = 128  # shared contrastive embedding space

@@ -29,7 +29,7 @@ class RelativePositionBias(nn.Module):
         dx = xs[:, None] - xs[None, :] + wide - 1
         self.register_buffer("index", dy * (2 * wide - 1) + dx, persistent=False)
 
-    def forward(self) -> Tensor | None:
+    def forward(self) -> Tensor:
         return self.table[:, self.index].unsqueeze(0)  # (1, heads, N, N)
 
 

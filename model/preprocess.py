@@ -88,6 +88,19 @@ def decode_image(data: bytes, size: tuple[int, int], limits: ImageLimits = DEFAU
     return torch.from_numpy(array).permute(2, 0, 1)  # [3, H, W] view; collation makes it contiguous
 
 
+def header_pixels(data: bytes) -> int | None:
+    """Width x height from the image's header alone (no pixel is decoded), or None when no allowed
+    format's header can be read: what decoding will cost, before paying it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+                width, height = image.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError):
+        return None
+    return width * height
+
+
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
         with warnings.catch_warnings():

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from model.config import FusionConfig
 from model.export import GoldenInput, PackageInfo, export_package
 from model.fusion import FusionModel
 from model.preprocess import pad_tokens
@@ -78,12 +79,19 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, labels: tuple[str, ...], train: TensorDataset, device: torch.device):
+    def __init__(
+        self,
+        config: TrainConfig,
+        labels: tuple[str, ...],
+        train: TensorDataset,
+        device: torch.device,
+        model_config: FusionConfig | None = None,
+    ):
         self.config = config
         self.labels = labels
         self.train = train
         self.device = device
-        self.model_config = config.model_config(len(labels))
+        self.model_config = model_config or config.model_config(len(labels))
         torch.manual_seed(config.seed)
         self.model = FusionModel(self.model_config).to(device)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay)
@@ -178,10 +186,15 @@ def fit(config: TrainConfig, argv: Sequence[str] = ()) -> dict[str, Any]:
         name: load_dataset(path, labels, size, config.max_length, config.workers or None)
         for name, path in splits.items()
     }
-    trainer = Trainer(config, labels, sets["train"], device)
+    # A resumed run is the checkpoint's model, whatever the defaults have become since it was made.
+    resumed = load_checkpoint(config.resume) if config.resume else None
+    model_config = FusionConfig.from_dict(resumed["model_config"]) if resumed is not None else None
+    if model_config is not None and model_config != config.model_config(len(labels)):
+        log("the checkpoint's model config differs from this command's: resuming with the checkpoint's")
+    trainer = Trainer(config, labels, sets["train"], device, model_config)
     checkpoint_path = config.out.parent / f".{config.out.name}-checkpoint.pt"
-    if config.resume:
-        trainer.restore(load_checkpoint(config.resume))
+    if resumed is not None:
+        trainer.restore(resumed)
         log(f"resumed from {config.resume} at step {trainer.step}")
     val = sets.get("val")
     log(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -67,34 +68,53 @@ def test_predict_answers_what_the_model_says(tiny_package: Path) -> None:
     run(body())
 
 
-def test_a_lone_small_request_decodes_on_the_loop_with_the_same_answer(tiny_package: Path) -> None:
-    small, large = picture(fmt="JPEG"), picture(size=(512, 512), fmt="PNG")
-    limit = len(small) + 1024  # the small body fits, the large one does not
+def test_a_lone_cheap_request_decodes_on_the_loop_with_the_same_answer(tiny_package: Path) -> None:
+    small = picture(fmt="JPEG")
+    wide = picture(size=(1024, 1024), fmt="PNG")  # a small body, but a million pixels to decode
+    heavy = picture(size=(200, 200), fmt="PNG") + b"\0" * 64 * 1024  # few pixels, a body over the limit
+    assert len(wide) < 16 * 1024 and len(heavy) > 64 * 1024
 
     async def answers(inline_decode_bytes: int) -> tuple[list[httpx.Response], dict[Any, float]]:
-        settings = settings_for(tiny_package, inline_decode_bytes=inline_decode_bytes)
+        settings = settings_for(tiny_package, inline_decode_bytes=inline_decode_bytes, inline_decode_pixels=300 * 300)
         async with serve(settings) as served:
             responses = [
                 await served.client.post("/predict", **form(small, "q")),
                 await served.client.post("/embed", **form(small, "q")),
-                await served.client.post("/predict", **form(large, "q")),
+                await served.client.post("/predict", **form(wide, "q")),
+                await served.client.post("/predict", **form(heavy, "q")),
                 await served.client.post("/predict", **form(b"not an image", "q")),
             ]
             return responses, await served.metrics()
 
     async def body() -> None:
-        inline, on_loop = await answers(limit)
+        inline, on_loop = await answers(len(heavy) - 1)
         pooled, in_pool = await answers(0)
-        assert [r.status_code for r in inline] == [200, 200, 200, 415]
-        assert [r.json() for r in inline[:3]] == [r.json() for r in pooled[:3]]
-        assert inline[3].json()["error"]["code"] == pooled[3].json()["error"]["code"] == "unsupported_format"
-        assert len(large) > limit
-        # Decoded on the loop: the two small requests and the small bad one; the large one went to the pool.
+        assert [r.status_code for r in inline] == [200, 200, 200, 200, 415]
+        assert [r.json() for r in inline[:4]] == [r.json() for r in pooled[:4]]
+        assert inline[4].json()["error"]["code"] == pooled[4].json()["error"]["code"] == "unsupported_format"
+        # On the loop: the small requests and the small bad one; the pool took the one with a
+        # million pixels (after reading its header) and the one with a body over the limit.
         assert metric(on_loop, "fusion_decoded_on_loop_total", route="/predict") == 2
         assert metric(on_loop, "fusion_decoded_on_loop_total", route="/embed") == 1
-        assert metric(on_loop, "fusion_decode_duration_seconds_count", route="/predict") == 2
+        assert metric(on_loop, "fusion_decode_duration_seconds_count", route="/predict") == 3
         assert metric(in_pool, "fusion_decoded_on_loop_total", route="/predict") == 0
-        assert metric(in_pool, "fusion_decode_duration_seconds_count", route="/predict") == 2
+        assert metric(in_pool, "fusion_decode_duration_seconds_count", route="/predict") == 3
+
+    run(body())
+
+
+def test_a_request_arriving_while_another_runs_decodes_in_the_pool(probe_package: Path) -> None:
+    async def body() -> None:
+        async with serve(settings_for(probe_package)) as served:
+            batcher = served.state.batcher
+            assert batcher is not None
+            slow = asyncio.ensure_future(served.client.post("/predict", **form(picture(), "#" * 60)))
+            await until(lambda: batcher.running == 1)
+            beside = await served.client.post("/predict", **form(picture(), "q"))  # sent while it runs
+            assert beside.status_code == 200 and (await slow).status_code == 200
+            samples = await served.metrics()
+        assert metric(samples, "fusion_decoded_on_loop_total", route="/predict") == 1  # the slow one, alone
+        assert metric(samples, "fusion_decode_duration_seconds_count", route="/predict") == 2
 
     run(body())
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import app.engine as engine_module
 from app.__main__ import main
 from tests.app.test_e2e import broken_copy
 
@@ -113,3 +114,15 @@ def test_a_requested_gpu_that_is_absent(probe_package: Path, capsys: pytest.Capt
 def test_fp16_on_the_cpu_is_refused_before_serving(probe_package: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--model", str(probe_package), *FAST, "--device", "cpu", "--precision", "fp16"]) == 1
     assert "--precision fp16 needs a CUDA device; on the CPU use bf16" in capsys.readouterr().err
+
+
+def test_a_precision_that_moves_a_golden_output_past_its_tolerance_is_refused(
+    tiny_package: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 moves every embedding a little; with no tolerance at all, the check must refuse it."""
+    monkeypatch.setattr(engine_module, "REDUCED_PRECISION_ATOL", 0.0)
+    assert main(["--model", str(tiny_package), *FAST, "--precision", "bf16"]) == 1
+    output = capsys.readouterr().err
+    assert "startup failed, this replica will not serve: golden case 0: forward image_embedding" in output
+    assert "in the serving path at bf16 differs from the shipped output by" in output
+    assert "(at most 0 allowed)" in output

@@ -62,15 +62,21 @@ def test_fit_exports_a_package_that_loads_and_evaluates(
     assert {"qtype/count", "lang/en", "lang/zh", "relational", "non_relational"} <= result["accuracy"].keys()
 
 
-def test_resume_continues_from_the_checkpoint(shapesqa_dir: Path, tmp_path: Path) -> None:
+def test_resume_continues_from_the_checkpoint_with_its_own_model(
+    shapesqa_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "resumed"
-    assert main(fit_args(shapesqa_dir, out)) == 0
+    assert main(fit_args(shapesqa_dir, out, "--no-relative-position")) == 0  # a model made without the bias
     checkpoint = tmp_path / ".resumed-checkpoint.pt"
     assert checkpoint.is_file()
-    argv = fit_args(shapesqa_dir, out, "--resume", str(checkpoint))
+    capsys.readouterr()
+    argv = fit_args(shapesqa_dir, out, "--resume", str(checkpoint))  # today's defaults: with the bias
     argv[argv.index("--steps") + 1] = "9"
     assert main(argv) == 0
-    assert load_package(out).manifest.metrics["steps"] == 9
+    assert "resuming with the checkpoint's" in capsys.readouterr().err
+    manifest = load_package(out).manifest
+    assert manifest.metrics["steps"] == 9
+    assert manifest.model_config["relative_position"] is False
 
 
 def write_generic_set(root: Path) -> Path:
