@@ -25,19 +25,22 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from bench import loadgen
-from bench.inprocess import KINDS, run_lane
+from bench.inprocess import KINDS, median_time, run_lane
 from bench.payloads import MixSpec, Payload, build_mix
 from model.config import FusionConfig, ImageTowerConfig, TextTowerConfig
 from model.package import (
@@ -234,6 +237,38 @@ def preprocess_rate(payloads: Sequence[Payload], package: ModelPackage, processe
         return sum(counts) / max(seconds, time.perf_counter() - began)
 
 
+def jpeg_decode_times(payloads: Sequence[Payload], package: ModelPackage, device: torch.device) -> str:
+    """Per JPEG of the mix (largest of each size): the service's decode (Pillow at reduced DCT scale,
+    then the resize, on one core) against torchvision's decode_jpeg on `device` (nvJPEG on CUDA)
+    with an antialiased resize there: whether decoding on the GPU would pay."""
+    from torchvision.io import decode_jpeg  # torchvision ships with the service's torch
+
+    height, width = package.manifest.image_size
+    largest: dict[tuple[int, int], bytes] = {}
+    for payload in payloads:
+        if payload.image is not None and payload.image[:3] == b"\xff\xd8\xff":
+            with Image.open(io.BytesIO(payload.image)) as image:
+                size = image.size
+            if len(payload.image) > len(largest.get(size, b"")):
+                largest[size] = payload.image
+    cells = []
+    for (w, h), data in sorted(largest.items(), key=lambda item: item[0][0] * item[0][1]):
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+        def on_device(encoded: torch.Tensor = encoded) -> torch.Tensor:
+            pixels = decode_jpeg(encoded, device=device).unsqueeze(0).float()
+            resized = torch.nn.functional.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return resized
+
+        on_device()  # the decoder's first call initializes it
+        cpu = median_time(partial(decode_image, data, (height, width)), 5)
+        gpu = median_time(on_device, 5)
+        cells.append(f"{w}x{h} {cpu * 1e3:.2f} vs {gpu * 1e3:.2f} ms")
+    return f"JPEG decode + resize, Pillow (reduced DCT) vs decode_jpeg on {device.type}: " + "; ".join(cells)
+
+
 # -- 3. served -------------------------------------------------------------------------------------
 
 
@@ -360,6 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     pre_all = preprocess_rate(payloads, candidate, 1 if args.dry_run else cores, ceiling_s * (1 if args.dry_run else 3))
     pre_one = preprocess_rate(payloads, candidate, 1, ceiling_s * (1 if args.dry_run else 3))
+    try:
+        jpeg = jpeg_decode_times(payloads, candidate, device)
+    except Exception as exc:  # a torchvision without nvJPEG, for one: the rest of the check stands
+        jpeg = f"JPEG decode on {device.type}: not measured ({type(exc).__name__}: {str(exc)[:120]})"
     fuse = rates.get("fuse", {})
     best = max(fuse, key=fuse.__getitem__) if fuse else 0
 
@@ -387,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "forward items/s (fuse lane) by batch: " + ", ".join(f"{b}: {r:.0f}" for b, r in fuse.items()),
         f"in-process ceiling: forward {fuse.get(best, 0):.0f} items/s at batch {best}; preprocessing "
         f"{pre_all:.0f} req/s on {1 if args.dry_run else cores} process(es), {pre_one:.0f} req/s on one",
+        jpeg,
         note,
         "",
         "| precision | concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 |",
