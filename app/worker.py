@@ -10,8 +10,9 @@ It is a `concurrent.futures.Executor`, so the event loop awaits it with `loop.ru
 
 With `spin_s` > 0 the thread polls for its next job that long after each one before it sleeps:
 a core left idle for a millisecond or two runs the next forward pass slower (cold caches, a
-halted CPU waking up), which is the gap a lone client leaves between its requests. It yields
-the CPU between polls, so it takes no core another thread is waiting for.
+halted CPU waking up), which is the gap a lone client leaves between its requests. The price: a
+core kept busy for `spin_s` after every batch (`sched_yield` gives it to any thread that wants it,
+but under a CPU quota the polling counts against the quota all the same).
 """
 
 from __future__ import annotations
