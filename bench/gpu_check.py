@@ -324,9 +324,12 @@ def served(
     try:
         served_run(server.port, requests, max(concurrencies), min(seconds, 3.0), processes)  # warm the connections
         for concurrency in concurrencies:
-            before = server.metrics()
+            before, cpu, loop_cpu, began = server.metrics(), server.cpu_s(), server.main_thread_cpu_s(), time.time()
             row = served_run(server.port, requests, concurrency, seconds, processes)
+            wall = time.time() - began
             row["mean_batch"] = stage_breakdown(diff(server.metrics(), before)).get("mean_batch", float("nan"))
+            row["cores"] = (server.cpu_s() - cpu) / wall  # the whole service
+            row["loop"] = (server.main_thread_cpu_s() - loop_cpu) / wall  # its event loop thread
             rows.append((concurrency, row))
             say(f"served c={concurrency}: {row['throughput']:.0f} req/s, p50 {row['p50'] * 1e3:.1f} ms")
     finally:
@@ -429,14 +432,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         jpeg,
         note,
         "",
-        "| precision | concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 |",
-        "|---|---|---|---|---|---|---|",
+        "| precision | concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 | cores | loop busy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for precision, rows in (("fp32", served_rows), (reduced, reduced_rows)):
         for concurrency, row in rows:
             lines.append(
                 f"| {precision} | {concurrency} | {row['throughput']:.0f} | {row['p50'] * 1e3:.1f} | "
-                f"{row['p99'] * 1e3:.1f} | {row['mean_batch']:.1f} | {row['errors']:.0f} |"
+                f"{row['p99'] * 1e3:.1f} | {row['mean_batch']:.1f} | {row['errors']:.0f} | {row['cores']:.2f} | "
+                f"{row['loop']:.0%} |"
             )
     lines.append(f"({time.perf_counter() - began:.0f} s)")
     sys.stdout.write("\n".join(lines) + "\n")

@@ -101,6 +101,13 @@ class Server:
         fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
+    def main_thread_cpu_s(self) -> float:
+        """User + system CPU time of the main thread alone: the one that runs the event loop (HTTP,
+        multipart, batching, responses). Near one second per second, the front end is the limit."""
+        stat = Path(f"/proc/{self.pid}/task/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
     def stop(self, timeout_s: float = 30.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)  # the service's own drain, with --drain-delay-s 0
