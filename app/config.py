@@ -124,14 +124,6 @@ class Settings(BaseSettings):
         int,
         Field(ge=0, description="most pixels (by the image's header) of an image decoded on the event loop"),
     ] = 512 * 512  # a 512x512 PNG decodes and resizes in 2-3 ms here; a small body can hold a huge PNG
-    idle_spin_ms: Annotated[
-        float,
-        Field(
-            ge=0,
-            le=100,
-            description="after each batch, the inference thread polls this long for the next one before it sleeps",
-        ),
-    ] = 0.0
     max_queue: Annotated[
         int,
         Field(ge=1, description="requests admitted but not yet running (decoding + queued); beyond it: 429"),

@@ -53,9 +53,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def start(state: AppState) -> None:
     settings = state.settings
     device = resolve_device(settings.device)  # fails fast; the CLI checks it before binding, too
-    state.worker = InferenceWorker(
-        settings.intra_op_threads(on_cuda=device.type == "cuda"), spin_s=settings.idle_spin_ms / 1000
-    )
+    state.worker = InferenceWorker(settings.intra_op_threads(on_cuda=device.type == "cuda"))
     state.worker.start()
     state.decode_pool = ThreadPoolExecutor(settings.decode_threads(), thread_name_prefix="decode")
     state.startup_task = asyncio.create_task(_bring_up(state, device), name="startup")

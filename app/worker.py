@@ -7,18 +7,11 @@ golden check, every batch) is submitted to this one thread, in order.
 
 It is a `concurrent.futures.Executor`, so the event loop awaits it with `loop.run_in_executor`.
 `busy_since` lets a watchdog tell a hung forward pass from an idle thread.
-
-With `spin_s` > 0 the thread polls for its next job that long after each one before it sleeps:
-a core left idle for a millisecond or two runs the next forward pass slower (cold caches, a
-halted CPU waking up), which is the gap a lone client leaves between its requests. The price: a
-core kept busy for `spin_s` after every batch (`sched_yield` gives it to any thread that wants it,
-but under a CPU quota the polling counts against the quota all the same).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -37,9 +30,8 @@ _Job = tuple[Callable[[], Any], Future[Any]]
 
 
 class InferenceWorker(Executor):
-    def __init__(self, threads: int, name: str = "inference", spin_s: float = 0.0) -> None:
+    def __init__(self, threads: int, name: str = "inference") -> None:
         self._threads = threads
-        self._spin_s = spin_s
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._closed = False
@@ -69,7 +61,7 @@ class InferenceWorker(Executor):
     def _run(self) -> None:
         # Set here, not in the main thread: the OpenMP thread count is a per-thread setting.
         torch.set_num_threads(self._threads)
-        while (job := self._next_job()) is not None:
+        while (job := self._jobs.get()) is not None:
             call, future = job
             if not future.set_running_or_notify_cancel():
                 continue
@@ -82,13 +74,3 @@ class InferenceWorker(Executor):
             else:
                 self.busy_since = None  # before the result: whoever awaits it sees an idle worker
                 future.set_result(result)
-
-    def _next_job(self) -> _Job | None:
-        if self._spin_s > 0:
-            end = time.monotonic() + self._spin_s
-            while time.monotonic() < end:
-                try:
-                    return self._jobs.get_nowait()
-                except queue.Empty:
-                    os.sched_yield()  # outside the GIL: the event loop and the decoders run meanwhile
-        return self._jobs.get()
