@@ -1,8 +1,11 @@
-"""A real `python -m app` process on 127.0.0.1 for the end-to-end tests: start, wait, stop."""
+"""A real `python -m app` process on 127.0.0.1 for the end-to-end tests (start, wait, stop), and
+broken copies of packages for its startup failures."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -80,3 +84,11 @@ def running_server(package: Path, tmp: Path, *args: str) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
+
+
+def broken_copy(source: Path, target: Path, **manifest_fields: Any) -> Path:
+    """A copy of a package, with these top-level manifest fields replaced."""
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    (target / "manifest.json").write_text(json.dumps({**manifest, **manifest_fields}))
+    return target

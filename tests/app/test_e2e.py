@@ -6,8 +6,6 @@ saturated, a client that closes its socket, and startup failures that must exit 
 
 from __future__ import annotations
 
-import json
-import shutil
 import signal
 import socket
 import threading
@@ -22,7 +20,7 @@ import httpx
 import pytest
 
 from tests.app.conftest import form, metric, picture
-from tests.app.servers import SERVER_ARGS, Server, running_server, start_server
+from tests.app.servers import SERVER_ARGS, Server, broken_copy, running_server, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -198,14 +196,6 @@ def test_sigterm_under_load_drains_and_loses_no_accepted_request(probe_package: 
     assert [o.status for o in slow_outcomes] == [200] * 12
     assert max(o.done for o in slow_outcomes) > readiness["closed"], "accepted work finished after the close"
     assert exited_at - sigterm_at < drain_delay + 10
-
-
-def broken_copy(source: Path, target: Path, **manifest_fields: Any) -> Path:
-    """A copy of a package, with these top-level manifest fields replaced."""
-    shutil.copytree(source, target)
-    manifest = json.loads((target / "manifest.json").read_text())
-    (target / "manifest.json").write_text(json.dumps({**manifest, **manifest_fields}))
-    return target
 
 
 def test_startup_failures_exit_non_zero_with_a_clear_message(probe_package: Path, tmp_path: Path) -> None:

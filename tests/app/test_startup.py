@@ -19,7 +19,7 @@ import torch
 
 import app.engine as engine_module
 from app.__main__ import main
-from tests.app.test_e2e import broken_copy
+from tests.app.servers import broken_copy
 
 FAST = ["--port", "0", "--max-batch-size", "2", "--threads", "1", "--drain-delay-s", "0", "--log-level", "info"]
 
