@@ -1,9 +1,11 @@
-"""A/B of service settings, side by side: `python -m bench.compare --b="--threads 2" [--a=...] [--model DIR]`.
+"""A/B of service settings or code, side by side: `python -m bench.compare --b="--threads 2" [--a=...]
+[--a-root DIR] [--model DIR]`.
 
 Starts one service per variant (the same model), then runs the closed loop on them in turns
 (A, B, A, B, ...) so that a drift in the machine's load hits both alike, and prints the medians
 over the repeats with B/A ratios. For checking what a settings change gains before adopting it;
-the flags are `python -m app` flags, space-separated within one --a/--b value.
+the flags are `python -m app` flags, space-separated within one --a/--b value. `--a-root` runs
+variant A from another checkout (`git worktree add ../before REV`), to compare two versions.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--b", default="", help="flags of variant B")
     parser.add_argument("--a-prelude", help="Python run in A's interpreter before the app, e.g. an interpreter setting")
     parser.add_argument("--b-prelude", help="the same for B")
+    parser.add_argument("--a-root", type=Path, default=ROOT, help="the checkout A runs from (default: this one)")
+    parser.add_argument("--b-root", type=Path, default=ROOT, help="the same for B")
     parser.add_argument("--workload", choices=("mixed", "scenes"), default="mixed")
     parser.add_argument("--concurrency", default="1,32")
     parser.add_argument("--repeats", type=int, default=3)
@@ -41,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("bench.compare needs wrk (apt-get install wrk)\n")
         return 2
     model, _ = resolve_model(args.model)
+    model = model.resolve()  # the variants may run from other folders
     manifest = read_manifest(model)
     spec = MixSpec() if args.workload == "mixed" else MixSpec().scenes_only()
     payloads = build_mix(spec, manifest.max_text_length, build_pictures(spec))
@@ -49,10 +54,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     variants = {"A": shlex.split(args.a), "B": shlex.split(args.b)}
     preludes = {"A": args.a_prelude, "B": args.b_prelude}
-    if variants["A"] == variants["B"] and preludes["A"] == preludes["B"]:
+    roots = {"A": args.a_root.resolve(), "B": args.b_root.resolve()}
+    for name, root in roots.items():
+        # Without its own app/, `python -m app` there would import the installed one: this checkout.
+        if not (root / "app" / "__main__.py").is_file():
+            parser.error(f"--{name.lower()}-root {root} is not a checkout of the service (no app/__main__.py)")
+    if variants["A"] == variants["B"] and preludes["A"] == preludes["B"] and roots["A"] == roots["B"]:
         parser.error("variants A and B are the same")
     servers = {
-        name: start_server(name, model, flags, args.out, prelude=preludes[name]) for name, flags in variants.items()
+        name: start_server(name, model, flags, args.out, prelude=preludes[name], root=roots[name])
+        for name, flags in variants.items()
     }
     results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     try:
@@ -61,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             described = " ".join(variants[name]) or "(defaults)"
             if preludes[name]:
                 described += f" with prelude {preludes[name]!r}"
+            if roots[name] != ROOT:
+                described += f" from {roots[name]}"
             print(f"{name}: {described}: ready in {server.ready_s:.2f} s")
         for repeat in range(args.repeats):
             for concurrency in concurrencies:

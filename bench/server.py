@@ -128,8 +128,12 @@ def start_server(
     env: Mapping[str, str] | None = None,
     ready_timeout_s: float = 300.0,
     prelude: str | None = None,
+    root: Path = ROOT,
 ) -> Server:
     """Start `python -m app` and wait until /readyz answers 200.
+
+    `root`: the checkout whose code runs (`python -m app` imports from its working directory), so
+    that two versions of the service can be measured side by side.
 
     `prelude`: Python run in the service's interpreter before the app (an interpreter setting to
     try, say `import sys; sys.setswitchinterval(0.001)`), without editing the app.
@@ -157,7 +161,7 @@ def start_server(
         launcher = ["-c", f"{prelude}\nimport runpy\nrunpy.run_module('app', run_name='__main__', alter_sys=True)"]
     process = subprocess.Popen(
         [sys.executable, *launcher, *args],
-        cwd=ROOT,
+        cwd=root,
         stdout=handle,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},

@@ -1,0 +1,44 @@
+"""bench.compare runs each variant from its own checkout: the same code from a second root; a root
+without the service is refused rather than silently running this checkout."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench.compare import main
+from bench.server import ROOT
+
+pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="bench.compare drives the servers with wrk")
+
+QUICK = ["--workload", "scenes", "--concurrency", "1", "--repeats", "1", "--seconds", "1"]
+
+
+def test_variant_b_runs_from_another_checkout(
+    tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    for package in ("app", "model"):
+        (other / package).symlink_to(ROOT / package)
+    argv = ["--model", str(tiny_package), "--b-root", str(other), "--out", str(tmp_path / "out"), *QUICK]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("A: (defaults): ready in ")
+    assert lines[1].startswith(f"B: (defaults) from {other}: ready in ")
+    assert lines[-1].startswith("| 1 | ")
+
+
+def test_a_root_without_the_service_is_refused(
+    tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """There, `python -m app` would import the installed service, that is this checkout, silently."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["--model", str(tiny_package), "--a-root", str(empty), "--out", str(tmp_path / "out"), *QUICK]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"--a-root {empty} is not a checkout of the service (no app/__main__.py)" in capsys.readouterr().err
