@@ -19,7 +19,7 @@ from app.engine import ByteArray, TokenArray
 from app.errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.forms import FieldLimit, Part, parse_form
 from model.package import Manifest
-from model.preprocess import ImageDecodeError, decode_image, header_pixels, tokenize
+from model.preprocess import ImageDecodeError, decode_image, tokenize
 
 DEFAULT_TOP_K: Final = 5
 _TOP_K_BYTES: Final = 16
@@ -57,7 +57,8 @@ class Decoder:
 
     def predict(self, body: bytes, boundary: bytes, max_pixels_here: int | None = None) -> Decoded:
         """image (file) and text required; top_k optional. With `max_pixels_here`, an image whose
-        header says more pixels raises DecodeElsewhere before any pixel is decoded."""
+        header says more pixels (and is otherwise acceptable) raises DecodeElsewhere before any pixel
+        is decoded."""
         parts = parse_form(body, boundary, self.predict_fields, self.max_parts)
         image = self._image(_required(parts, "image"), max_pixels_here)
         tokens = self._text(_required(parts, "text"))
@@ -74,10 +75,12 @@ class Decoder:
         return Decoded(image=image, tokens=tokens)
 
     def _image(self, part: Part, max_pixels_here: int | None) -> ByteArray:
-        if max_pixels_here is not None and (header_pixels(part.data) or 0) > max_pixels_here:
-            raise DecodeElsewhere
+        def within(size: tuple[int, int]) -> None:
+            if max_pixels_here is not None and size[0] * size[1] > max_pixels_here:
+                raise DecodeElsewhere
+
         try:
-            tensor = decode_image(part.data, self.image_size, self.limits)
+            tensor = decode_image(part.data, self.image_size, self.limits, within)
         except ImageDecodeError as exc:
             error: type[ServiceError] = UnsupportedMediaType if exc.code == "unsupported_format" else InvalidInput
             raise error(str(exc), code=exc.code) from exc

@@ -19,14 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import FusionConfig
-from model.layers import (
-    AttentionPool,
-    CrossAttentionBlock,
-    FiLM,
-    NoFiLM,
-    SelfAttentionBlock,
-    masked_mean,
-)
+from model.layers import AttentionPool, CrossAttentionBlock, FiLM, NoFiLM, SelfAttentionBlock, masked_mean
 from model.positions import NoPositionBias, RelativePositionBias
 from model.towers import ImageEncoder, build_text_encoder
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import unicodedata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -60,16 +61,25 @@ _SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "
 _ALPHA_MODES: Final = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 
 
-def decode_image(data: bytes, size: tuple[int, int], limits: ImageLimits = DEFAULT_LIMITS) -> torch.Tensor:
+def decode_image(
+    data: bytes,
+    size: tuple[int, int],
+    limits: ImageLimits = DEFAULT_LIMITS,
+    before_decoding: Callable[[tuple[int, int]], None] | None = None,
+) -> torch.Tensor:
     """Decode image bytes into a uint8 tensor [3, H, W] of the given (H, W).
 
     Raises ImageDecodeError with a client-safe message for anything that is not an allowed,
-    intact image within the limits.
+    intact image within the limits. `before_decoding` gets the (width, height) the header
+    declares, once it is within the limits and before any pixel is decoded: a caller may raise
+    there to decode it some other way (the service sends large images to its decode pool).
     """
     if not data:
         raise ImageDecodeError("empty_image", "the image is empty (0 bytes)")
     image = _open(data, limits)
     _check_dimensions(image.size, limits)
+    if before_decoding is not None:
+        before_decoding(image.size)
     height, width = size
     if image.format == "JPEG":
         # Reduced-scale DCT decoding; the scale chosen keeps both sides >= the request, and the
@@ -86,19 +96,6 @@ def decode_image(data: bytes, size: tuple[int, int], limits: ImageLimits = DEFAU
         rgb = rgb.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
     array = np.array(rgb)  # [H, W, 3] uint8, writable (torch refuses to share a read-only buffer)
     return torch.from_numpy(array).permute(2, 0, 1)  # [3, H, W] view; collation makes it contiguous
-
-
-def header_pixels(data: bytes) -> int | None:
-    """Width x height from the image's header alone (no pixel is decoded), or None when no allowed
-    format's header can be read: what decoding will cost, before paying it."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
-                width, height = image.size
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError):
-        return None
-    return width * height
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
