@@ -85,13 +85,13 @@ class Trainer:
         labels: tuple[str, ...],
         train: TensorDataset,
         device: torch.device,
-        model_config: FusionConfig | None = None,
+        model_config: FusionConfig,
     ):
         self.config = config
         self.labels = labels
         self.train = train
         self.device = device
-        self.model_config = model_config or config.model_config(len(labels))
+        self.model_config = model_config
         torch.manual_seed(config.seed)
         self.model = FusionModel(self.model_config).to(device)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay)
@@ -188,9 +188,10 @@ def fit(config: TrainConfig, argv: Sequence[str] = ()) -> dict[str, Any]:
     }
     # A resumed run is the checkpoint's model, whatever the defaults have become since it was made.
     resumed = load_checkpoint(config.resume) if config.resume else None
-    model_config = FusionConfig.from_dict(resumed["model_config"]) if resumed is not None else None
-    if model_config is not None and model_config != config.model_config(len(labels)):
+    model_config = config.model_config(len(labels))
+    if resumed is not None and (saved := FusionConfig.from_dict(resumed["model_config"])) != model_config:
         log("the checkpoint's model config differs from this command's: resuming with the checkpoint's")
+        model_config = saved
     trainer = Trainer(config, labels, sets["train"], device, model_config)
     checkpoint_path = config.out.parent / f".{config.out.name}-checkpoint.pt"
     if resumed is not None:
