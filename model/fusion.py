@@ -72,7 +72,11 @@ class FusionModel(nn.Module):
         )
 
     def forward(self, image: Tensor, tokens: Tensor) -> dict[str, Tensor]:
-        regions = self.image_encoder(image)  # (B, N, C)
+        return self.answer(self.image_encoder(image), tokens)
+
+    def answer(self, regions: Tensor, tokens: Tensor) -> dict[str, Tensor]:
+        """Everything after the image encoder, on its regions [B,N,C]. The trainer encodes each
+        distinct image of a batch once and repeats its regions for every question about it."""
         mask = _token_mask(tokens)  # (B, L)
         words = self.text_encoder(tokens, mask)  # (B, L, C)
         image_summary = self.image_pool(regions, None)  # (B, Q*C)

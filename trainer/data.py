@@ -143,6 +143,21 @@ class TensorDataset:
             raise DatasetError(f"images without a caption: {missing[:5]}")
         return [caption for caption in found if caption is not None]
 
+    def records_by_image(self) -> list[torch.Tensor]:
+        """The record rows of each image, in image order."""
+        order = torch.argsort(self.image_index, stable=True)
+        counts = torch.bincount(self.image_index, minlength=len(self.images))
+        return list(torch.split(order, counts.tolist()))
+
+    def distinct_batch(
+        self, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(distinct images [U,3,H,W], each row's position among them [B], tokens [B,L], labels [B],
+        image ids [B]) for the given record rows: an image asked about twice is there once."""
+        ids = self.image_index[rows]
+        distinct, position = torch.unique(ids, return_inverse=True)
+        return self.images[distinct], position, pad_tokens([self.tokens[int(r)] for r in rows]), self.labels[rows], ids
+
     def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(images [B,3,H,W], tokens [B,L], labels [B], image ids [B]) for the given record rows."""
         ids = self.image_index[rows]

@@ -1,8 +1,8 @@
 """`python -m trainer fit`: multi-task training (answers + image/caption alignment), then export.
 
-The loop: sample a batch of records, light augmentation on the in-memory uint8 images, cross-entropy
-on the answer plus a CLIP-style contrastive loss between the batch's distinct images and their
-captions; AdamW with warm-up and cosine decay, gradient clipping, bf16 autocast on a GPU,
+The loop: sample a batch of records (by default whole images with all their questions, each image
+encoded once), light augmentation on the in-memory uint8 images, cross-entropy on the answer plus
+a CLIP-style contrastive loss between the batch's distinct images and their captions; AdamW with warm-up and cosine decay, gradient clipping, bf16 autocast on a GPU,
 checkpoints that `--resume` continues from. It ends by exporting a verified model package with
 its evaluation metrics, a training-curve plot and a model card.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +33,7 @@ from trainer.losses import contrastive_loss, first_occurrences
 from trainer.optim import build_optimizer, learning_rate
 from trainer.params import TrainConfig, parse_args
 from trainer.report import write_model_card, write_training_plot
+from trainer.sampling import ImageGroupedSampler, RecordSampler
 from trainer.shapesqa import LABELS as SHAPESQA_LABELS
 
 GOLDEN_CASES = 6
@@ -96,6 +97,8 @@ class Trainer:
         self.model = FusionModel(self.model_config).to(device)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
+        sampler = ImageGroupedSampler if config.group_by_image else RecordSampler
+        self.sampler: Callable[[torch.Generator], torch.Tensor] = sampler(train, config.batch_size)
         self.step = 0
         self.elapsed = 0.0  # training seconds before this process (kept across --resume)
         self.resumed_at = time.monotonic()
@@ -138,15 +141,16 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         config = self.config
-        rows = torch.randint(len(self.train), (config.batch_size,), generator=self.generator)
-        images, tokens, labels, ids = self.train.batch(rows)
+        rows = self.sampler(self.generator)
+        images, position, tokens, labels, ids = self.train.distinct_batch(rows)
         images = augment(images, self.generator)
         lr = learning_rate(self.step, self.progress(), config.lr, config.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         with self.autocast:
-            out = self.model(images.to(self.device), tokens.to(self.device))
+            regions = self.model.image_encoder(images.to(self.device))  # once per distinct image
+            out = self.model.answer(regions[position.to(self.device)], tokens.to(self.device))
             answer_loss = F.cross_entropy(out["logits"].float(), labels.to(self.device))
             loss = answer_loss
             align = torch.zeros(())

@@ -40,6 +40,9 @@ class TrainConfig:
     clip: float = 1.0
     contrastive_weight: float = 0.5
     contrastive_batch: int = 32  # captions per step in the alignment loss
+    # Draw whole images, each with all its questions, rather than single records: the image encoder
+    # then runs once per image of the batch instead of once per question.
+    group_by_image: bool = True
     time_budget_min: float = 0.0  # stop early (then anneal is cut short) when > 0
     # machinery
     seed: int = 0
@@ -79,6 +82,7 @@ _HELP = {
     "widths": "CNN stem width then one ResNet stage per width",
     "time_budget_min": "stop after this many minutes of training, then export",
     "resume": "a checkpoint (.pt) to continue from",
+    "group_by_image": "batches of whole images, each with all its questions (its image encoded once)",
 }
 
 
@@ -92,7 +96,7 @@ def parse_args(argv: Sequence[str]) -> TrainConfig:
         elif spec.name == "resume":
             parser.add_argument(flag, type=Path, default=None, help=_HELP[spec.name])
         elif isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=_HELP.get(spec.name))
         else:
             kind = type(default)
             parser.add_argument(flag, type=kind, default=default, help=_HELP.get(spec.name, f"default {default}"))
