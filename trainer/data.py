@@ -2,7 +2,7 @@
 
 A record is `{"image": path relative to the file, "text", "label", optional "caption"}`; `img`
 is accepted for `image` (Hateful-Memes files train as they are), and labels are strings or integer
-indices into the label list. Extra fields (ShapesQA's `qtype`, `lang`) are kept for evaluation.
+indices into the label list. Extra fields (ShapesQA's `qtype`, `lang`, `margin`) are kept for evaluation.
 
 Every image goes through `model.preprocess.decode_image`, the function the service calls, once:
 the decoded uint8 tensors stay in memory, so an epoch costs no decoding at all.
@@ -36,6 +36,7 @@ class Record:
     caption: str | None
     qtype: str
     lang: str
+    margin: float | None = None  # ShapesQA's relational questions: how hard (trainer.shapesqa_scene)
 
 
 def read_jsonl(path: Path, labels: Sequence[str]) -> list[Record]:
@@ -62,6 +63,7 @@ def read_jsonl(path: Path, labels: Sequence[str]) -> list[Record]:
                     caption=row.get("caption"),
                     qtype=str(row.get("qtype", "all")),
                     lang=str(row.get("lang", "all")),
+                    margin=float(row["margin"]) if isinstance(row.get("margin"), (int, float)) else None,
                 )
             )
     if not records:

@@ -1,4 +1,5 @@
-"""Evaluation: accuracy by question type and language, caption->image retrieval, and the two
+"""Evaluation: accuracy by question type and language (relational questions also by how close
+their best and second-best distances are), caption->image retrieval, and the two
 ablations that show the fusion does the work (image blanked, text blanked).
 
 Works on anything with the serving contract's three methods: the eager model during training, or
@@ -45,6 +46,19 @@ def predict(model: ServingModel, data: TensorDataset, batch_size: int = 256, bla
     return torch.cat(predictions)
 
 
+MARGIN_EDGES = (0.08, 0.12, 0.2)  # fractions of the canvas; SHAPESQA.md asks nothing under 0.05
+
+
+def margin_bucket(margin: float) -> str:
+    """The band of a relational question's margin (best vs second-best distance, over the canvas)."""
+    lower = "0.05"
+    for edge in MARGIN_EDGES:
+        if margin < edge:
+            return f"{lower}-{edge:.2f}"
+        lower = f"{edge:.2f}"
+    return f"{lower}+"
+
+
 def accuracy_report(data: TensorDataset, predicted: torch.Tensor) -> dict[str, float]:
     """Accuracy overall, per question type, per language, relational vs not (percent)."""
     correct = (predicted == data.labels).tolist()
@@ -55,6 +69,8 @@ def accuracy_report(data: TensorDataset, predicted: torch.Tensor) -> dict[str, f
         groups[f"lang/{record.lang}"].append(ok)
         if record.qtype != "all":
             groups["relational" if record.qtype in RELATIONAL else "non_relational"].append(ok)
+        if record.margin is not None:
+            groups[f"qtype/{record.qtype}/margin {margin_bucket(record.margin)}"].append(ok)
     return {name: round(100.0 * sum(values) / len(values), 2) for name, values in sorted(groups.items())}
 
 

@@ -2,9 +2,10 @@
 
 The loop: sample a batch of records (by default whole images with all their questions, each image
 encoded once), light augmentation on the in-memory uint8 images, cross-entropy on the answer plus
-a CLIP-style contrastive loss between the batch's distinct images and their captions; AdamW with warm-up and cosine decay, gradient clipping, bf16 autocast on a GPU,
-checkpoints that `--resume` continues from. It ends by exporting a verified model package with
-its evaluation metrics, a training-curve plot and a model card.
+a CLIP-style contrastive loss between the batch's distinct images and their captions; AdamW with
+warm-up and cosine decay, gradient clipping, bf16 autocast on a GPU, checkpoints that `--resume`
+continues from. It ends by exporting a verified model package with its evaluation metrics, a
+training-curve plot and a model card.
 """
 
 from __future__ import annotations

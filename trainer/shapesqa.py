@@ -120,7 +120,7 @@ def _scene_lines(job: _Job, index: int) -> list[str]:
                 break
             q = sample_question(scene, q_rng, weights=weights)
         seen.add(q.text)
-        record = {
+        record: dict[str, object] = {
             "image": image,
             "text": q.text,
             "label": q.label,
@@ -129,6 +129,8 @@ def _scene_lines(job: _Job, index: int) -> list[str]:
             "lang": q.lang,
             "scene": scene_json,
         }
+        if q.margin is not None:
+            record["margin"] = round(q.margin, 4)
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     return lines
 

@@ -195,6 +195,9 @@ class Question:
     label: str
     qtype: str
     lang: str
+    # Relational questions only: how far apart the best and the second-best distances are, as a
+    # fraction of the canvas (at least RELATIONAL_MARGIN_FRACTION): how hard the question is.
+    margin: float | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,6 +284,20 @@ def _distances(scene: Scene, ref: SceneObject) -> list[tuple[float, SceneObject]
         ((math.hypot(o.cx - ref.cx, o.cy - ref.cy), o) for o in scene.objects if o is not ref),
         key=lambda t: t[0],
     )
+
+
+def relational_margin(scene: Scene, qtype: str, color: str) -> float | None:
+    """|best - second-best distance| / S of a nearest / farthest question about ``color``; None
+    when the object has a single other object to compare with (or is not in the scene)."""
+    obj = scene.by_color(color)
+    if qtype not in RELATIONAL or obj is None:
+        return None
+    dists = _distances(scene, obj)
+    if qtype == "farthest":
+        dists.reverse()
+    if len(dists) < 2:
+        return None
+    return abs(dists[0][0] - dists[1][0]) / scene.size
 
 
 def answer(scene: Scene, qtype: str, *, color: str | None = None, shape: str | None = None) -> str | None:
@@ -406,7 +423,7 @@ def sample_question(
             for c in colors:
                 made = make_question(scene, rng, qt, lang, color=c)
                 if made is not None:
-                    return Question(made[0], made[1], qt, lang)
+                    return Question(made[0], made[1], qt, lang, relational_margin(scene, qt, c))
         else:
             made = make_question(scene, rng, qt, lang)
             if made is not None:

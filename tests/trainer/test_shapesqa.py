@@ -188,6 +188,9 @@ def test_questions_follow_the_table_and_answers_recompute(seed: int, size: int, 
         assert color is not None
         d = ranked(scene, color, qtype == "farthest")
         assert abs(d[0][0] - d[1][0]) >= 0.05 * size
+        assert q.margin == pytest.approx(abs(d[0][0] - d[1][0]) / size)
+    else:
+        assert q.margin is None
     assert q.label == expected_answer(scene, qtype, color, shape)
 
 
@@ -368,7 +371,7 @@ def test_write_split_is_deterministic_across_workers(tmp_path: Path) -> None:
     records = read_records(one)
     assert len(records) == 12
     for r in records:
-        assert set(r) == RECORD_KEYS
+        assert set(r) - {"margin"} == RECORD_KEYS
         image = str(r["image"])
         assert (one.parent / image).read_bytes() == (two.parent / image).read_bytes()
         with Image.open(one.parent / image) as im:
@@ -380,6 +383,12 @@ def test_write_split_is_deterministic_across_workers(tmp_path: Path) -> None:
         assert r["caption"] == caption(scene, str(r["lang"]))
         color, shape = parse(str(r["text"]), str(r["lang"]), str(r["qtype"]))
         assert r["label"] == expected_answer(scene, str(r["qtype"]), color, shape)
+        if r["qtype"] in RELATIONAL:
+            assert color is not None
+            d = ranked(scene, color, r["qtype"] == "farthest")
+            assert r["margin"] == round(abs(d[0][0] - d[1][0]) / scene.size, 4)
+        else:
+            assert "margin" not in r
     # Chinese is written as characters, not \\u escapes.
     text = one.read_text(encoding="utf-8")
     assert "\\u" not in text
