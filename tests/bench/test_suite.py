@@ -57,6 +57,8 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
     assert memory["requests"] > 0 and memory["unexpected_status"] == 0 and memory["bad"] > 0
     for workload in ("mixed", "scenes"):
         assert results["ceilings"][workload]["pipeline_rate"]["1"][0] > 0
+        assert results["ceilings"][workload]["batch1_idle_cost_median_s"] > 0
+    assert "(in-process after 2 ms idle: " in text
     assert results["floor"]["throughput"] > 0
     assert results["starts"][0]["ready_s"] > 0
 
