@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ class Ceilings:
     predicted_per_item_s: dict[int, float]  # batch size -> preprocessing + share-weighted forward / B
     batch1_cost_median_s: float  # median over the mix of preprocessing + forward at batch 1
     batch1_cost_mean_s: float
-    # The batch-1 cost again, each forward after idle_gap_s asleep (see idle_forward_table).
+    # The batch-1 cost again, each forward after idle_gap_s asleep (see forward_table).
     batch1_idle_cost_median_s: float = 0.0
     idle_gap_s: float = IDLE_GAP_S
     pipeline_rate: dict[int, list[float]] = field(default_factory=dict)  # batch size -> items/s per repeat
@@ -70,9 +71,12 @@ def load(model: Path, threads: int) -> ModelPackage:
     return load_package(model, "cpu", check_golden=False)
 
 
-def median_time(action: Callable[[], object], repeats: int) -> float:
+def median_time(action: Callable[[], object], repeats: int, idle_s: float = 0.0) -> float:
+    """Median seconds of `action`; with `idle_s`, the thread sleeps that long (untimed) before each call."""
     samples = []
     for _ in range(repeats):
+        if idle_s:
+            time.sleep(idle_s)
         began = time.perf_counter()
         action()
         samples.append(time.perf_counter() - began)
@@ -115,8 +119,16 @@ def run_lane(
 
 @torch.inference_mode()
 def forward_table(
-    module: torch.jit.ScriptModule, prepared: Sequence[Prepared], sizes: Sequence[int], repeats: int
+    module: torch.jit.ScriptModule,
+    prepared: Sequence[Prepared],
+    sizes: Sequence[int],
+    repeats: int,
+    idle_s: float = 0.0,
 ) -> dict[str, dict[int, float]]:
+    """Median seconds per batch, per lane and batch size. With `idle_s`, every timed call follows
+    that long asleep: back to back, a forward finds the weights in cache and the core at speed; at
+    concurrency 1 the inference thread sleeps while a request travels, so its forward starts cold,
+    a cost no server code can remove."""
     table: dict[str, dict[int, float]] = {}
     for kind in KINDS:
         items = [p for p in prepared if p.payload.kind == kind]
@@ -127,31 +139,8 @@ def forward_table(
             images, tokens = _batch(items, size)
             for _ in range(2):  # first calls pay for graph optimization and allocator growth
                 run_lane(module, kind, images, tokens)
-            table[kind][size] = median_time(lambda: run_lane(module, kind, images, tokens), repeats)  # noqa: B023
-    return table
-
-
-@torch.inference_mode()
-def idle_forward_table(module: torch.jit.ScriptModule, prepared: Sequence[Prepared], repeats: int) -> dict[str, float]:
-    """Batch-1 forward per lane, each call after IDLE_GAP_S asleep: seconds, median.
-
-    Back to back, a forward finds the weights in cache and the core at speed. At concurrency 1 the
-    inference thread sleeps while the request travels, so its forward starts cold: this is the
-    part of the served batch-1 time that no server code can remove.
-    """
-    table: dict[str, float] = {}
-    for kind in KINDS:
-        items = [p for p in prepared if p.payload.kind == kind]
-        if not items:
-            continue
-        images, tokens = _batch(items, 1)
-        samples = []
-        for _ in range(repeats):
-            time.sleep(IDLE_GAP_S)
-            began = time.perf_counter()
-            run_lane(module, kind, images, tokens)
-            samples.append(time.perf_counter() - began)
-        table[kind] = statistics.median(samples)
+            call = partial(run_lane, module, kind, images, tokens)
+            table[kind][size] = median_time(call, repeats, idle_s)
     return table
 
 
@@ -221,8 +210,8 @@ def measure(
     }
     best = min(predicted, key=predicted.__getitem__)
     batch1 = [p.preprocess_s + forward[p.payload.kind][1] for p in prepared]
-    idle = idle_forward_table(module, prepared, repeats)
-    batch1_idle = [p.preprocess_s + idle[p.payload.kind] for p in prepared]
+    idle = forward_table(module, prepared, [1], repeats, idle_s=IDLE_GAP_S)
+    batch1_idle = [p.preprocess_s + idle[p.payload.kind][1] for p in prepared]
     pictures: dict[str, list[float]] = {}
     for p in prepared:
         if p.payload.image is not None:

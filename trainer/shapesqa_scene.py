@@ -279,11 +279,21 @@ def sample_scene(rng: random.Random, size: int) -> Scene:
 # Questions
 
 
-def _distances(scene: Scene, ref: SceneObject) -> list[tuple[float, SceneObject]]:
-    return sorted(
+def _ranked(scene: Scene, ref: SceneObject, qtype: str) -> list[tuple[float, SceneObject]]:
+    """(distance, object) of every other object, best first: nearest first for ``nearest``,
+    farthest first for ``farthest``."""
+    ranked = sorted(
         ((math.hypot(o.cx - ref.cx, o.cy - ref.cy), o) for o in scene.objects if o is not ref),
         key=lambda t: t[0],
     )
+    if qtype == "farthest":
+        ranked.reverse()
+    return ranked
+
+
+def _runner_up_gap(ranked: list[tuple[float, SceneObject]]) -> float | None:
+    """How far apart the best and the second-best distances are; None with a single candidate."""
+    return abs(ranked[0][0] - ranked[1][0]) if len(ranked) > 1 else None
 
 
 def relational_margin(scene: Scene, qtype: str, color: str) -> float | None:
@@ -292,12 +302,8 @@ def relational_margin(scene: Scene, qtype: str, color: str) -> float | None:
     obj = scene.by_color(color)
     if qtype not in RELATIONAL or obj is None:
         return None
-    dists = _distances(scene, obj)
-    if qtype == "farthest":
-        dists.reverse()
-    if len(dists) < 2:
-        return None
-    return abs(dists[0][0] - dists[1][0]) / scene.size
+    gap = _runner_up_gap(_ranked(scene, obj, qtype))
+    return gap / scene.size if gap is not None else None
 
 
 def answer(scene: Scene, qtype: str, *, color: str | None = None, shape: str | None = None) -> str | None:
@@ -327,14 +333,11 @@ def answer(scene: Scene, qtype: str, *, color: str | None = None, shape: str | N
         return obj.size
     if qtype == "side":
         return "left" if obj.cx < scene.size / 2.0 else "right"
-    dists = _distances(scene, obj)
-    if qtype == "farthest":
-        dists.reverse()
-    if len(dists) < 2:
-        return dists[0][1].color if qtype == "nearest" else dists[0][1].shape
-    if abs(dists[0][0] - dists[1][0]) < RELATIONAL_MARGIN_FRACTION * scene.size:
+    ranked = _ranked(scene, obj, qtype)
+    gap = _runner_up_gap(ranked)
+    if gap is not None and gap < RELATIONAL_MARGIN_FRACTION * scene.size:
         return None
-    best = dists[0][1]
+    best = ranked[0][1]
     return best.color if qtype == "nearest" else best.shape
 
 
