@@ -444,10 +444,6 @@ class MicroBatcher:
         elapsed = time.perf_counter() - clock
         self._batch_seconds += _EWMA * (elapsed - self._batch_seconds)
         self.metrics.batch_size.labels(lane.kind.value).observe(count)
-        if tokens is not None:
-            slots = tokens.size
-            self.metrics.tokens.labels(lane.kind.value).inc(slots)
-            self.metrics.padding.labels(lane.kind.value).inc(slots - sum(item.length for item in stage.items))
         self.metrics.batch_duration.labels(lane.kind.value).observe(elapsed)
         if len(results) != count:  # never guess which row belongs to whom
             log.error("a %s batch of %d returned %d results", lane.kind.value, count, len(results))

@@ -109,6 +109,17 @@ class Settings(BaseSettings):
             ),
         ),
     ] = 0.0  # 1 ms measured no better at c=32 and c=64 on a 2-core CPU (alternating runs, within noise)
+    call_cost_tokens: Annotated[
+        str,
+        Field(
+            pattern=r"^(auto|off|\d+(\.\d+)?)$",
+            description=(
+                "one more forward call's cost in padded text tokens: a batch of mixed text lengths runs as"
+                " several calls of similar lengths when that saves more padding (auto: measured at startup;"
+                " off: a batch is always one call)"
+            ),
+        ),
+    ] = "auto"
     inline_decode_bytes: Annotated[
         int,
         Field(

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
+import statistics
+import time
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ import torch
 from app.config import Precision
 from app.errors import InsufficientStorage, ModelFailure
 from app.metrics import Metrics
+from app.text_groups import Timing, fit_call_cost, group_by_length
 from model.package import GOLDEN_ATOL, Manifest, ModelPackage, golden_inputs, load_package, verify_golden
 
 log = logging.getLogger(__name__)
@@ -156,6 +160,9 @@ class Engine:
         self._forward = module.forward
         self._encode_image = module.encode_image
         self._encode_text = module.encode_text
+        # One more forward call's cost in padded text tokens, per kind (infinite: batches never
+        # split); measured by `measure_call_cost` at startup, or set from the settings.
+        self.call_cost_tokens: dict[Kind, float] = dict.fromkeys(Kind, math.inf)
 
     @classmethod
     def load(
@@ -172,17 +179,48 @@ class Engine:
         return torch.zeros(shape, dtype=dtype, pin_memory=pin).numpy()  # the array keeps the tensor alive
 
     def execute(self, kind: Kind, images: ByteArray | None, tokens: TokenArray | None) -> list[RowResult]:
-        """Run one batch: images uint8 [B,3,H,W] and/or tokens int64 [B,L]; one result per item, in order."""
+        """Run one batch: images uint8 [B,3,H,W] and/or tokens int64 [B,L]; one result per item, in order.
+
+        A batch of texts of mixed lengths runs as a few calls of similar lengths, when that saves
+        more padded tokens than the calls cost (`app.text_groups`, `call_cost_tokens`)."""
         count = len(images) if images is not None else len(tokens) if tokens is not None else 0
+        lengths = np.count_nonzero(tokens, axis=1) if tokens is not None else None
+        groups = (
+            group_by_length(lengths.tolist(), self.call_cost_tokens[kind])
+            if lengths is not None
+            else [list(range(count))]
+        )
+        results: list[RowResult | None] = [None] * count
         with torch.inference_mode():
-            return self._run_rows(kind, images, tokens, range(count), whole=True)
+            for group in groups:
+                rows: Sequence[int] = range(count) if len(groups) == 1 else group  # whole: a view, no copy
+                if lengths is not None:
+                    self._count_tokens(kind, lengths[group])
+                for row, result in zip(rows, self._run_rows(kind, images, tokens, rows, whole=True), strict=True):
+                    results[row] = result
+        if self.metrics is not None:
+            self.metrics.batch_calls.labels(kind.value).inc(len(groups))
+        return [result for result in results if result is not None]
+
+    def _count_tokens(self, kind: Kind, lengths: npt.NDArray[np.intp]) -> None:
+        if self.metrics is not None:
+            slots = len(lengths) * max(int(lengths.max()), 1)
+            self.metrics.tokens.labels(kind.value).inc(slots)
+            self.metrics.padding.labels(kind.value).inc(slots - int(lengths.sum()))
 
     def _run_rows(
-        self, kind: Kind, images: ByteArray | None, tokens: TokenArray | None, rows: range, *, whole: bool = False
+        self,
+        kind: Kind,
+        images: ByteArray | None,
+        tokens: TokenArray | None,
+        rows: Sequence[int],
+        *,
+        whole: bool = False,
     ) -> list[RowResult]:
-        """Rows [start, stop) of a batch. When they fail together, each half is retried on its own
-        (down to single items), so one bad item fails alone, and a batch too large for the device's
-        memory runs in smaller pieces; only an item that fails alone gets an error."""
+        """The given rows of a batch (a range, or a group's rows). When they fail together, each half
+        is retried on its own (down to single items), so one bad item fails alone, and a batch too
+        large for the device's memory runs in smaller pieces; only an item that fails alone gets an
+        error."""
         count = len(rows)
         if self.metrics is not None:
             self.metrics.items_executed.labels(kind.value).inc(count)
@@ -201,14 +239,24 @@ class Engine:
 
     @staticmethod
     def _slice(
-        images: ByteArray | None, tokens: TokenArray | None, rows: range
+        images: ByteArray | None, tokens: TokenArray | None, rows: Sequence[int]
     ) -> tuple[ByteArray | None, TokenArray | None]:
         """The rows' images [n,3,H,W] and tokens [n,L'], L' the longest text among them (ids are
-        >= 1 and padding is 0, so a row's nonzero count is its length)."""
-        if images is not None and len(rows) < len(images):
-            images = images[rows.start : rows.stop]
-        if tokens is not None and len(rows) < len(tokens):
-            tokens = tokens[rows.start : rows.stop]
+        >= 1 and padding is 0, so a row's nonzero count is its length). A range of rows is a view of
+        the staging buffer; a group's scattered rows are a copy (on CUDA, an unpinned one: its copy
+        to the device does not overlap, a cost the saved padding outweighs)."""
+        if isinstance(rows, range):
+            if images is not None and len(rows) < len(images):
+                images = images[rows.start : rows.stop]
+            if tokens is not None and len(rows) < len(tokens):
+                tokens = tokens[rows.start : rows.stop]
+            else:
+                return images, tokens
+        else:
+            index = np.asarray(rows, dtype=np.intp)
+            images = images[index] if images is not None else None
+            tokens = tokens[index] if tokens is not None else None
+        if tokens is not None:
             tokens = tokens[:, : max(int(np.count_nonzero(tokens, axis=1).max()), 1)]
         return images, tokens
 
@@ -303,6 +351,22 @@ class Engine:
             self._call(step.kind, images.numpy(), tokens.numpy(), step.size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def measure_call_cost(self, kind: Kind, lengths: Sequence[int], rows: int, repeats: int = 3) -> float:
+        """Time calls at 1 and `rows` rows, each at the shortest and the longest of `lengths`, and fit
+        one more call's cost in padded tokens (`app.text_groups.fit_call_cost`). Runs after the
+        warm-up, so no call here pays a first-call cost; the median of `repeats` calls per shape."""
+        timings = []
+        for size in sorted({1, rows}):
+            for length in sorted({min(lengths), max(lengths)}):
+                step = WarmUp(kind, size, length)
+                seconds = []
+                for _ in range(repeats):
+                    began = time.perf_counter()
+                    self.warm_up(step)
+                    seconds.append(time.perf_counter() - began)
+                timings.append(Timing(size, length, statistics.median(seconds)))
+        return fit_call_cost(timings)
 
     def self_check(self) -> None:
         """The package's golden check (full precision: it checks the archive), then the same cases

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -111,6 +112,7 @@ async def _phases(state: AppState, device: torch.device) -> None:
     plan = engine.warm_up_plan(list(Kind), settings.max_batch_size, lengths)
     await _timed(state, "warmup", _warm_up(state, engine, plan))
     log.info("warmed up %d calls: batch sizes 1..%d, text lengths %s", len(plan), settings.max_batch_size, lengths)
+    await _timed(state, "callcost", _call_costs(state, engine, lengths))
 
     state.phase = Phase.SELF_CHECK
     await _timed(state, "selfcheck", _on_worker(state, engine.self_check))
@@ -157,6 +159,29 @@ async def _phases(state: AppState, device: torch.device) -> None:
 async def _warm_up(state: AppState, engine: Engine, plan: list[WarmUp]) -> None:
     for step in plan:
         await _on_worker(state, engine.warm_up, step)
+
+
+# Rows of the timed calls that fit the call cost: enough that the per-row and per-token costs show
+# over the fixed one, few enough that the longest call stays a few milliseconds on a CPU.
+CALL_COST_ROWS = 4
+
+
+async def _call_costs(state: AppState, engine: Engine, lengths: list[int]) -> None:
+    """Set each text kind's call cost in padded tokens: from the settings, or measured here."""
+    setting = state.settings.call_cost_tokens
+    for kind in (kind for kind in Kind if kind.needs_text):
+        if setting == "auto":
+            rows = min(CALL_COST_ROWS, state.settings.max_batch_size)
+            cost = await _on_worker(state, engine.measure_call_cost, kind, lengths, rows)
+        else:
+            cost = math.inf if setting == "off" else float(setting)
+        engine.call_cost_tokens[kind] = cost
+        state.metrics.call_cost.labels(kind.value).set(cost)
+    log.info(
+        "one more forward call costs %s padded tokens (%s)",
+        ", ".join(f"{kind.value} {cost:.0f}" for kind, cost in engine.call_cost_tokens.items() if kind.needs_text),
+        "measured" if setting == "auto" else "set",
+    )
 
 
 def _staging_buffers(engine: Engine, max_batch_size: int) -> dict[Kind, tuple[StageBuffers, StageBuffers]]:

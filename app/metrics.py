@@ -115,7 +115,19 @@ class Metrics:
         )
         self.padding = Counter(
             "fusion_batch_padding_tokens",
-            "Of those, padding (texts are padded to the longest in the batch)",
+            "Of those, padding (texts are padded to the longest in their forward call)",
+            ["kind"],
+            registry=r,
+        )
+        self.call_cost = Gauge(
+            "fusion_call_cost_tokens",
+            "One more forward call's cost in padded text tokens, which decides when a batch splits (+Inf: never)",
+            ["kind"],
+            registry=r,
+        )
+        self.batch_calls = Counter(
+            "fusion_batch_calls",
+            "Forward calls batches ran as (texts of similar length together; retries not counted)",
             ["kind"],
             registry=r,
         )

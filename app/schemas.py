@@ -71,6 +71,12 @@ class BatchingInfo(BaseModel):
     gather_ms: float = Field(description="longest wait, when the device frees, for requests still decoding")
     max_queue: int = Field(description="admitted requests not yet running, beyond which 429")
     decode_workers: int
+    call_cost_tokens: dict[str, float | None] = Field(
+        description=(
+            "per text kind, one more forward call's cost in padded tokens, measured at startup or set:"
+            " a batch of mixed text lengths runs as several calls when that saves more (null: never)"
+        )
+    )
     inline_decode_bytes: int = Field(description="largest body decoded on the event loop when alone in the server")
     inline_decode_pixels: int = Field(description="most pixels of an image decoded on the event loop")
     request_timeout_ms: int = Field(description="default deadline (X-Request-Timeout-Ms overrides it)")

@@ -1,8 +1,9 @@
 """In-process ceilings and per-stage costs: the same model, thread count and inputs, no HTTP.
 
 - forward only, per batch lane (fuse = forward, image = encode_image, text = encode_text), at batch
-  sizes 1..max, on batches built from the mix's own items (texts padded to the longest, as the
-  batcher does);
+  sizes 1..max, on batches built from the mix's own items, run as the service's engine runs them
+  (texts grouped by length when that pays, each group padded to its longest, with the call cost
+  measured as the service measures it at startup);
 - preprocessing (the shared decode_image + tokenize) of every request in the mix;
 - the measured serial pipeline, preprocessing plus forward, one thread, at batch 1 and at the best
   batch size: requests are taken from the rotation, preprocessed, collected per lane, and a lane
@@ -16,9 +17,10 @@ every forward pass on one inference thread with that many intra-op threads.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.text_groups import group_by_length
 from bench.payloads import BOUNDARY, Payload
 from model.package import Manifest, ModelPackage, load_package
 from model.preprocess import decode_image, pad_tokens, tokenize
@@ -61,6 +64,9 @@ class Ceilings:
     idle_gap_s: float = IDLE_GAP_S
     pipeline_rate: dict[int, list[float]] = field(default_factory=dict)  # batch size -> items/s per repeat
     stages_s: dict[str, float] = field(default_factory=dict)  # the service's own steps, mean per request
+    # Per text lane, one more forward call's cost in padded tokens, as the service measures it (a lane
+    # absent here never splits).
+    call_cost_tokens: dict[str, float] = field(default_factory=dict)
 
     def ceiling(self, batch: int) -> float:
         return statistics.median(self.pipeline_rate[batch])
@@ -107,6 +113,29 @@ def _batch(items: Sequence[Prepared], size: int) -> tuple[torch.Tensor | None, t
 
 
 def run_lane(
+    module: torch.jit.ScriptModule,
+    kind: str,
+    images: torch.Tensor | None,
+    tokens: torch.Tensor | None,
+    call_cost_tokens: float = math.inf,
+) -> None:
+    """One batch of a lane; with a finite call cost, as the service's engine runs it: in groups of
+    similar text length (app.text_groups), each padded to its own longest."""
+    if tokens is None or math.isinf(call_cost_tokens):
+        _call_lane(module, kind, images, tokens)
+        return
+    lengths = (tokens != 0).sum(dim=1)
+    groups = group_by_length(lengths.tolist(), call_cost_tokens)
+    if len(groups) == 1:
+        _call_lane(module, kind, images, tokens)
+        return
+    for group in groups:
+        index = torch.tensor(group)
+        longest = max(int(lengths[index].max()), 1)
+        _call_lane(module, kind, images[index] if images is not None else None, tokens[index, :longest])
+
+
+def _call_lane(
     module: torch.jit.ScriptModule, kind: str, images: torch.Tensor | None, tokens: torch.Tensor | None
 ) -> None:
     if kind == "fuse":
@@ -117,6 +146,24 @@ def run_lane(
         module.encode_text(tokens)
 
 
+def call_costs(package: ModelPackage, max_batch: int) -> dict[str, float]:
+    """Each lane's call cost in padded tokens, measured as the service measures it at startup (on a
+    warmed engine, the same lengths and rows), so the ceilings split batches as the service does."""
+    from app.engine import Engine, Kind, WarmUp
+    from app.lifespan import CALL_COST_ROWS, warmup_text_lengths
+
+    engine = Engine(package)
+    lengths = warmup_text_lengths(package.manifest.max_text_length)
+    rows = min(CALL_COST_ROWS, max_batch)
+    costs = {kind.value: math.inf for kind in Kind}
+    for kind in (kind for kind in Kind if kind.needs_text):
+        for size in sorted({1, rows}):
+            for length in lengths:
+                engine.warm_up(WarmUp(kind, size, length))
+        costs[kind.value] = engine.measure_call_cost(kind, lengths, rows)
+    return costs
+
+
 @torch.inference_mode()
 def forward_table(
     module: torch.jit.ScriptModule,
@@ -124,6 +171,7 @@ def forward_table(
     sizes: Sequence[int],
     repeats: int,
     idle_s: float = 0.0,
+    call_costs: Mapping[str, float] | None = None,
 ) -> dict[str, dict[int, float]]:
     """Median seconds per batch, per lane and batch size. With `idle_s`, every timed call follows
     that long asleep: back to back, a forward finds the weights in cache and the core at speed; at
@@ -137,9 +185,10 @@ def forward_table(
         table[kind] = {}
         for size in sizes:
             images, tokens = _batch(items, size)
+            cost = call_costs.get(kind, math.inf) if call_costs else math.inf
             for _ in range(2):  # first calls pay for graph optimization and allocator growth
-                run_lane(module, kind, images, tokens)
-            call = partial(run_lane, module, kind, images, tokens)
+                run_lane(module, kind, images, tokens, cost)
+            call = partial(run_lane, module, kind, images, tokens, cost)
             table[kind][size] = median_time(call, repeats, idle_s)
     return table
 
@@ -159,7 +208,12 @@ def interpolate(table: dict[int, float], size: int) -> float:
 
 @torch.inference_mode()
 def pipeline_rate(
-    module: torch.jit.ScriptModule, payloads: Sequence[Payload], manifest: Manifest, batch: int, seconds: float
+    module: torch.jit.ScriptModule,
+    payloads: Sequence[Payload],
+    manifest: Manifest,
+    batch: int,
+    seconds: float,
+    call_costs: Mapping[str, float] | None = None,
 ) -> float:
     """Measured serial ceiling: preprocess each request, run a lane when it holds `batch` items; items/s."""
     size, max_length = manifest.image_size, manifest.max_text_length
@@ -178,7 +232,7 @@ def pipeline_rate(
         if len(lane) == batch:
             images = torch.stack([i for i, _ in lane]) if lane[0][0] is not None else None  # type: ignore[misc]
             texts = pad_tokens([t for _, t in lane]) if lane[0][1] is not None else None  # type: ignore[misc]
-            run_lane(module, payload.kind, images, texts)
+            run_lane(module, payload.kind, images, texts, (call_costs or {}).get(payload.kind, math.inf))
             done += batch
             lane.clear()
     return done / (time.perf_counter() - began)
@@ -201,7 +255,8 @@ def measure(
     prepared = prepare(payloads, manifest, repeats)
     powers = sorted({1, max_batch, *(2**k for k in range(1, 11) if 2**k < max_batch)})
     sizes = list(range(1, max_batch + 1)) if all_sizes else powers
-    forward = forward_table(module, prepared, sizes, repeats)
+    costs = call_costs(package, max_batch)
+    forward = forward_table(module, prepared, sizes, repeats, call_costs=costs)
     shares = {kind: sum(p.payload.kind == kind for p in prepared) / len(prepared) for kind in forward}
     pre_mean = statistics.fmean(p.preprocess_s for p in prepared)
     predicted = {
@@ -210,7 +265,7 @@ def measure(
     }
     best = min(predicted, key=predicted.__getitem__)
     batch1 = [p.preprocess_s + forward[p.payload.kind][1] for p in prepared]
-    idle = forward_table(module, prepared, [1], repeats, idle_s=IDLE_GAP_S)
+    idle = forward_table(module, prepared, [1], repeats, idle_s=IDLE_GAP_S, call_costs=costs)
     batch1_idle = [p.preprocess_s + idle[p.payload.kind][1] for p in prepared]
     pictures: dict[str, list[float]] = {}
     for p in prepared:
@@ -229,17 +284,19 @@ def measure(
         batch1_cost_median_s=statistics.median(batch1),
         batch1_cost_mean_s=statistics.fmean(batch1),
         batch1_idle_cost_median_s=statistics.median(batch1_idle),
+        call_cost_tokens={lane: cost for lane, cost in costs.items() if not math.isinf(cost)},
     )
     # The prediction's batches are fixed item sets (their text lengths decide the padding), so it
     # only proposes candidates: the measured pipeline, over the whole rotation, picks the best.
     candidates = sorted({best, *(size for size in (4, 8, 16, max_batch) if size <= max_batch)} - {1})
     for batch in [1, *candidates]:
-        ceilings.pipeline_rate[batch] = [pipeline_rate(module, payloads, manifest, batch, pipeline_seconds)]
+        ceilings.pipeline_rate[batch] = [pipeline_rate(module, payloads, manifest, batch, pipeline_seconds, costs)]
     measured_best = max(candidates, key=lambda size: ceilings.pipeline_rate[size][0]) if candidates else 1
     ceilings.best_batch = measured_best
     for batch in sorted({1, measured_best}):
         ceilings.pipeline_rate[batch] += [
-            pipeline_rate(module, payloads, manifest, batch, pipeline_seconds) for _ in range(pipeline_repeats - 1)
+            pipeline_rate(module, payloads, manifest, batch, pipeline_seconds, costs)
+            for _ in range(pipeline_repeats - 1)
         ]
     if stages:
         ceilings.stages_s = service_stages(package, payloads, measured_best, repeats)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from fastapi import APIRouter
 
 from app.deps import StateDep
@@ -33,8 +35,13 @@ async def info(state: StateDep) -> InfoResponse:
         precision=engine.precision,
         # Each field is the setting of the same name: one list of limits, in the schema.
         batching=BatchingInfo(
-            **settings.model_dump(include=set(BatchingInfo.model_fields) - {"decode_workers"}),
+            **settings.model_dump(include=set(BatchingInfo.model_fields) - {"decode_workers", "call_cost_tokens"}),
             decode_workers=settings.decode_threads(),
+            call_cost_tokens={
+                kind.value: None if math.isinf(cost) else round(cost, 1)
+                for kind, cost in engine.call_cost_tokens.items()
+                if kind.needs_text
+            },
         ),
         limits=LimitsInfo(**settings.model_dump(include=set(LimitsInfo.model_fields))),
     )

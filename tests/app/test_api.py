@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from app.engine import Kind
 from app.errors import STATUS
 from model.package import load_package
 from model.preprocess import decode_image, tokenize
@@ -256,6 +258,29 @@ def test_framework_validation_errors_have_the_same_shape(probe_package: Path) ->
 
 def test_status_table_matches_the_design() -> None:
     assert sorted(STATUS.values()) == [400, 401, 408, 413, 415, 422, 429, 499, 500, 503, 504, 507]
+
+
+def test_the_call_cost_is_measured_at_startup_and_reported(tiny_package: Path) -> None:
+    """A transformer pays per text token, so the fitted cost of a call is finite; /info, the gauge
+    and the startup phases say the same."""
+
+    async def body() -> None:
+        async with serve(settings_for(tiny_package)) as served:
+            info = (await served.client.get("/info")).json()
+            samples = await served.metrics()
+            costs = dict(served.state.engine.call_cost_tokens) if served.state.engine else {}
+            phases = dict(served.state.startup_seconds)
+        reported = info["batching"]["call_cost_tokens"]
+        assert set(reported) == {"fuse", "text"}
+        for kind, cost in costs.items():
+            if kind.needs_text:
+                assert 0 <= cost < math.inf
+                assert reported[kind.value] == round(cost, 1)
+                assert metric(samples, "fusion_call_cost_tokens", kind=kind.value) == cost
+        assert Kind.IMAGE not in {kind for kind, cost in costs.items() if not math.isinf(cost)}
+        assert list(phases)[:3] == ["load", "warmup", "callcost"] and phases["callcost"] > 0
+
+    run(body())
 
 
 def test_info_describes_model_device_and_batching(probe_package: Path) -> None:

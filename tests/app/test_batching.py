@@ -85,7 +85,8 @@ def test_batches_form_while_the_device_is_busy_and_kinds_batch_apart(probe_packa
     inputs = distinct_inputs(8)
 
     async def body() -> None:
-        async with serve(settings_for(probe_package)) as served:
+        # One forward call per batch (no split by text length): the token counts below are of whole batches.
+        async with serve(settings_for(probe_package, call_cost_tokens="off")) as served:
             alone = [(await post(served, "/predict", *inputs[i])).json() for i in range(4)]
             start = await served.metrics()
             slow = await hold_the_device(served)
@@ -118,12 +119,46 @@ def test_batches_form_while_the_device_is_busy_and_kinds_batch_apart(probe_packa
     run(body())
 
 
+def test_a_batch_of_short_and_long_texts_runs_as_two_calls_without_padding(probe_package: Path) -> None:
+    """Call cost 20 tokens: 8 texts, 4 of 3 bytes and 4 of 60, cost 20 + 8 * 60 = 500 as one call and
+    (20 + 4 * 3) + (20 + 4 * 60) = 292 as two. They arrive interleaved, so each call gathers
+    scattered rows; every answer must still reach its own request, equal to the item run alone."""
+    texts = [f"{i}ab" if i % 2 == 0 else f"{i}" * 60 for i in range(8)]
+    items = [(picture(color=(30 * i, 200 - 20 * i, 90)), text) for i, text in enumerate(texts)]
+
+    async def body() -> None:
+        async with serve(settings_for(probe_package, call_cost_tokens="20")) as served:
+            alone = [(await post(served, "/predict", *item)).json() for item in items]
+            start = await served.metrics()
+            slow = await hold_the_device(served)
+            responses = await gather(*(post(served, "/predict", *item) for item in items))
+            assert (await slow).status_code == 200
+            end = await served.metrics()
+            info = (await served.client.get("/info")).json()
+        for response, expected in zip(responses, alone, strict=True):
+            assert response.status_code == 200, response.text
+            assert_same_prediction(response.json(), expected)
+
+        def grew(name: str) -> float:
+            return metric(end, name, kind="fuse") - metric(start, name, kind="fuse")
+
+        assert (grew("fusion_batch_size_count"), grew("fusion_batch_size_sum")) == (2, 9)  # the slow one, then 8
+        assert grew("fusion_batch_calls_total") == 1 + 2
+        assert grew("fusion_batch_tokens_total") == len(SLOW) + 4 * 3 + 4 * 60
+        assert grew("fusion_batch_padding_tokens_total") == 0
+        assert info["batching"]["call_cost_tokens"] == {"fuse": 20.0, "text": 20.0}
+        assert metric(end, "fusion_call_cost_tokens", kind="fuse") == 20.0
+
+    run(body())
+
+
 def test_one_bad_item_fails_alone_and_its_batch_peers_are_correct(probe_package: Path) -> None:
     good = distinct_inputs(5)
     bad = ["!raise in the model", "~nan logits", "^wrong output shape"]
 
     async def body() -> None:
-        async with serve(settings_for(probe_package)) as served:
+        # One call per batch: the failure counts below are of the whole batch and its halves.
+        async with serve(settings_for(probe_package, call_cost_tokens="off")) as served:
             alone = [(await post(served, "/predict", *item)).json() for item in good]
             slow = await hold_the_device(served)
             requests = [post(served, "/predict", *item) for item in good]

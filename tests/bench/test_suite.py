@@ -58,7 +58,10 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
     for workload in ("mixed", "scenes"):
         assert results["ceilings"][workload]["pipeline_rate"]["1"][0] > 0
         assert results["ceilings"][workload]["batch1_idle_cost_median_s"] > 0
+        # The ceilings split batches by text length as the service does, with the cost it would measure.
+        assert set(results["ceilings"][workload]["call_cost_tokens"]) == {"fuse", "text"}
     assert "(in-process after 2 ms idle: " in text
+    assert "tokens per call)." in text
     assert results["floor"]["throughput"] > 0
     assert results["starts"][0]["ready_s"] > 0
 
