@@ -47,8 +47,25 @@ def stage_breakdown(delta: Mapping[Sample, float]) -> dict[str, float]:
         "device": device,
         "other": max(0.0, e2e - decode - queue - device),
         "mean_batch": ran / sum(batches.values()) if sum(batches.values()) else math.nan,
+        # Forward calls per batch (texts of similar length run together) and the padded share of the
+        # text tokens those calls ran.
+        "calls_per_batch": (
+            texts(by_label(delta, "fusion_batch_calls_total", "kind")) / batched
+            if (batched := texts(batches))
+            else math.nan
+        ),
+        "padding_share": (
+            total(delta, "fusion_batch_padding_tokens_total") / slots
+            if (slots := total(delta, "fusion_batch_tokens_total"))
+            else math.nan
+        ),
         "requests": requests,
     }
+
+
+def texts(by_kind: Mapping[str, float]) -> float:
+    """The sum over the lanes that carry text (fuse, text): the only ones that split by length."""
+    return sum(count for kind, count in by_kind.items() if kind != "image")
 
 
 def batch_histogram(delta: Mapping[Sample, float]) -> dict[float, float]:

@@ -427,6 +427,27 @@ def write_report(results: Results, out: Path) -> Path:
         ("service", "workload", "concurrency", "end to end p99 ms", "decode p99 ms", "queue p99 ms", "batch p99 ms"),
         tail_rows,
     )
+    padding_rows = [
+        (
+            server,
+            workload,
+            concurrency,
+            f"{_median_stage(runs, 'mean_batch'):.1f}",
+            f"{_median_stage(runs, 'calls_per_batch'):.2f}",
+            f"{_median_stage(runs, 'padding_share') * 100:.0f}%",
+        )
+        for server, workload, concurrency in cell_keys(results)
+        if (runs := runs_of(results, server, workload, concurrency)) and any(r["stages"] for r in runs)
+    ]
+    lines += [
+        "",
+        "Text batches (fuse and text lanes): the forward calls each ran as (texts of similar length together) "
+        "and the share of the text tokens those calls ran that was padding:",
+        "",
+    ]
+    lines += _table(
+        ("service", "workload", "concurrency", "mean batch", "calls per text batch", "padding"), padding_rows
+    )
     lines += [
         "",
         "In-process, each step of the service's own code on one thread, mean per request of the mix (no HTTP, "

@@ -62,6 +62,11 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
         assert set(results["ceilings"][workload]["call_cost_tokens"]) == {"fuse", "text"}
     assert "(in-process after 2 ms idle: " in text
     assert "tokens per call)." in text
+    batched = [r for r in results["closed"] if r["server"] == "batched" and r["stages"]]
+    assert batched and all(0 <= r["stages"]["padding_share"] < 1 for r in batched)
+    assert all(r["stages"]["calls_per_batch"] >= 1 for r in batched)
+    alone = [r["stages"] for r in batched if r["concurrency"] == 1 and r["workload"] == "mixed"]
+    assert [(s["calls_per_batch"], s["padding_share"]) for s in alone] == [(1.0, 0.0)] * len(alone)  # one text a batch
     assert results["floor"]["throughput"] > 0
     assert results["starts"][0]["ready_s"] > 0
 
