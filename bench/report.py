@@ -504,12 +504,12 @@ def write_report(results: Results, out: Path) -> Path:
 
     lines += ["## Time to ready", ""]
     lines += _table(
-        ("service", "process start to /readyz 200 (s)", "load", "warmup", "selfcheck", "total inside"),
+        ("service", "process start to /readyz 200 (s)", "load", "warmup", "call cost", "selfcheck", "total inside"),
         [
             (
                 s["server"],
                 f"{s['ready_s']:.2f}",
-                *[f"{s['phases'].get(p, math.nan):.2f}" for p in ("load", "warmup", "selfcheck", "total")],
+                *[f"{s['phases'].get(p, math.nan):.2f}" for p in ("load", "warmup", "callcost", "selfcheck", "total")],
             )
             for s in results["starts"]
         ],

@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     from app.engine import Engine, Kind, WarmUp
-    from app.lifespan import warmup_text_lengths
+    from app.lifespan import CALL_COST_ROWS, warmup_text_lengths
 
     torch.set_num_threads(args.threads)
     model, source = resolve_model(args.model)
@@ -62,6 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"warm-up as the service runs it: {len(plan)} calls, {sum(by_lane.values()):.2f} s ("
         + ", ".join(f"{k} {v:.2f} s" for k, v in by_lane.items())
+        + ")"
+    )
+
+    began = time.perf_counter()
+    rows = min(CALL_COST_ROWS, args.max_batch_size)
+    costs = {kind.value: engine.measure_call_cost(kind, lengths, rows) for kind in Kind if kind.needs_text}
+    print(
+        f"call cost as the service measures it: {time.perf_counter() - began:.2f} s ("
+        + ", ".join(f"{k} {v:.0f} tokens" for k, v in costs.items())
         + ")"
     )
 
