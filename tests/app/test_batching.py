@@ -152,6 +152,38 @@ def test_a_batch_of_short_and_long_texts_runs_as_two_calls_without_padding(probe
     run(body())
 
 
+def test_a_bad_item_fails_its_length_group_alone(probe_package: Path) -> None:
+    """The same split, with one long text that makes the model raise: the short group runs once and
+    is fine; the long group fails, then its halves [!, 3] and [5, 7], then [!] and [3] alone. Rows
+    run: 4 + 4 + 2 + 2 + 1 + 1 = 14, one batch failure (the long group), one 500."""
+    texts = [f"{i}ab" if i % 2 == 0 else f"{i}" * 60 for i in range(8)]
+    texts[1] = "!" * 60
+    items = [(picture(color=(30 * i, 200 - 20 * i, 90)), text) for i, text in enumerate(texts)]
+
+    async def body() -> None:
+        async with serve(settings_for(probe_package, call_cost_tokens="20")) as served:
+            alone = {i: (await post(served, "/predict", *item)).json() for i, item in enumerate(items) if i != 1}
+            start = await served.metrics()
+            slow = await hold_the_device(served)
+            responses = await gather(*(post(served, "/predict", *item) for item in items))
+            assert (await slow).status_code == 200
+            end = await served.metrics()
+        assert responses[1].status_code == 500 and responses[1].json()["error"]["code"] == "model_failure"
+        for i, expected in alone.items():
+            assert responses[i].status_code == 200, responses[i].text
+            assert_same_prediction(responses[i].json(), expected)
+
+        def grew(name: str) -> float:
+            return metric(end, name, kind="fuse") - metric(start, name, kind="fuse")
+
+        assert grew("fusion_batch_calls_total") == 1 + 2
+        assert grew("fusion_items_executed_total") == 1 + 14
+        assert grew("fusion_batch_failures_total") == 1
+        assert grew("fusion_model_failures_total") == 1
+
+    run(body())
+
+
 def test_one_bad_item_fails_alone_and_its_batch_peers_are_correct(probe_package: Path) -> None:
     good = distinct_inputs(5)
     bad = ["!raise in the model", "~nan logits", "^wrong output shape"]
