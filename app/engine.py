@@ -355,7 +355,10 @@ class Engine:
     def measure_call_cost(self, kind: Kind, lengths: Sequence[int], rows: int, repeats: int = 3) -> float:
         """Time calls at 1 and `rows` rows, each at the shortest and the longest of `lengths`, and fit
         one more call's cost in padded tokens (`app.text_groups.fit_call_cost`). Runs after the
-        warm-up, so no call here pays a first-call cost; the median of `repeats` calls per shape."""
+        warm-up, so no call here pays a first-call cost; the median of `repeats` calls per shape.
+        With batches of one row there is nothing to split: infinity, untimed."""
+        if rows < 2:
+            return math.inf
         timings = []
         for size in sorted({1, rows}):
             for length in sorted({min(lengths), max(lengths)}):

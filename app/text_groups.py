@@ -67,10 +67,13 @@ def group_by_length(lengths: Sequence[int], overhead_tokens: float) -> list[list
 def fit_call_cost(timings: Sequence[Timing]) -> float:
     """One more call's cost in padded tokens (`fixed / per_token`), by least squares on the timings.
 
-    Needs at least two batch sizes and two lengths among the timings. A per-token cost that
-    measures as nothing (a device that pays no more for longer texts) means splitting never helps:
-    infinity. A fixed cost measured below zero (noise) counts as zero.
+    Without two batch sizes and two lengths among the timings the costs cannot be told apart, and
+    a per-token cost that measures as nothing (a device that pays no more for longer texts) means
+    splitting never helps: both give infinity. A fixed cost measured below zero (noise) counts as
+    zero.
     """
+    if len({t.rows for t in timings}) < 2 or len({t.longest for t in timings}) < 2:
+        return math.inf
     rows = np.array([t.rows for t in timings], dtype=np.float64)
     tokens = rows * np.array([t.longest for t in timings], dtype=np.float64)
     design = np.stack([np.ones_like(rows), rows, tokens], axis=1)

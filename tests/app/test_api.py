@@ -279,6 +279,9 @@ def test_the_call_cost_is_measured_at_startup_and_reported(tiny_package: Path) -
                 assert metric(samples, "fusion_call_cost_tokens", kind=kind.value) == cost
         assert Kind.IMAGE not in {kind for kind, cost in costs.items() if not math.isinf(cost)}
         assert list(phases)[:3] == ["load", "warmup", "callcost"] and phases["callcost"] > 0
+        async with serve(settings_for(tiny_package, max_batch_size=1)) as served:
+            unbatched = (await served.client.get("/info")).json()["batching"]["call_cost_tokens"]
+        assert unbatched == {"fuse": None, "text": None}  # batches of one: nothing to split
 
     run(body())
 

@@ -76,3 +76,9 @@ def test_fit_on_a_device_that_pays_nothing_per_token_never_splits() -> None:
 def test_fit_counts_a_fixed_cost_measured_below_zero_as_zero() -> None:
     timings = [Timing(rows, longest, -1e-4 + 1e-5 * rows * longest) for rows in (1, 4) for longest in (8, 192)]
     assert fit_call_cost(timings) == 0.0
+
+
+def test_fit_without_two_batch_sizes_or_two_lengths_never_splits() -> None:
+    one_size = [Timing(1, longest, 1e-3 + 1e-5 * longest) for longest in (8, 192)]
+    one_length = [Timing(rows, 8, 1e-3 + 1e-4 * rows) for rows in (1, 4)]
+    assert fit_call_cost(one_size) == fit_call_cost(one_length) == math.inf
