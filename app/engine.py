@@ -246,12 +246,11 @@ class Engine:
         the staging buffer; a group's scattered rows are a copy (on CUDA, an unpinned one: its copy
         to the device does not overlap, a cost the saved padding outweighs)."""
         if isinstance(rows, range):
-            if images is not None and len(rows) < len(images):
-                images = images[rows.start : rows.stop]
-            if tokens is not None and len(rows) < len(tokens):
-                tokens = tokens[rows.start : rows.stop]
-            else:
+            total = len(images) if images is not None else len(tokens) if tokens is not None else 0
+            if rows == range(total):  # the whole batch: the batcher's view, its texts already cut to the longest
                 return images, tokens
+            images = images[rows.start : rows.stop] if images is not None else None
+            tokens = tokens[rows.start : rows.stop] if tokens is not None else None
         else:
             index = np.asarray(rows, dtype=np.intp)
             images = images[index] if images is not None else None
@@ -340,34 +339,41 @@ class Engine:
 
     def warm_up(self, step: WarmUp) -> None:
         """One warm-up call (the lifespan submits them one by one, so a shutdown can stop between)."""
+        self._timed_call(step.kind, *self._synthetic(step))
+
+    def _synthetic(self, step: WarmUp) -> tuple[ByteArray, TokenArray]:
+        """Random pixels and `step.size` texts of `step.length` lower-case letters (plain text, like
+        real questions; ids are UTF-8 bytes + 1), the same for the same shape."""
         height, width = self.manifest.image_size
         generator = torch.Generator().manual_seed(step.size * 1000 + step.length)
         images = torch.randint(0, 256, (step.size, 3, height, width), dtype=torch.uint8, generator=generator)
-        # Lower-case letters: plain text, like real questions (ids are UTF-8 bytes + 1).
         tokens = torch.randint(
             ord("a") + 1, ord("z") + 2, (step.size, step.length), dtype=torch.int64, generator=generator
         )
+        return images.numpy(), tokens.numpy()
+
+    def _timed_call(self, kind: Kind, images: ByteArray, tokens: TokenArray) -> float:
+        """Seconds of one whole call, outputs on the host (on CUDA, after the device finished)."""
+        began = time.perf_counter()
         with torch.inference_mode():
-            self._call(step.kind, images.numpy(), tokens.numpy(), step.size)
+            self._call(kind, images, tokens, len(images))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        return time.perf_counter() - began
 
     def measure_call_cost(self, kind: Kind, lengths: Sequence[int], rows: int, repeats: int = 3) -> float:
         """Time calls at 1 and `rows` rows, each at the shortest and the longest of `lengths`, and fit
-        one more call's cost in padded tokens (`app.text_groups.fit_call_cost`). Runs after the
-        warm-up, so no call here pays a first-call cost; the median of `repeats` calls per shape.
+        one more call's cost in padded tokens (`app.text_groups.fit_call_cost`): the median of
+        `repeats` timed calls per shape, after two untimed ones (a shape's first calls pay for
+        profiling and optimization, and the warm-up ran some of these shapes at one length only).
         With batches of one row there is nothing to split: infinity, untimed."""
         if rows < 2:
             return math.inf
         timings = []
         for size in sorted({1, rows}):
             for length in sorted({min(lengths), max(lengths)}):
-                step = WarmUp(kind, size, length)
-                seconds = []
-                for _ in range(repeats):
-                    began = time.perf_counter()
-                    self.warm_up(step)
-                    seconds.append(time.perf_counter() - began)
+                images, tokens = self._synthetic(WarmUp(kind, size, length))
+                seconds = [self._timed_call(kind, images, tokens) for _ in range(2 + repeats)][2:]
                 timings.append(Timing(size, length, statistics.median(seconds)))
         return fit_call_cost(timings)
 

@@ -161,9 +161,14 @@ async def _warm_up(state: AppState, engine: Engine, plan: list[WarmUp]) -> None:
         await _on_worker(state, engine.warm_up, step)
 
 
-# Rows of the timed calls that fit the call cost: enough that the per-row and per-token costs show
-# over the fixed one, few enough that the longest call stays a few milliseconds on a CPU.
+# Rows of the timed calls that fit the call cost, on a CPU: enough that the per-row and per-token
+# costs show over the fixed one, few enough that the longest call stays a few milliseconds. A GPU
+# hides the per-token cost of small batches, so there they run at the largest batch (cheap there).
 CALL_COST_ROWS = 4
+
+
+def call_cost_rows(device: torch.device, max_batch_size: int) -> int:
+    return max_batch_size if device.type == "cuda" else min(CALL_COST_ROWS, max_batch_size)
 
 
 async def _call_costs(state: AppState, engine: Engine, lengths: list[int]) -> None:
@@ -171,7 +176,7 @@ async def _call_costs(state: AppState, engine: Engine, lengths: list[int]) -> No
     setting = state.settings.call_cost_tokens
     for kind in (kind for kind in Kind if kind.needs_text):
         if setting == "auto":
-            rows = min(CALL_COST_ROWS, state.settings.max_batch_size)
+            rows = call_cost_rows(engine.device, state.settings.max_batch_size)
             cost = await _on_worker(state, engine.measure_call_cost, kind, lengths, rows)
         else:
             cost = math.inf if setting == "off" else float(setting)

@@ -111,7 +111,7 @@ class Metrics:
             registry=r,
         )
         self.tokens = Counter(
-            "fusion_batch_tokens", "Token slots in batches run (rows x padded length)", ["kind"], registry=r
+            "fusion_batch_tokens", "Token slots in forward calls run (rows x padded length)", ["kind"], registry=r
         )
         self.padding = Counter(
             "fusion_batch_padding_tokens",
@@ -138,7 +138,10 @@ class Metrics:
             "fusion_model_failures", "Items answered 500 because the model failed on them", ["kind"], registry=r
         )
         self.batch_failures = Counter(
-            "fusion_batch_failures", "Batches that raised and were retried in halves", ["kind"], registry=r
+            "fusion_batch_failures",
+            "Forward calls (a batch, or one of its length groups) that raised and were retried in halves",
+            ["kind"],
+            registry=r,
         )
         self.out_of_memory = Counter(
             "fusion_out_of_memory",

@@ -11,12 +11,14 @@ The model of a call's cost is linear, fitted per kind at startup (`fit_call_cost
 
 so the only number the split needs is `fixed / per_token`: one more call's cost in padded tokens.
 `group_by_length` then picks the partition of the length-sorted rows into contiguous runs that
-minimizes the sum over runs of (overhead + rows * longest), by dynamic programming (O(n^2), n the
-batch size: well under a millisecond at n = 64 next to a forward pass of tens).
+minimizes the sum over runs of (overhead + rows * longest), by dynamic programming over the batch's
+distinct lengths (O(m^2), m of them: at most the batch size and the model's longest text; well under
+a millisecond at m = 32, next to a forward pass of tens).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,30 +40,43 @@ def group_by_length(lengths: Sequence[int], overhead_tokens: float) -> list[list
 
     Minimizes sum(overhead_tokens + len(group) * longest(group)) over partitions of the rows sorted
     by length into contiguous runs (an optimal partition is always such runs: putting a shorter text
-    with longer ones never costs more than leaving it with shorter ones). A batch that stays whole
-    (always, with an infinite overhead) keeps its order.
+    with longer ones never costs more than leaving it with shorter ones), and rows of one length
+    never part. A batch that stays whole (always, with an infinite overhead) keeps its order.
     """
     count = len(lengths)
-    if count <= 1 or math.isinf(overhead_tokens):
+    longest = max(lengths, default=0)
+    # Splitting saves at most the batch's padding: when a call costs more, skip the search.
+    if count <= 1 or count * longest - sum(lengths) <= overhead_tokens:
         return [list(range(count))]
-    order = sorted(range(count), key=lengths.__getitem__)
-    ordered = [lengths[row] for row in order]
-    # best[j]: the least cost of the first j sorted rows; start[j]: where the last run of that begins.
-    best = [0.0] + [math.inf] * count
-    start = [0] * (count + 1)
-    for stop in range(1, count + 1):
-        longest = ordered[stop - 1]  # sorted: the run's last row is its longest
+    # The search runs over the distinct lengths (at most the model's longest text, whatever the
+    # batch size): cuts fall only between them. rows_below[i]: rows shorter than distinct[i].
+    distinct = sorted(set(lengths))
+    rows_below = [0] * (len(distinct) + 1)
+    at_length = {length: 0 for length in distinct}
+    for length in lengths:
+        at_length[length] += 1
+    for i, length in enumerate(distinct):
+        rows_below[i + 1] = rows_below[i] + at_length[length]
+    # best[j]: the least cost of the rows of the j shortest lengths; start[j]: where its last run begins.
+    best = [0.0] + [math.inf] * len(distinct)
+    start = [0] * (len(distinct) + 1)
+    for stop in range(1, len(distinct) + 1):
         for begin in range(stop):
-            cost = best[begin] + overhead_tokens + (stop - begin) * longest
+            cost = best[begin] + overhead_tokens + (rows_below[stop] - rows_below[begin]) * distinct[stop - 1]
             if cost < best[stop]:
                 best[stop], start[stop] = cost, begin
-    runs: list[list[int]] = []
-    stop = count
+    cuts = []
+    stop = len(distinct)
     while stop:
-        runs.append(order[start[stop] : stop])
+        cuts.append(distinct[start[stop]])  # the shortest length of each run
         stop = start[stop]
-    runs.reverse()
-    return runs if len(runs) > 1 else [list(range(count))]
+    if len(cuts) == 1:
+        return [list(range(count))]
+    bounds = sorted(cuts)
+    groups: list[list[int]] = [[] for _ in bounds]
+    for row in sorted(range(count), key=lengths.__getitem__):
+        groups[bisect.bisect_right(bounds, lengths[row]) - 1].append(row)
+    return groups
 
 
 def fit_call_cost(timings: Sequence[Timing]) -> float:
@@ -69,8 +84,8 @@ def fit_call_cost(timings: Sequence[Timing]) -> float:
 
     Without two batch sizes and two lengths among the timings the costs cannot be told apart, and
     a per-token cost that measures as nothing (a device that pays no more for longer texts) means
-    splitting never helps: both give infinity. A fixed cost measured below zero (noise) counts as
-    zero.
+    splitting never helps: both give infinity. So does a fixed cost that measures as nothing: every
+    call costs something, so that is noise, and a split on it would run nearly one call per length.
     """
     if len({t.rows for t in timings}) < 2 or len({t.longest for t in timings}) < 2:
         return math.inf
@@ -79,6 +94,6 @@ def fit_call_cost(timings: Sequence[Timing]) -> float:
     design = np.stack([np.ones_like(rows), rows, tokens], axis=1)
     seconds = np.array([t.seconds for t in timings], dtype=np.float64)
     (fixed, _per_row, per_token), *_ = np.linalg.lstsq(design, seconds, rcond=None)
-    if per_token <= 0:
+    if per_token <= 0 or fixed <= 0:
         return math.inf
-    return max(float(fixed), 0.0) / float(per_token)
+    return float(fixed) / float(per_token)

@@ -147,19 +147,16 @@ def _call_lane(
 
 
 def call_costs(package: ModelPackage, max_batch: int) -> dict[str, float]:
-    """Each lane's call cost in padded tokens, measured as the service measures it at startup (on a
-    warmed engine, the same lengths and rows), so the ceilings split batches as the service does."""
-    from app.engine import Engine, Kind, WarmUp
-    from app.lifespan import CALL_COST_ROWS, warmup_text_lengths
+    """Each lane's call cost in padded tokens, measured as the service measures it at startup (the
+    same lengths, rows and fit), so the ceilings split batches as the service does."""
+    from app.engine import Engine, Kind
+    from app.lifespan import call_cost_rows, warmup_text_lengths
 
     engine = Engine(package)
     lengths = warmup_text_lengths(package.manifest.max_text_length)
-    rows = min(CALL_COST_ROWS, max_batch)
+    rows = call_cost_rows(package.device, max_batch)
     costs = {kind.value: math.inf for kind in Kind}
     for kind in (kind for kind in Kind if kind.needs_text):
-        for size in sorted({1, rows}):
-            for length in lengths:
-                engine.warm_up(WarmUp(kind, size, length))
         costs[kind.value] = engine.measure_call_cost(kind, lengths, rows)
     return costs
 

@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     from app.engine import Engine, Kind, WarmUp
-    from app.lifespan import CALL_COST_ROWS, warmup_text_lengths
+    from app.lifespan import call_cost_rows, warmup_text_lengths
 
     torch.set_num_threads(args.threads)
     model, source = resolve_model(args.model)
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     began = time.perf_counter()
-    rows = min(CALL_COST_ROWS, args.max_batch_size)
+    rows = call_cost_rows(engine.device, args.max_batch_size)
     costs = {kind.value: engine.measure_call_cost(kind, lengths, rows) for kind in Kind if kind.needs_text}
     print(
         f"call cost as the service measures it: {time.perf_counter() - began:.2f} s ("

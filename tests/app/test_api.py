@@ -261,8 +261,8 @@ def test_status_table_matches_the_design() -> None:
 
 
 def test_the_call_cost_is_measured_at_startup_and_reported(tiny_package: Path) -> None:
-    """A transformer pays per text token, so the fitted cost of a call is finite; /info, the gauge
-    and the startup phases say the same."""
+    """The fitted cost of a call (finite, or infinite when the timings show no fixed or no per-token
+    cost): /info, the gauge and the startup phases say the same."""
 
     async def body() -> None:
         async with serve(settings_for(tiny_package)) as served:
@@ -274,8 +274,8 @@ def test_the_call_cost_is_measured_at_startup_and_reported(tiny_package: Path) -
         assert set(reported) == {"fuse", "text"}
         for kind, cost in costs.items():
             if kind.needs_text:
-                assert 0 <= cost < math.inf
-                assert reported[kind.value] == round(cost, 1)
+                assert cost > 0
+                assert reported[kind.value] == (None if math.isinf(cost) else round(cost, 1))
                 assert metric(samples, "fusion_call_cost_tokens", kind=kind.value) == cost
         assert Kind.IMAGE not in {kind for kind, cost in costs.items() if not math.isinf(cost)}
         assert list(phases)[:3] == ["load", "warmup", "callcost"] and phases["callcost"] > 0

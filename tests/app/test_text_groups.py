@@ -44,6 +44,15 @@ def test_a_costly_call_keeps_the_batch_whole_and_in_order() -> None:
     assert group_by_length([7], 0) == [[0]] and group_by_length([], 5) == [[]]
 
 
+def test_a_large_batch_splits_at_its_distinct_lengths_only() -> None:
+    lengths = [1 + row % 192 for row in range(1024)]  # 192 distinct lengths, 5 or 6 rows each
+    groups = group_by_length(lengths, 300)
+    assert sorted(itertools.chain.from_iterable(groups)) == list(range(1024))
+    spans = [(min(lengths[row] for row in group), max(lengths[row] for row in group)) for group in groups]
+    assert all(low <= high < next_low for (low, high), (next_low, _) in itertools.pairwise(spans))
+    assert cost(lengths, groups, 300) < cost(lengths, [list(range(1024))], 300)
+
+
 def test_equal_lengths_never_split_even_for_free_calls() -> None:
     assert group_by_length([9, 9, 9], 0) == [[0, 1, 2]]
 
@@ -73,9 +82,10 @@ def test_fit_on_a_device_that_pays_nothing_per_token_never_splits() -> None:
     assert fit_call_cost(timings) == math.inf
 
 
-def test_fit_counts_a_fixed_cost_measured_below_zero_as_zero() -> None:
+def test_fit_of_a_call_that_costs_nothing_fixed_never_splits() -> None:
+    """A fixed cost measured at or below zero is noise: splitting on it would run a call per length."""
     timings = [Timing(rows, longest, -1e-4 + 1e-5 * rows * longest) for rows in (1, 4) for longest in (8, 192)]
-    assert fit_call_cost(timings) == 0.0
+    assert fit_call_cost(timings) == math.inf
 
 
 def test_fit_without_two_batch_sizes_or_two_lengths_never_splits() -> None:
