@@ -37,6 +37,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 import torch
+from prometheus_client import Counter
 
 from app.config import Precision
 from app.errors import InsufficientStorage, ModelFailure
@@ -87,6 +88,35 @@ class WarmUp:
     kind: Kind
     size: int
     length: int
+
+
+@dataclass(frozen=True, slots=True)
+class _KindCounters:
+    """One kind's engine counters (app.metrics), their label already applied."""
+
+    items: Counter
+    calls: Counter
+    failures: Counter
+    tokens: Counter
+    padding: Counter
+
+    @classmethod
+    def of(cls, metrics: Metrics, kind: Kind) -> _KindCounters:
+        label = kind.value
+        return cls(
+            items=metrics.items_executed.labels(label),
+            calls=metrics.batch_calls.labels(label),
+            failures=metrics.batch_failures.labels(label),
+            tokens=metrics.tokens.labels(label),
+            padding=metrics.padding.labels(label),
+        )
+
+    def count_tokens(self, lengths: Sequence[int]) -> None:
+        """Token slots of one call (rows x its longest text) and how many of them are padding."""
+        if lengths:
+            slots = len(lengths) * max(max(lengths), 1)
+            self.tokens.inc(slots)
+            self.padding.inc(slots - sum(lengths))
 
 
 class DeviceUnavailable(Exception):
@@ -163,6 +193,9 @@ class Engine:
         # One more forward call's cost in padded text tokens, per kind (infinite: batches never
         # split); measured by `measure_call_cost` at startup, or set from the settings.
         self.call_cost_tokens: dict[Kind, float] = dict.fromkeys(Kind, math.inf)
+        # Each kind's counters, looked up once: `labels()` takes a lock and a dict lookup per call,
+        # a cost every batch-1 request would pay several times over.
+        self._counters = {kind: _KindCounters.of(metrics, kind) for kind in Kind} if metrics is not None else None
 
     @classmethod
     def load(
@@ -184,29 +217,25 @@ class Engine:
         A batch of texts of mixed lengths runs as a few calls of similar lengths, when that saves
         more padded tokens than the calls cost (`app.text_groups`, `call_cost_tokens`)."""
         count = len(images) if images is not None else len(tokens) if tokens is not None else 0
-        lengths = np.count_nonzero(tokens, axis=1) if tokens is not None else None
-        groups = (
-            group_by_length(lengths.tolist(), self.call_cost_tokens[kind])
-            if lengths is not None
-            else [list(range(count))]
-        )
-        results: list[RowResult | None] = [None] * count
+        lengths: list[int] = np.count_nonzero(tokens, axis=1).tolist() if tokens is not None else []
+        groups = group_by_length(lengths, self.call_cost_tokens[kind]) if lengths else [list(range(count))]
+        counters = self._counters[kind] if self._counters is not None else None
         with torch.inference_mode():
-            for group in groups:
-                rows: Sequence[int] = range(count) if len(groups) == 1 else group  # whole: a view, no copy
-                if lengths is not None:
-                    self._count_tokens(kind, lengths[group])
-                for row, result in zip(rows, self._run_rows(kind, images, tokens, rows, whole=True), strict=True):
-                    results[row] = result
-        if self.metrics is not None:
-            self.metrics.batch_calls.labels(kind.value).inc(len(groups))
-        return [result for result in results if result is not None]
-
-    def _count_tokens(self, kind: Kind, lengths: npt.NDArray[np.intp]) -> None:
-        if self.metrics is not None:
-            slots = len(lengths) * max(int(lengths.max()), 1)
-            self.metrics.tokens.labels(kind.value).inc(slots)
-            self.metrics.padding.labels(kind.value).inc(slots - int(lengths.sum()))
+            if len(groups) == 1:  # the whole batch in its order: the staging buffer's view, no copy
+                if counters is not None:
+                    counters.count_tokens(lengths)
+                results = self._run_rows(kind, images, tokens, range(count), whole=True)
+            else:
+                scattered: list[RowResult | None] = [None] * count
+                for group in groups:
+                    if counters is not None:
+                        counters.count_tokens([lengths[row] for row in group])
+                    for row, result in zip(group, self._run_rows(kind, images, tokens, group, whole=True), strict=True):
+                        scattered[row] = result
+                results = [result for result in scattered if result is not None]
+        if counters is not None:
+            counters.calls.inc(len(groups))
+        return results
 
     def _run_rows(
         self,
@@ -222,8 +251,8 @@ class Engine:
         large for the device's memory runs in smaller pieces; only an item that fails alone gets an
         error."""
         count = len(rows)
-        if self.metrics is not None:
-            self.metrics.items_executed.labels(kind.value).inc(count)
+        if self._counters is not None:
+            self._counters[kind].items.inc(count)
         try:
             return self._rows(self._call(kind, *self._slice(images, tokens, rows), count), count)
         except Exception as exc:
@@ -232,8 +261,8 @@ class Engine:
             torch.cuda.empty_cache()  # outside `except`: the traceback held the failed pass's tensors
         if count == 1:
             return [failure]
-        if whole and self.metrics is not None:
-            self.metrics.batch_failures.labels(kind.value).inc()
+        if whole and self._counters is not None:
+            self._counters[kind].failures.inc()
         half = count // 2
         return self._run_rows(kind, images, tokens, rows[:half]) + self._run_rows(kind, images, tokens, rows[half:])
 
@@ -303,7 +332,8 @@ class Engine:
 
     def _to_device(self, array: npt.NDArray[np.generic] | None) -> torch.Tensor:
         assert array is not None
-        return torch.from_numpy(array).to(self.device, non_blocking=True)
+        tensor = torch.from_numpy(array)
+        return tensor if self.device.type == "cpu" else tensor.to(self.device, non_blocking=True)
 
     @staticmethod
     def _checked(value: object, count: int, width: int, name: str) -> torch.Tensor:
@@ -314,11 +344,13 @@ class Engine:
 
     @staticmethod
     def _rows(outputs: dict[str, torch.Tensor], count: int) -> list[RowResult]:
-        finite = torch.ones(count, dtype=torch.bool, device=next(iter(outputs.values())).device)
-        for value in outputs.values():
-            finite &= torch.isfinite(value).all(dim=1)
+        # Checked on the host copy the answers need anyway: a handful of small torch ops per batch
+        # cost more than the whole check in numpy, at batch 1 most of all.
         arrays = {name: value.detach().to("cpu", torch.float32).numpy() for name, value in outputs.items()}
-        ok = finite.cpu().tolist()
+        finite = np.ones(count, dtype=bool)
+        for array in arrays.values():
+            finite &= np.isfinite(array).all(axis=1)
+        ok = finite.tolist()
         return [
             Row(**{name: array[i] for name, array in arrays.items()}) if ok[i] else ModelFailure(_NOT_FINITE)
             for i in range(count)
