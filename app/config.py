@@ -86,7 +86,9 @@ class Settings(BaseSettings):
     threads: Annotated[
         int | None,
         Field(
-            ge=1, le=1024, description="intra-op threads of the inference thread (default: all cores on CPU, 1 on CUDA)"
+            ge=1,
+            le=1024,
+            description="intra-op threads of the inference thread (default: half the cores on CPU, 1 on CUDA)",
         ),
     ] = None
 

@@ -158,7 +158,10 @@ class Metrics:
             "fusion_consecutive_failed_batches", "Batches in a row in which no item got an answer", registry=r
         )
         self.startup = Gauge(
-            "fusion_startup_seconds", "Time to ready by phase (load, warmup, selfcheck, total)", ["phase"], registry=r
+            "fusion_startup_seconds",
+            "Time to ready by phase (load, warmup, callcost, selfcheck, total)",
+            ["phase"],
+            registry=r,
         )
         self.ready = Gauge("fusion_ready", "1 when /readyz answers 200", registry=r)
         self.alive = Gauge("fusion_alive", "1 when /healthz answers 200", registry=r)
