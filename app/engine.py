@@ -220,21 +220,17 @@ class Engine:
         lengths: list[int] = np.count_nonzero(tokens, axis=1).tolist() if tokens is not None else []
         groups = group_by_length(lengths, self.call_cost_tokens[kind]) if lengths else [list(range(count))]
         counters = self._counters[kind] if self._counters is not None else None
+        # A whole batch runs as a range: the staging buffer's view, no copy.
+        runs: list[Sequence[int]] = [range(count)] if len(groups) == 1 else list(groups)
+        results: list[RowResult] = [ModelFailure(_MODEL_FAILED)] * count  # every row is set below
         with torch.inference_mode():
-            if len(groups) == 1:  # the whole batch in its order: the staging buffer's view, no copy
+            for rows in runs:
                 if counters is not None:
-                    counters.count_tokens(lengths)
-                results = self._run_rows(kind, images, tokens, range(count), whole=True)
-            else:
-                scattered: list[RowResult | None] = [None] * count
-                for group in groups:
-                    if counters is not None:
-                        counters.count_tokens([lengths[row] for row in group])
-                    for row, result in zip(group, self._run_rows(kind, images, tokens, group, whole=True), strict=True):
-                        scattered[row] = result
-                results = [result for result in scattered if result is not None]
+                    counters.count_tokens([lengths[row] for row in rows] if lengths else [])
+                for row, result in zip(rows, self._run_rows(kind, images, tokens, rows, whole=True), strict=True):
+                    results[row] = result
         if counters is not None:
-            counters.calls.inc(len(groups))
+            counters.calls.inc(len(runs))
         return results
 
     def _run_rows(
