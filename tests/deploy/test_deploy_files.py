@@ -353,8 +353,11 @@ def test_haproxy_limits_match_the_service() -> None:
     defaults = Settings()
     # The body limit is the service's.
     assert int(haproxy_setting(r"req\.hdr_val\(content-length\) gt (\d+)")) == defaults.max_body_bytes
-    # The service answers a request past its default deadline (504) before HAProxy gives up on it.
-    assert seconds(haproxy_setting(r"^\s*timeout server (\S+)")) > defaults.request_timeout_ms / 1000
+    # The service answers a request past its default deadline (504), or one stuck in a hung forward
+    # pass (500 model_timeout), before HAProxy gives up on it.
+    server_timeout = seconds(haproxy_setting(r"^\s*timeout server (\S+)"))
+    assert server_timeout > defaults.request_timeout_ms / 1000
+    assert server_timeout > defaults.forward_timeout_s
     # The production check intervals notice a drain inside the service's drain window: the first
     # failed check comes within `inter`, the next ones every `fastinter`, each taking up to
     # `timeout check`.
