@@ -98,8 +98,11 @@ class Trainer:
         self.model = FusionModel(self.model_config).to(device)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
-        sampler = ImageGroupedSampler if config.group_by_image else RecordSampler
-        self.sampler: Callable[[torch.Generator], torch.Tensor] = sampler(train, config.batch_size)
+        self.sampler: Callable[[torch.Generator], torch.Tensor] = (
+            ImageGroupedSampler(train, config.batch_size, config.questions_per_image)
+            if config.group_by_image
+            else RecordSampler(train, config.batch_size)
+        )
         self.step = 0
         self.elapsed = 0.0  # training seconds before this process (kept across --resume)
         self.resumed_at = time.monotonic()

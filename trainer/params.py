@@ -43,6 +43,9 @@ class TrainConfig:
     # Draw whole images, each with all its questions, rather than single records: the image encoder
     # then runs once per image of the batch instead of once per question.
     group_by_image: bool = True
+    # With group_by_image, at most this many of an image's questions per draw (0: all of them): more
+    # distinct images per batch, for the spatial questions that need many scenes to learn.
+    questions_per_image: int = 0
     time_budget_min: float = 0.0  # stop early (then anneal is cut short) when > 0
     # machinery
     seed: int = 0
@@ -83,6 +86,8 @@ _HELP = {
     "time_budget_min": "stop after this many minutes of training, then export",
     "resume": "a checkpoint (.pt) to continue from",
     "group_by_image": "batches of whole images, each with all its questions (its image encoded once)",
+    "questions_per_image": "with --group-by-image: at most N of an image's questions per draw, chosen at random"
+    " (default 0: all)",
 }
 
 
@@ -104,4 +109,8 @@ def parse_args(argv: Sequence[str]) -> TrainConfig:
     config = TrainConfig(**vars(args))
     if config.text_encoder not in ("lstm", "transformer"):
         parser.error("--text-encoder must be lstm or transformer")
+    if config.questions_per_image < 0:
+        parser.error("--questions-per-image must be >= 0")
+    if config.questions_per_image and not config.group_by_image:
+        parser.error("--questions-per-image needs --group-by-image (single-question batches draw one per image)")
     return config

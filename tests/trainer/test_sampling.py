@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model.config import FusionConfig, ImageTowerConfig, TextTowerConfig
 from model.fusion import FusionModel
 from model.preprocess import tokenize
 from trainer.data import Record, TensorDataset
+from trainer.params import parse_args
 from trainer.sampling import ImageGroupedSampler, RecordSampler
 
 
@@ -56,6 +58,43 @@ def test_grouped_batches_hold_whole_images_and_exactly_the_batch_size() -> None:
             assert run == wanted[: len(run)]
             assert len(run) == len(wanted) or start + len(run) == 30
             start += len(run)
+
+
+def test_capped_draws_take_a_random_subset_of_each_image() -> None:
+    data = dataset([4] * 50 + [1] * 10)
+    groups = data.records_by_image()
+    sampler = ImageGroupedSampler(data, batch_size=30, per_image=2)
+    generator = torch.Generator().manual_seed(3)
+    seen: set[int] = set()
+    for _ in range(200):
+        rows = sampler(generator)
+        assert len(rows) == 30
+        # One run per draw: two distinct records of a 4-question image, the one of a 1-question image.
+        start = 0
+        while start < 30:
+            image = int(data.image_index[rows[start]])
+            run = rows[start : start + min(2, len(groups[image]))].tolist()
+            assert set(run) <= set(groups[image].tolist()) and len(set(run)) == len(run)
+            start += len(run)
+        seen.update(rows.tolist())
+    assert seen == set(range(len(data)))  # a random subset each draw, not always the same two
+
+
+def test_no_cap_draws_the_same_batches_as_before_the_cap_existed() -> None:
+    data = dataset([4] * 20 + [2] * 5)
+    uncapped = ImageGroupedSampler(data, 16)
+    capped_off = ImageGroupedSampler(data, 16, per_image=0)
+    first, again = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(10):
+        assert torch.equal(uncapped(first), capped_off(again))
+
+
+def test_the_cap_needs_image_batches_and_a_count() -> None:
+    base = ["--data", "d", "--out", "o"]
+    assert parse_args([*base, "--questions-per-image", "2"]).questions_per_image == 2
+    for wrong in (["--questions-per-image", "2", "--no-group-by-image"], ["--questions-per-image", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args([*base, *wrong])
 
 
 def test_samplers_repeat_for_the_same_seed() -> None:
