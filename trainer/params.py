@@ -44,7 +44,7 @@ class TrainConfig:
     # then runs once per image of the batch instead of once per question.
     group_by_image: bool = True
     # With group_by_image, at most this many of an image's questions per draw (0: all of them): more
-    # distinct images per batch, for the spatial questions that need many scenes to learn.
+    # distinct images per batch of the same size, for what the image encoder must see many scenes to learn.
     questions_per_image: int = 0
     time_budget_min: float = 0.0  # stop early (then anneal is cut short) when > 0
     # machinery
