@@ -92,6 +92,19 @@ class Settings(BaseSettings):
         ),
     ] = None
 
+    frontends: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=256,
+            description=(
+                "processes that answer HTTP (parse, decode, respond) on the one port, all feeding this"
+                " process's one batcher: for a GPU host, whose device outruns one Python process's"
+                " HTTP (1: this process alone)"
+            ),
+        ),
+    ] = 1
+
     # Batching and admission.
     max_batch_size: Annotated[int, Field(ge=1, le=1024, description="largest batch the device runs")] = 32
     max_wait_ms: Annotated[

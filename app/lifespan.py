@@ -13,10 +13,13 @@ import asyncio
 import gc
 import logging
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 import torch
@@ -25,7 +28,10 @@ from fastapi import FastAPI
 from app.batching import MicroBatcher, StageBuffers
 from app.decoding import Decoder
 from app.engine import Engine, Kind, WarmUp, resolve_device
+from app.frontends import FrontendSupervisor
+from app.handoff_server import HandoffServer
 from app.health import HealthMonitor
+from app.routes.info import info_body
 from app.state import AppState, Phase
 from app.worker import InferenceWorker
 from model.package import read_manifest
@@ -34,6 +40,8 @@ log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 
 def warmup_text_lengths(max_length: int) -> list[int]:
@@ -45,6 +53,8 @@ def warmup_text_lengths(max_length: int) -> list[int]:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.fusion
     start(state)
+    if state.frontend_plan is not None:
+        await start_frontends(state)
     try:
         yield
     finally:
@@ -60,10 +70,34 @@ def start(state: AppState) -> None:
     state.startup_task = asyncio.create_task(_bring_up(state, device), name="startup")
 
 
+async def start_frontends(state: AppState) -> None:
+    """--frontends N: the link's socket (in a private folder), then the front-end processes."""
+    assert state.frontend_plan is not None
+    folder = Path(tempfile.mkdtemp(prefix="fusionserve-"))  # mode 0700: this user's processes only
+    info = b""
+
+    def device_info() -> bytes:
+        nonlocal info  # fixed once ready (the call costs are measured before)
+        if not info and state.phase is Phase.READY:
+            info = info_body(state)
+        return info
+
+    state.handoff = HandoffServer(state, folder / "link.sock", device_info)
+    await state.handoff.start()
+    state.frontends = FrontendSupervisor(state.frontend_plan, folder / "link.sock", state.metrics)
+    state.frontends.start()
+
+
 async def stop(state: AppState) -> None:
     """Finish what is queued and running, then stop the threads; all within one grace period."""
     # One grace period in all: it started when the listener closed, if the drain set a deadline.
     end = state.shutdown_deadline or time.monotonic() + state.settings.graceful_timeout_s
+    if state.frontends is not None:
+        # First: their accepted requests still need this process's batcher.
+        await state.frontends.stop(end)
+    if state.handoff is not None:
+        await state.handoff.close()
+        shutil.rmtree(state.handoff.path.parent, ignore_errors=True)
     if state.startup_task is not None and not state.startup_task.done():
         state.startup_task.cancel()
         await asyncio.gather(state.startup_task, return_exceptions=True)

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from app import handlers
 from app.auth import HEALTH_PATHS, ApiKeyMiddleware, load_api_keys
 from app.config import Settings, get_settings
-from app.lifespan import lifespan
+from app.lifespan import Lifespan, lifespan
 from app.metrics import Metrics
 from app.middleware import RequestContextMiddleware
 from app.routes import INFERENCE_PATHS, api_router
@@ -34,8 +34,9 @@ Image+text fusion model serving with dynamic micro-batching.
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Raises ApiKeyError when API keys are configured but unusable."""
+def create_app(settings: Settings | None = None, lifespan: Lifespan = lifespan) -> FastAPI:
+    """Raises ApiKeyError when API keys are configured but unusable. `lifespan`: a front-end
+    process's (app.frontend) instead of the device process's."""
     settings = settings or get_settings()
     keys = load_api_keys(settings)
     state = AppState(settings=settings, metrics=Metrics(settings.max_batch_size))

@@ -165,6 +165,17 @@ class Metrics:
         )
         self.ready = Gauge("fusion_ready", "1 when /readyz answers 200", registry=r)
         self.alive = Gauge("fusion_alive", "1 when /healthz answers 200", registry=r)
+        self.frontends = Gauge(
+            "fusion_frontends_connected",
+            "Front-end processes linked to the device process (--frontends N: N-1 when all are up)",
+            registry=r,
+        )
+        self.handoff_items = Counter(
+            "fusion_handoff_items", "Items front-end processes handed to this process's batcher", registry=r
+        )
+        self.frontend_restarts = Counter(
+            "fusion_frontend_restarts", "Front-end processes started again after they exited unexpectedly", registry=r
+        )
         # process_resident_memory_bytes and friends (Linux): a soak or an alert watches memory here.
         ProcessCollector(registry=r)
         self.model_info = Gauge(

@@ -70,7 +70,8 @@ class BatchingInfo(BaseModel):
     max_wait_ms: float = Field(description="extra wait for a fuller batch when idle (0: none)")
     gather_ms: float = Field(description="longest wait, when the device frees, for requests still decoding")
     max_queue: int = Field(description="admitted requests not yet running, beyond which 429")
-    decode_workers: int
+    decode_workers: int = Field(description="decode threads of each process that answers HTTP")
+    frontends: int = Field(description="processes answering HTTP, all feeding one batcher")
     call_cost_tokens: dict[str, float | None] = Field(
         description=(
             "per text kind, one more forward call's cost in padded tokens, measured at startup or set:"

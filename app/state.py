@@ -4,6 +4,9 @@ loading -> warming_up -> self_check -> ready        (any failure: failed, and th
 ready + SIGTERM -> draining: /readyz 503, requests still served until the listener closes
 ready + a hung forward pass -> dead (/healthz 503) until it ends; + a failing model -> not ready
 (see app.health)
+
+A front-end process (`--frontends N`) holds no model: its liveness and readiness are the device
+process's, as last pushed over its link, and it is dead when the link is lost.
 """
 
 from __future__ import annotations
@@ -12,17 +15,23 @@ import asyncio
 import enum
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
-from app.batching import MicroBatcher
 from app.config import Settings
 from app.decoding import Decoder
-from app.engine import Engine
-from app.errors import NotReady
+from app.engine import ByteArray, Engine, Kind, Row, TokenArray
+from app.errors import NotReady, ServiceError
 from app.health import HealthMonitor
 from app.metrics import Metrics
 from app.worker import InferenceWorker
 from model.package import Manifest
+
+if TYPE_CHECKING:
+    from app.frontends import FrontendPlan, FrontendSupervisor
+    from app.handoff_client import DeviceLink
+    from app.handoff_server import HandoffServer
+
+TicketT = TypeVar("TicketT")
 
 
 class Phase(enum.StrEnum):
@@ -33,6 +42,31 @@ class Phase(enum.StrEnum):
     FAILED = "failed"
 
 
+class Batcher(Protocol[TicketT]):
+    """What the routes need of a batcher: the device's MicroBatcher, or a front-end's RemoteBatcher."""
+
+    admitted: int  # tickets held
+
+    @property
+    def idle(self) -> bool: ...
+
+    def refusal(self) -> ServiceError | None: ...
+
+    def admit(self) -> TicketT: ...
+
+    async def run(
+        self,
+        ticket: TicketT,
+        kind: Kind,
+        image: ByteArray | None,
+        tokens: TokenArray | None,
+        deadline: float,
+        gone: asyncio.Future[None] | None = None,
+    ) -> Row: ...
+
+    async def stop(self, timeout_s: float) -> None: ...
+
+
 class Serving(NamedTuple):
     """What a request needs once the model is ready."""
 
@@ -40,7 +74,7 @@ class Serving(NamedTuple):
     metrics: Metrics
     manifest: Manifest
     decoder: Decoder
-    batcher: MicroBatcher
+    batcher: Batcher[Any]
     decode_pool: ThreadPoolExecutor
 
 
@@ -58,9 +92,15 @@ class AppState:
     engine: Engine | None = None
     manifest: Manifest | None = None
     decoder: Decoder | None = None
-    batcher: MicroBatcher | None = None
+    batcher: Batcher[Any] | None = None
     decode_pool: ThreadPoolExecutor | None = None
     monitor: HealthMonitor | None = None
+    # --frontends N, in the device process: what to start, the started front-ends, their link.
+    frontend_plan: FrontendPlan | None = None
+    frontends: FrontendSupervisor | None = None
+    handoff: HandoffServer | None = None
+    # In a front-end process: the link to the device process (None in the device process).
+    link: DeviceLink | None = None
     startup_task: asyncio.Task[None] | None = None
     startup_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -77,6 +117,8 @@ class AppState:
 
     def liveness(self) -> str | None:
         """None when alive; else why the orchestrator should restart this replica."""
+        if self.link is not None and (reason := self.link.liveness()) is not None:
+            return reason  # a front-end: the device process's, or dead without its link
         if self.phase is Phase.FAILED:
             return "startup failed"
         if self.worker is not None and not self.worker.alive:
@@ -87,6 +129,8 @@ class AppState:
         """None when ready for traffic; else the reason (what /readyz says)."""
         if self.draining:
             return "draining"
+        if self.link is not None and (reason := self.link.readiness()) is not None:
+            return reason
         if self.phase is not Phase.READY:
             return f"startup failed: {self.failure}" if self.phase is Phase.FAILED else self.phase.value
         return self.liveness() or (self.monitor.readiness() if self.monitor is not None else None)

@@ -1,23 +1,47 @@
-"""GET /info: the served model, the device and the batching settings."""
+"""GET /info: the served model, the device and the batching settings.
+
+A front-end process (`--frontends N`) answers with the device process's own /info, pushed to it
+once the model is loaded.
+"""
 
 from __future__ import annotations
 
 import math
 
 from fastapi import APIRouter
+from starlette.responses import Response
 
 from app.deps import StateDep
 from app.errors import NotReady
 from app.schemas import BatchingInfo, InfoResponse, LimitsInfo, ModelInfo, error_responses
+from app.state import AppState
 
 router = APIRouter(tags=["info"])
 
 
-@router.get("/info", summary="Model and serving configuration", responses=error_responses(401, 503))
-async def info(state: StateDep) -> InfoResponse:
+@router.get(
+    "/info",
+    summary="Model and serving configuration",
+    response_model=InfoResponse,
+    responses=error_responses(401, 503),
+)
+async def info(state: StateDep) -> Response:
+    body = state.link.device.info if state.link is not None else info_body(state)
+    if not body:
+        raise NotReady("the model is still loading", retry_after_s=state.settings.retry_after_s)
+    return Response(body, media_type="application/json")
+
+
+def info_body(state: AppState) -> bytes:
+    """The device process's /info as JSON; empty until the model is loaded."""
+    info = build_info(state)
+    return info.model_dump_json().encode() if info is not None else b""
+
+
+def build_info(state: AppState) -> InfoResponse | None:
     manifest, engine, settings = state.manifest, state.engine, state.settings
     if manifest is None or engine is None:
-        raise NotReady("the model is still loading", retry_after_s=settings.retry_after_s)
+        return None
     return InfoResponse(
         model=ModelInfo(
             name=manifest.name,

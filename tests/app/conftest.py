@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.batching import MicroBatcher
 from app.config import Settings
 from app.main import create_app
 from app.state import AppState
@@ -64,6 +65,13 @@ class Running:
     def state(self) -> AppState:
         state: AppState = self.app.state.fusion
         return state
+
+    @property
+    def batcher(self) -> MicroBatcher:
+        """The device process's own batcher (queue counts and all)."""
+        batcher = self.state.batcher
+        assert isinstance(batcher, MicroBatcher)
+        return batcher
 
     async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         response = await self.client.get("/metrics")

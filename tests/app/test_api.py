@@ -108,7 +108,7 @@ def test_a_lone_cheap_request_decodes_on_the_loop_with_the_same_answer(tiny_pack
 def test_a_request_arriving_while_another_runs_decodes_in_the_pool(probe_package: Path) -> None:
     async def body() -> None:
         async with serve(settings_for(probe_package)) as served:
-            batcher = served.state.batcher
+            batcher = served.batcher
             assert batcher is not None
             slow = asyncio.ensure_future(served.client.post("/predict", **form(picture(), "#" * 60)))
             await until(lambda: batcher.running == 1)

@@ -46,7 +46,7 @@ async def post(served: Running, path: str, image: bytes | None, text: str | None
 async def hold_the_device(served: Running) -> asyncio.Task[httpx.Response]:
     """Start a slow request and return once it is running on the device."""
     slow = asyncio.create_task(post(served, "/predict", picture(), SLOW))
-    batcher = served.state.batcher
+    batcher = served.batcher
     assert batcher is not None
     await until(lambda: batcher.running > 0)
     return slow
@@ -276,7 +276,7 @@ def test_a_disconnected_clients_request_is_not_run(probe_package: Path) -> None:
             request = httpx.Request("POST", "http://fusion.test/predict", **form(picture(), "leaving"))
             gone = asyncio.Event()
             leaving = asyncio.create_task(raw_call(served.app, request, gone))
-            batcher = served.state.batcher
+            batcher = served.batcher
             assert batcher is not None
             await until(lambda: batcher.queued == 1)
             gone.set()
@@ -296,7 +296,7 @@ def test_a_full_queue_sheds_at_once_with_retry_after(probe_package: Path) -> Non
         async with serve(settings_for(probe_package, max_queue=2)) as served:
             slow = await hold_the_device(served)
             queued = [asyncio.create_task(post(served, "/predict", picture(), f"queued {i}")) for i in range(2)]
-            batcher = served.state.batcher
+            batcher = served.batcher
             assert batcher is not None
             await until(lambda: batcher.admitted == 2)
             shed = await post(served, "/predict", picture(), "one too many")
@@ -393,7 +393,7 @@ def test_a_request_still_arriving_when_the_device_frees_joins_the_next_batch(pro
 
     async def batches(gather_ms: float) -> float:
         async with serve(settings_for(probe_package, gather_ms=gather_ms)) as served:
-            batcher = served.state.batcher
+            batcher = served.batcher
             assert batcher is not None
             slow = await hold_the_device(served)
             before = metric(await served.metrics(), "fusion_batch_size_count", kind="fuse")  # counted when done

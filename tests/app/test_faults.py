@@ -22,7 +22,7 @@ from tests.app.test_batching import assert_same_prediction, hold_the_device, pos
 
 async def queue_in_order(served: Running, texts: list[str]) -> list[asyncio.Task[httpx.Response]]:
     """Send each request once the one before it is queued, so the batch holds them in this order."""
-    batcher = served.state.batcher
+    batcher = served.batcher
     assert batcher is not None
     tasks = []
     for count, text in enumerate(texts, 1):
@@ -120,7 +120,7 @@ def test_a_hung_forward_pass_fails_its_batch_and_turns_liveness_red(probe_packag
 
     async def body() -> None:
         async with serve(settings_for(probe_package, forward_timeout_s=0.3, retry_after_s=1)) as served:
-            worker, batcher = served.state.worker, served.state.batcher
+            worker, batcher = served.state.worker, served.batcher
             assert worker is not None and batcher is not None
             hung = asyncio.create_task(post(served, "/predict", picture(), "@hangs"))
             await until(lambda: batcher.running == 1)

@@ -84,10 +84,17 @@ def test_gpu_check_dry_run() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert any("PASS" in line for line in lines)
-    columns = "| precision | concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 | cores | loop busy |"
+    columns = "| service | concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 | cores | device loop busy |"
     header = lines.index(columns)
     rows = [line.split(" | ") for line in lines[header + 2 : -1]]
-    assert [row[:2] for row in rows] == [["| fp32", "1"], ["| fp32", "4"], ["| bf16", "1"], ["| bf16", "4"]]
+    assert [row[:2] for row in rows] == [
+        ["| fp32", "1"],
+        ["| fp32", "4"],
+        ["| bf16", "1"],
+        ["| bf16", "4"],
+        ["| fp32, 2 processes", "1"],
+        ["| fp32, 2 processes", "4"],
+    ]
     assert all(row[6] == "0" for row in rows)  # every request answered 200
     assert all(0 < float(row[7]) and row[8].endswith("% |") for row in rows)
     assert lines[-1].startswith("(") and lines[-1].endswith(" s)")

@@ -1,0 +1,186 @@
+"""In the device process: the Unix socket that front-end processes hand their decoded items to.
+
+Each item runs through the device's own MicroBatcher exactly as a request of the device process
+does: admission (429 at the replica's one queue bound), deadline (the time left when the
+front-end sent it), the client's disconnect (CANCEL), one batch across every process's items.
+Its row or its error goes back on the link it came from.
+
+The device's liveness, readiness and /info are pushed to every front-end when they change, so
+their /healthz and /readyz tell the truth without a round trip. /metrics from any process is the
+replica's: the device pulls each front-end's own exposition and merges (app.metrics_merge).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from app import handoff
+from app.errors import ServiceError
+from app.handoff import DeviceState, Message, ProtocolError
+from app.metrics_merge import merge, monotonic_part
+from app.state import AppState
+
+log = logging.getLogger(__name__)
+
+STATE_POLL_S: Final = 0.05  # how stale a front-end's view of readiness may be
+PULL_TIMEOUT_S: Final = 1.0  # a front-end that does not answer a pull in time counts with its last snapshot
+
+
+@dataclass(eq=False)
+class _Link:
+    writer: asyncio.StreamWriter
+    gone: dict[int, asyncio.Future[None]] = field(default_factory=dict)  # items not answered yet
+    pulls: dict[int, asyncio.Future[str]] = field(default_factory=dict)
+    snapshot: str = ""  # the front-end's own exposition, as last pulled
+
+    def send(self, buffers: list[bytes | memoryview]) -> None:
+        if not self.writer.is_closing():
+            self.writer.writelines(buffers)
+
+
+class HandoffServer:
+    def __init__(self, state: AppState, path: Path, info: Callable[[], bytes]) -> None:
+        self._state = state
+        self._path = path
+        self._info = info  # the /info body once the model is loaded (b"" before)
+        self._links: set[_Link] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._current = DeviceState(liveness=None, readiness="loading", info=b"")
+        self._ids = itertools.count(1)
+        self._retired = ""  # counters of front-ends that have exited
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self._path))
+        self._watch = asyncio.create_task(self._push_state_forever(), name="handoff-state")
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._server is not None:
+            self._server.close()
+        for link in list(self._links):
+            link.writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- one front-end's link ----------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = _Link(writer)
+        self._links.add(link)
+        self._state.metrics.frontends.set(len(self._links))
+        link.send(handoff.encode_state(self._current))
+        try:
+            while (got := await handoff.read_frame(reader)) is not None:
+                self._on_frame(link, *got)
+        except ProtocolError as exc:
+            log.error("a front-end's link broke: %s; closing it", exc)
+        except ConnectionError:
+            pass
+        finally:
+            self._links.discard(link)
+            self._state.metrics.frontends.set(len(self._links))
+            for gone in link.gone.values():  # nobody reads the answers now: drop what has not run
+                handoff.settle(gone, None)
+            self._retire(link.snapshot)
+            writer.close()
+
+    def _on_frame(self, link: _Link, kind: Message, body: memoryview) -> None:
+        if kind is Message.ITEM:
+            item = handoff.decode_item(body)
+            gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            link.gone[item.id] = gone
+            self._state.metrics.handoff_items.inc()
+            self._spawn(self._run(link, item, gone))
+        elif kind is Message.CANCEL:
+            item_id, _ = handoff.decode_id(body)
+            handoff.settle(link.gone.get(item_id), None)
+        elif kind is Message.METRICS:
+            request_id, _ = handoff.decode_id(body)
+            self._spawn(self._answer_metrics(link, request_id))
+        elif kind is Message.SNAPSHOT:
+            pull_id, text = handoff.decode_id(body)
+            link.snapshot = text.decode()
+            handoff.settle(link.pulls.pop(pull_id, None), link.snapshot)  # id 0: unasked, on its way out
+        else:
+            raise ProtocolError(f"a front-end sent {kind.name}")
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, link: _Link, item: handoff.Item, gone: asyncio.Future[None]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            serving = self._state.serving()  # 503 while loading, or dead
+            ticket = serving.batcher.admit()  # 429 at the replica's one bound, 503 while stopping
+        except ServiceError as exc:
+            link.gone.pop(item.id, None)
+            link.send(handoff.encode_error(item.id, exc))
+            return
+        try:
+            deadline = loop.time() + item.seconds_left
+            row = await serving.batcher.run(ticket, item.kind, item.image, item.tokens, deadline, gone)
+        except ServiceError as exc:
+            link.send(handoff.encode_error(item.id, exc))
+        else:
+            link.send(handoff.encode_row(item.id, row))
+        finally:
+            ticket.release()
+            link.gone.pop(item.id, None)
+
+    # -- state and metrics -------------------------------------------------------------------------
+
+    def state_now(self) -> DeviceState:
+        return DeviceState(self._state.liveness(), self._state.readiness(), self._info())
+
+    async def _push_state_forever(self) -> None:
+        while True:
+            now = self.state_now()
+            if now != self._current:
+                self._current = now
+                for link in list(self._links):
+                    link.send(handoff.encode_state(now))
+            await asyncio.sleep(STATE_POLL_S)
+
+    async def _answer_metrics(self, link: _Link, request_id: int) -> None:
+        text = await self.render_metrics()
+        link.send(handoff.encode_id(Message.METRICS_TEXT, request_id, text))
+
+    async def render_metrics(self) -> bytes:
+        """The replica's exposition: this process's, plus each front-end's, pulled now."""
+        loop = asyncio.get_running_loop()
+        pulls: list[tuple[_Link, asyncio.Future[str]]] = []
+        for link in list(self._links):
+            pull_id = next(self._ids)
+            future: asyncio.Future[str] = loop.create_future()
+            link.pulls[pull_id] = future
+            link.send(handoff.encode_id(Message.PULL, pull_id))
+            pulls.append((link, future))
+        if pulls:
+            await asyncio.wait([future for _, future in pulls], timeout=PULL_TIMEOUT_S)
+        texts = []
+        for link, future in pulls:
+            link.pulls = {key: value for key, value in link.pulls.items() if value is not future}
+            texts.append(future.result() if future.done() else link.snapshot)
+        own = self._state.metrics.render().decode()
+        return merge(own, [*texts, self._retired])
+
+    def _retire(self, snapshot: str) -> None:
+        if snapshot:
+            kept = merge(self._retired, [snapshot]).decode() if self._retired else snapshot
+            self._retired = monotonic_part(kept)

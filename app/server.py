@@ -1,0 +1,74 @@
+"""The uvicorn server of every process of a replica: drains on its first SIGTERM, exits when startup fails.
+
+Shutdown on SIGTERM (or Ctrl+C), in order:
+1. /readyz answers 503 at once, so the load balancer stops sending;
+2. requests keep being served normally for drain_delay_s (answers carry Connection: close, so
+   keep-alive clients move on);
+3. the listener closes; accepted requests (queued and running) finish, up to graceful_timeout_s;
+4. the process exits 0. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from app.config import Settings
+from app.protocol import guarded_protocol
+from app.state import AppState, Phase
+
+log = logging.getLogger("app")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains before it stops, and which exits when startup fails."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.exit_code = 0
+        self._drain_until: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_until is None and not self.should_exit and sig in (signal.SIGTERM, signal.SIGINT):
+            # In a signal handler: set flags only; on_tick logs and acts.
+            self.state.begin_drain()
+            self._drain_until = time.monotonic() + self.state.settings.drain_delay_s
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_until is not None and not self.should_exit:
+            if counter % 10 == 0:
+                log.info("draining: /readyz is 503; serving until the drain delay ends")
+            if self.state.frontends is not None:
+                self.state.frontends.begin_drain()  # once; each front-end drains as this process does
+            if time.monotonic() >= self._drain_until:
+                log.info("drain delay over: closing the listener and finishing accepted requests")
+                self.state.shutdown_deadline = time.monotonic() + self.state.settings.graceful_timeout_s
+                self.should_exit = True
+        if self.state.phase is Phase.FAILED and not self.should_exit:
+            self.exit_code = 1
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def build_server(app: FastAPI, settings: Settings) -> DrainingServer:
+    config = uvicorn.Config(
+        app,
+        http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s, settings.body_timeout_s),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s),
+        server_header=False,
+        log_config=None,  # keep the logging configured by the entry point
+    )
+    return DrainingServer(config, app.state.fusion)

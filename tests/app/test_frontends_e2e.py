@@ -1,0 +1,213 @@
+"""`--frontends N` end to end: one replica of several processes on one port, over real sockets.
+
+Which process accepts a connection is the kernel's choice, so each test sends enough requests on
+fresh connections that the front-ends serve (the device counts what they hand over), and asserts
+what must hold whichever process answered: the same answers as a replica of one process, exact
+counts in /metrics from any process, restarts, the drain, and the end of the device process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.app.conftest import form, metric, picture
+from tests.app.servers import SERVER_ARGS, Server, running_server, start_server
+
+pytestmark = pytest.mark.slow
+
+FRONTENDS = ("--frontends", "3")  # the device process and two front-ends
+
+
+def frontend_pids(server: Server) -> dict[int, int]:
+    """Front-end index -> the pid it last started with, from the device process's log."""
+    return {int(i): int(pid) for i, pid in re.findall(r"front-end (\d+) started \(pid (\d+)\)", server.output())}
+
+
+def wait_frontends(server: Server, serving: int = 2, timeout_s: float = 60) -> None:
+    """Until `serving` front-ends have said they serve through the device process, and are linked."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        said = len(re.findall(r"serving \S+ \S+ through the device process", server.output()))
+        if said >= serving and metric(server.metrics(), "fusion_frontends_connected") == 2:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the front-ends did not come up:\n{server.output()}")
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (a front-end whose device process died is reaped by init, some time later)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def fresh(url: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """One request on a connection of its own: the kernel picks the process anew each time."""
+    with httpx.Client(base_url=url, timeout=30, headers={"Connection": "close"}) as client:
+        return client.request(method, path, **kwargs)
+
+
+def answers(url: str) -> list[tuple[int, Any]]:
+    """What a replica answers to a fixed set of requests, request ids left out."""
+    requests: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", "/predict", form(picture(), "What shape is it?")),
+        ("POST", "/predict", form(picture(color=(10, 200, 30)), "Quelle forme ?", top_k="2")),
+        ("POST", "/embed", form(picture(), "a red square")),
+        ("POST", "/embed", form(text="text alone")),
+        ("POST", "/embed", form(picture(fmt="JPEG"))),
+        ("POST", "/predict", form(picture(), "!boom")),  # the model fails on this item alone: 500
+        ("POST", "/predict", form(b"not an image", "q")),  # 415 from the decoder
+    ]
+    got = []
+    for method, path, kwargs in requests:
+        response = fresh(url, method, path, **kwargs)
+        body = response.json()
+        if "error" in body:
+            body["error"].pop("request_id")
+        got.append((response.status_code, body))
+    return got
+
+
+@pytest.fixture(scope="module")
+def single(probe_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with running_server(probe_package, tmp_path_factory.mktemp("single"), *SERVER_ARGS) as running:
+        yield running
+
+
+@pytest.fixture
+def replica(probe_package: Path, tmp_path: Path) -> Iterator[Server]:
+    with running_server(probe_package, tmp_path, *SERVER_ARGS, *FRONTENDS) as running:
+        wait_frontends(running)
+        yield running
+
+
+def test_the_replica_answers_as_one_process_does_and_counts_as_one(single: Server, replica: Server) -> None:
+    expected = answers(single.url)
+    assert [status for status, _ in expected] == [200, 200, 200, 200, 200, 500, 415]
+    for _ in range(4):  # 28 requests on fresh connections: every answer as the single process gave it
+        assert answers(replica.url) == expected
+    with ThreadPoolExecutor(8) as pool:  # and concurrently, so that batches mix the processes' items
+        texts = [f"q{i}" for i in range(24)]
+        statuses = list(pool.map(lambda text: fresh(replica.url, "POST", "/predict", **form(picture(), text)), texts))
+    assert [r.status_code for r in statuses] == [200] * 24
+
+    infos = {fresh(replica.url, "GET", "/info").text for _ in range(8)}
+    assert len(infos) == 1  # every process gives the device process's /info
+    info = httpx.Response(200, text=infos.pop()).json()
+    assert info["model"]["version"] == "1.2.3-probe" and info["batching"]["frontends"] == 3
+    assert {fresh(replica.url, "GET", "/readyz").json()["status"] for _ in range(8)} == {"ready"}
+
+    # Any process's /metrics is the replica's: exact counts, whichever process answered what.
+    for _ in range(4):
+        samples = replica.metrics()
+        assert metric(samples, "fusion_requests_total", route="/predict", status="200") == 4 * 2 + 24
+        assert metric(samples, "fusion_requests_total", route="/predict", status="500") == 4
+        assert metric(samples, "fusion_requests_total", route="/embed", status="200") == 4 * 3
+        assert metric(samples, "fusion_requests_total", route="/predict", status="415") == 4
+        assert metric(samples, "fusion_model_failures_total", kind="fuse") == 4
+        assert metric(samples, "fusion_frontends_connected") == 2
+        assert metric(samples, "fusion_ready") == 1
+    # The front-ends did serve: what they handed over ran on the device (the 415s never reach it).
+    assert metric(samples, "fusion_handoff_items_total") > 0
+
+
+def test_a_deadline_and_a_queue_bound_hold_across_processes(replica: Server) -> None:
+    """A slow batch holds the device; a request behind it with a short deadline gets 504 at its
+    deadline (the time left travels with the item), whichever process took it."""
+    with ThreadPoolExecutor(4) as pool:
+        slow = pool.submit(fresh, replica.url, "POST", "/predict", **form(picture(), "#" * 60))
+        time.sleep(0.1)
+        began = time.monotonic()
+        late = fresh(
+            replica.url, "POST", "/predict", **form(picture(), "in a hurry"), headers={"X-Request-Timeout-Ms": "50"}
+        )
+        waited = time.monotonic() - began
+        assert slow.result().status_code == 200
+    assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
+    assert waited < 2.0
+
+
+def test_a_killed_front_end_is_started_again_and_the_replica_keeps_serving(replica: Server) -> None:
+    before = metric(replica.metrics(), "fusion_requests_total", route="/readyz", status="200")
+    old = frontend_pids(replica)[1]
+    os.kill(old, signal.SIGKILL)
+    end = time.monotonic() + 30
+    while frontend_pids(replica)[1] == old and time.monotonic() < end:
+        time.sleep(0.05)
+    assert frontend_pids(replica)[1] != old, replica.output()
+    wait_frontends(replica, serving=3)
+    samples = replica.metrics()
+    assert metric(samples, "fusion_frontend_restarts_total") == 1
+    assert metric(samples, "fusion_requests_total", route="/readyz", status="200") >= before  # never backwards
+    statuses = [fresh(replica.url, "POST", "/predict", **form(picture(), f"after {i}")).status_code for i in range(12)]
+    assert statuses == [200] * 12
+
+
+def test_sigterm_drains_every_process_and_loses_no_accepted_request(probe_package: Path, tmp_path: Path) -> None:
+    drain_delay = 2.0
+    args = (*SERVER_ARGS[:-2], "--drain-delay-s", str(drain_delay), *FRONTENDS)
+    with running_server(probe_package, tmp_path, *args) as server:
+        wait_frontends(server)
+        children = list(frontend_pids(server).values())
+        stop_sending = threading.Event()
+        outcomes: list[int | str] = []
+
+        def steady_client(i: int) -> None:
+            while not stop_sending.is_set():
+                try:
+                    outcomes.append(fresh(server.url, "POST", "/predict", **form(picture(), f"steady {i}")).status_code)
+                except httpx.TransportError as exc:
+                    outcomes.append(type(exc).__name__)
+
+        with ThreadPoolExecutor(16) as pool:
+            steady = [pool.submit(steady_client, i) for i in range(4)]
+            time.sleep(0.5)
+            sigterm_at = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(drain_delay / 2)
+            stop_sending.set()  # the load balancer has seen /readyz 503
+            # Accepted just before the listeners close: slow batches that finish after it.
+            slow_forms = [form(picture(), "#" * 60 + str(i)) for i in range(8)]
+            slow = [pool.submit(fresh, server.url, "POST", "/predict", **one) for one in slow_forms]
+            for future in steady:
+                future.result()
+            slow_statuses = [future.result().status_code for future in slow]
+        exit_code = server.process.wait(timeout=30)
+        exited_at = time.monotonic()
+
+    assert exit_code == 0, server.output()
+    assert outcomes and set(outcomes) == {200}
+    assert slow_statuses == [200] * 8
+    assert not any(alive(pid) for pid in children)
+    assert exited_at - sigterm_at < drain_delay + 10
+    assert "killing them" not in server.output()
+
+
+def test_the_front_ends_stop_when_the_device_process_dies(probe_package: Path, tmp_path: Path) -> None:
+    server = start_server(probe_package, tmp_path, *SERVER_ARGS, *FRONTENDS)
+    try:
+        server.wait_ready()
+        wait_frontends(server)
+        children = list(frontend_pids(server).values())
+        server.process.kill()
+        server.process.wait()
+        end = time.monotonic() + 15
+        while any(alive(pid) for pid in children) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in children), server.output()
+        assert server.output().count("the device process has gone: this front-end stops") == 2
+    finally:
+        server.stop()

@@ -1,0 +1,146 @@
+"""The front-end <-> device wire (app.handoff) and the replica's merged metrics (app.metrics_merge)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from app import handoff
+from app.engine import Kind, Row
+from app.errors import ClientGone, InsufficientStorage, Overloaded, ServiceError
+from app.handoff import DeviceState, Message, ProtocolError
+from app.metrics import Metrics
+from app.metrics_merge import merge, monotonic_part
+from tests.app.conftest import metric, parse_metrics
+
+
+def _body(buffers: list[bytes | memoryview]) -> tuple[Message, memoryview]:
+    """Read one frame back through a real StreamReader, as the other side does."""
+
+    async def read() -> tuple[Message, memoryview]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"".join(bytes(part) for part in buffers))
+        reader.feed_eof()
+        got = await handoff.read_frame(reader)
+        assert got is not None
+        assert await handoff.read_frame(reader) is None  # exactly one frame, nothing after it
+        return got
+
+    return asyncio.run(read())
+
+
+def test_an_item_arrives_as_it_was_sent() -> None:
+    image = np.arange(3 * 5 * 7, dtype=np.uint8).reshape(3, 5, 7)
+    tokens = np.array([1, 73, 256, 229, 1], dtype=np.int64)  # ids span the whole byte range + 1
+    kind, body = _body(handoff.encode_item(41, Kind.FUSE, 2.5, image, tokens))
+    assert kind is Message.ITEM
+    item = handoff.decode_item(body)
+    assert (item.id, item.kind, item.seconds_left) == (41, Kind.FUSE, 2.5)
+    assert item.image is not None and item.tokens is not None
+    assert item.image.shape == (3, 5, 7) and np.array_equal(item.image, image)
+    assert item.tokens.dtype == np.int64 and item.tokens.tolist() == [1, 73, 256, 229, 1]
+
+
+def test_an_image_view_travels_without_its_strides() -> None:
+    """The decoder hands a [3,H,W] view of an [H,W,3] array: the bytes sent are the tensor's order."""
+    pixels = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    view = pixels.transpose(2, 0, 1)
+    item = handoff.decode_item(_body(handoff.encode_item(1, Kind.IMAGE, 1.0, view, None))[1])
+    assert item.tokens is None and item.image is not None
+    assert np.array_equal(item.image, view)
+
+
+def test_a_text_item_carries_no_image() -> None:
+    item = handoff.decode_item(_body(handoff.encode_item(7, Kind.TEXT, 0.25, None, np.array([5, 6])))[1])
+    assert (item.kind, item.image, item.tokens is not None and item.tokens.tolist()) == (Kind.TEXT, None, [5, 6])
+
+
+def test_rows_keep_their_fields() -> None:
+    probs = np.array([0.25, 0.75], dtype=np.float32)
+    embedding = np.array([1.0, -0.5, 0.125], dtype=np.float32)
+    _, body = _body(handoff.encode_row(9, Row(probs=probs, text_embedding=embedding)))
+    item_id, row = handoff.decode_row(body)
+    assert item_id == 9 and row.image_embedding is None
+    assert row.probs is not None and row.probs.tolist() == [0.25, 0.75]
+    assert row.text_embedding is not None and row.text_embedding.tolist() == [1.0, -0.5, 0.125]
+
+
+@pytest.mark.parametrize(
+    ("error", "expected_type"),
+    [
+        (Overloaded("full", retry_after_s=3), Overloaded),
+        (InsufficientStorage("out of memory even alone"), InsufficientStorage),
+        (ClientGone("the client disconnected"), ClientGone),
+    ],
+)
+def test_errors_keep_their_class_code_message_and_retry_after(
+    error: ServiceError, expected_type: type[ServiceError]
+) -> None:
+    _, body = _body(handoff.encode_error(5, error))
+    item_id, back = handoff.decode_error(body)
+    assert item_id == 5 and type(back) is expected_type
+    assert (back.code, back.message, back.retry_after_s) == (error.code, error.message, error.retry_after_s)
+
+
+def test_state_round_trip() -> None:
+    for state in (DeviceState(None, "warming_up", b""), DeviceState("hung", "hung", b'{"model":{}}')):
+        kind, body = _body(handoff.encode_state(state))
+        assert kind is Message.STATE and handoff.decode_state(body) == state
+
+
+def test_a_frame_cut_short_or_unknown_is_a_protocol_error() -> None:
+    async def read(data: bytes) -> object:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        return await handoff.read_frame(reader)
+
+    whole = b"".join(bytes(part) for part in handoff.encode_id(Message.CANCEL, 3))
+    with pytest.raises(ProtocolError):
+        asyncio.run(read(whole[:-1]))
+    with pytest.raises(ProtocolError):
+        asyncio.run(read(whole[:3]))
+    with pytest.raises(ProtocolError):
+        asyncio.run(read(b"\x05\x00\x00\x00\x63" + b"\x00" * 4))  # type 99
+    with pytest.raises(ProtocolError):
+        handoff.decode_item(memoryview(b"\x00" * 5))
+
+
+def _exposition(requests: int, queue: int, ready: int, resident: float) -> str:
+    metrics = Metrics(8)
+    if requests:
+        metrics.requests.labels("/predict", "200").inc(requests)
+        metrics.latency.labels("/predict").observe(0.004)
+    metrics.queue_depth.labels("decode").set(queue)
+    metrics.ready.set(ready)
+    text = metrics.render().decode()
+    # The process collector reads this very process: give each exposition its own memory figure.
+    return "\n".join(
+        f"process_resident_memory_bytes {resident}" if line.startswith("process_resident_memory_bytes ") else line
+        for line in text.splitlines()
+    )
+
+
+def test_merged_metrics_sum_the_processes_and_keep_the_device_state() -> None:
+    device = _exposition(requests=3, queue=1, ready=1, resident=100.0)
+    frontends = [_exposition(requests=5, queue=2, ready=0, resident=10.0) for _ in range(2)]
+    samples = parse_metrics(merge(device, frontends).decode())
+    assert metric(samples, "fusion_requests_total", route="/predict", status="200") == 13
+    assert metric(samples, "fusion_request_duration_seconds_count", route="/predict") == 3
+    assert metric(samples, "fusion_request_duration_seconds_bucket", route="/predict", le="0.005") == 3
+    assert metric(samples, "fusion_queue_depth", stage="decode") == 5
+    assert metric(samples, "process_resident_memory_bytes") == 120
+    assert metric(samples, "fusion_ready") == 1  # the device's alone: the front-ends say 0
+    own = parse_metrics(device)
+    created = {key: value for key, value in samples.items() if key[0].endswith("_created")}
+    assert created and created == {key: value for key, value in own.items() if key[0].endswith("_created")}
+
+
+def test_a_retired_front_end_leaves_its_counters_not_its_gauges() -> None:
+    left = monotonic_part(_exposition(requests=4, queue=7, ready=0, resident=10.0))
+    samples = parse_metrics(merge(_exposition(requests=1, queue=0, ready=1, resident=100.0), [left]).decode())
+    assert metric(samples, "fusion_requests_total", route="/predict", status="200") == 5
+    assert metric(samples, "fusion_queue_depth", stage="decode") == 0
+    assert metric(samples, "process_resident_memory_bytes") == 100
