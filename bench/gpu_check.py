@@ -8,7 +8,9 @@
    preprocessing + forward rate on one thread;
 3. served: `python -m app --device cuda` driven closed loop at several concurrencies (wrk when it
    is installed, else bench.loadgen in several processes), with the mean batch size from /metrics;
-   then at `--precision fp16` (bf16 in the dry run) at the two highest concurrencies;
+   then at `--precision fp16` (bf16 in the dry run) at the two highest concurrencies, then with
+   `--frontends F` (F = half the cores, at most 8; 2 in the dry run), several processes answering
+   HTTP into the one batcher, at the two highest concurrencies;
 4. a short table, printed last.
 
 `--dry-run` runs the same steps on the CPU with a tiny model and tiny durations (well under 30 s):
@@ -416,6 +418,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         reduced_rows = []
         note += f"; served at {reduced}: not run ({type(exc).__name__}: {str(exc)[:160]})"
 
+    frontends = 2 if args.dry_run else max(2, min(8, cores // 2))
+    say(f"served with {frontends} processes answering HTTP")
+    try:
+        frontend_rows, _ = served(
+            model, str(device), payloads, concurrencies[-2:], seconds, [*extra, "--frontends", str(frontends)]
+        )
+    except Exception as exc:
+        frontend_rows = []
+        note += f"; served with --frontends {frontends}: not run ({type(exc).__name__}: {str(exc)[:160]})"
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     lines = [
         "",
@@ -432,10 +444,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         jpeg,
         note,
         "",
-        "| precision | concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 | cores | loop busy |",
+        "| service | concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 | cores | device loop busy |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for precision, rows in (("fp32", served_rows), (reduced, reduced_rows)):
+    cells = (("fp32", served_rows), (reduced, reduced_rows), (f"fp32, {frontends} processes", frontend_rows))
+    for precision, rows in cells:
         for concurrency, row in rows:
             lines.append(
                 f"| {precision} | {concurrency} | {row['throughput']:.0f} | {row['p50'] * 1e3:.1f} | "

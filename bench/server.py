@@ -34,6 +34,15 @@ def machine_busy_s() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / _CLOCK_TICKS
 
 
+def _cpu_of(pid: int) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # exited meanwhile
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -91,15 +100,24 @@ class Server:
             time.sleep(0.05)
 
     def rss_bytes(self) -> int:
-        """Resident set size now (from /proc/PID/statm: resident pages)."""
-        fields = Path(f"/proc/{self.pid}/statm").read_text().split()
-        return int(fields[1]) * _PAGE
+        """Resident set size now, of the process and its front-end processes (/proc/PID/statm)."""
+        return sum(int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE for pid in self._family())
 
     def cpu_s(self) -> float:
-        """User + system CPU time of every thread of the process so far."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        """User + system CPU time of every thread of the process and of its live front-end processes."""
+        return sum(_cpu_of(pid) for pid in self._family())
+
+    def _family(self) -> list[int]:
+        """The service's pid and its children's (with --frontends N, the front-end processes)."""
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:  # exited meanwhile
+                continue
+            if int(text[text.rindex(")") + 2 :].split()[1]) == self.pid:
+                children.append(int(stat.parent.name))
+        return [self.pid, *children]
 
     def main_thread_cpu_s(self) -> float:
         """User + system CPU time of the main thread alone: the one that runs the event loop (HTTP,
