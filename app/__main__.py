@@ -19,6 +19,7 @@ from app.auth import ApiKeyError
 from app.config import Settings
 from app.engine import DeviceUnavailable, PrecisionUnsupported, check_precision, resolve_device
 from app.frontends import FrontendPlan
+from app.lifespan import remove_link_folder
 from app.main import create_app
 from app.server import build_server
 from app.state import AppState
@@ -53,7 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     listener = server.config.bind_socket()
     state: AppState = app.state.fusion
     state.frontend_plan = FrontendPlan(settings.frontends - 1, tuple(args), listener.fileno())
-    server.run(sockets=[listener])
+    try:
+        server.run(sockets=[listener])
+    finally:
+        # A second signal skips the lifespan's shutdown: no front-end and no link folder outlives us.
+        if state.frontends is not None:
+            state.frontends.kill()
+        remove_link_folder(state)
     return server.exit_code
 
 

@@ -6,8 +6,9 @@ process (app.handoff_client). It reads the package's manifest itself (labels, in
 starts accepting connections only once the device process has loaded that very archive (same
 sha256): until then the device process alone answers, /readyz 503 while it loads.
 
-Exit codes: 0 after a drain, 1 when the device process has gone or serves another archive, 2 for
-invalid settings (the device process would have refused them first).
+Exit codes: 0 after a drain; 1 when the device process has gone or serves another archive before
+this process serves, or goes while it serves; 3 (uvicorn's) when it goes in between; 2 for invalid
+settings (the device process would have refused them first).
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ from model.package import Manifest, PackageError, read_manifest
 log = logging.getLogger("app.frontend")
 
 CONNECT_TIMEOUT_S: Final = 30.0
+
+
+def answer_margin_s(settings: Settings) -> float:
+    """How long past an item's deadline the device process may take to answer: by then its forward
+    watchdog has failed a hung batch (500), so silence means the device process is not answering."""
+    return settings.forward_timeout_s + 1.0
 
 
 class FrontendError(Exception):
@@ -86,7 +93,7 @@ async def _link_up(link: DeviceLink, settings: Settings) -> Manifest:
 
 async def _wait_for_device(link_path: Path, settings: Settings) -> str | None:
     """Before uvicorn starts: None once the device process serves this package, else why not."""
-    link = DeviceLink(link_path, lambda: b"", settings.retry_after_s)
+    link = DeviceLink(link_path, lambda: b"", settings.retry_after_s, answer_margin_s(settings))
     try:
         await _link_up(link, settings)
     except (FrontendError, OSError, PackageError) as exc:
@@ -123,7 +130,7 @@ def main() -> int:
         return 1
     app = create_app(settings, lifespan=frontend_lifespan)
     state: AppState = app.state.fusion
-    link = DeviceLink(link_path, state.metrics.render, settings.retry_after_s)
+    link = DeviceLink(link_path, state.metrics.render, settings.retry_after_s, answer_margin_s(settings))
     link.on_lost = lambda: state.fail("the device process has gone")
     state.link = link
     server = build_server(app, settings)

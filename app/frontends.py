@@ -39,6 +39,9 @@ WATCH_S: Final = 0.2
 FIRST_BACKOFF_S: Final = 1.0
 MAX_BACKOFF_S: Final = 30.0
 STABLE_S: Final = 10.0  # a front-end that ran this long before exiting restarts after the first backoff
+# Each front-end's grace period starts up to one server tick (0.1 s) after this process's: wait
+# that much longer before killing one, or its last answers would be cut.
+KILL_MARGIN_S: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class FrontendSupervisor:
         self._metrics = metrics
         self._slots = [_Slot(index) for index in range(1, plan.count + 1)]
         self._stopping = False
+        self._terms = 0  # SIGTERMs passed on to the front-ends
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -79,22 +83,36 @@ class FrontendSupervisor:
 
     def begin_drain(self) -> None:
         """Pass SIGTERM on: each front-end drains as this process does. Nothing restarts from now on."""
-        if self._stopping:
-            return
+        self._terms_up_to(1)
+
+    def hurry(self) -> None:
+        """A second SIGTERM for each front-end, as this process got one: the rest of the drain delay
+        is skipped, accepted requests still finish."""
+        self._terms_up_to(2)
+
+    def _terms_up_to(self, count: int) -> None:
         self._stopping = True
-        self._signal(signal.SIGTERM)
+        while self._terms < count:
+            self._terms += 1
+            self._signal(signal.SIGTERM)
 
     async def stop(self, deadline: float) -> None:
-        """Drain every front-end (if not yet), wait for them up to `deadline` (monotonic), then kill the rest."""
+        """Drain every front-end (if not yet), wait for them until their grace period is over (this
+        process's `deadline`, monotonic, plus KILL_MARGIN_S), then kill the rest."""
         self.begin_drain()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        while self.pids and time.monotonic() < deadline:
+        while self.pids and time.monotonic() < deadline + KILL_MARGIN_S:
             await asyncio.sleep(0.02)
         if self.pids:
             log.error("%d front-end(s) did not finish within the grace period; killing them", len(self.pids))
-            self._signal(signal.SIGKILL)
+        self.kill()
+
+    def kill(self) -> None:
+        """At once (a second signal, or the end of the grace period): no front-end outlives this process."""
+        self._stopping = True
+        self._signal(signal.SIGKILL)
         for slot in self._slots:
             if slot.process is not None:
                 slot.process.wait()
@@ -111,15 +129,21 @@ class FrontendSupervisor:
             LISTEN_FD_ENV: str(self._plan.listen_fd),
             INDEX_ENV: str(slot.index),
         }
-        slot.process = subprocess.Popen(
-            [sys.executable, "-m", "app.frontend", *self._plan.argv],
-            env=env,
-            pass_fds=(self._plan.listen_fd,),
-            # Its own session: a terminal's Ctrl+C reaches the device process only, which passes
-            # it on once (a second signal would make a front-end stop without draining).
-            start_new_session=True,
-        )
         slot.started = time.monotonic()
+        try:
+            slot.process = subprocess.Popen(
+                [sys.executable, "-m", "app.frontend", *self._plan.argv],
+                env=env,
+                pass_fds=(self._plan.listen_fd,),
+                # Its own session: a terminal's Ctrl+C reaches the device process only, which passes
+                # it on once (a second signal would make a front-end stop without draining).
+                start_new_session=True,
+            )
+        except OSError as exc:  # out of processes, memory or descriptors: try again later, as for a crash
+            slot.quick_failures += 1
+            slot.restart_at = slot.started + self._delay_s(slot)
+            log.error("front-end %d could not start (%s); trying again in %.0f s", slot.index, exc, self._delay_s(slot))
+            return
         slot.restart_at = None
         log.info("front-end %d started (pid %d)", slot.index, slot.process.pid)
 
@@ -127,18 +151,18 @@ class FrontendSupervisor:
         while True:
             now = time.monotonic()
             for slot in self._slots:
-                if self._stopping or slot.process is None:
+                if self._stopping:
                     continue
-                code = slot.process.poll()
+                code = slot.process.poll() if slot.process is not None else None
                 if code is not None and slot.restart_at is None:
                     ran_s = now - slot.started
-                    slot.quick_failures = slot.quick_failures + 1 if ran_s < STABLE_S else 0
-                    delay_s = min(FIRST_BACKOFF_S * 2 ** max(0, slot.quick_failures - 1), MAX_BACKOFF_S)
+                    slot.quick_failures = slot.quick_failures + 1 if ran_s < STABLE_S else 1
+                    delay_s = self._delay_s(slot)
                     slot.restart_at = now + delay_s
                     log.warning(
                         "front-end %d (pid %d) exited with %d after %.1f s; restarting in %.0f s",
                         slot.index,
-                        slot.process.pid,
+                        slot.process.pid if slot.process is not None else 0,
                         code,
                         ran_s,
                         delay_s,
@@ -147,3 +171,7 @@ class FrontendSupervisor:
                     self._metrics.frontend_restarts.inc()
                     self._spawn(slot)
             await asyncio.sleep(WATCH_S)
+
+    @staticmethod
+    def _delay_s(slot: _Slot) -> float:
+        return min(FIRST_BACKOFF_S * 2.0 ** max(0, slot.quick_failures - 1), MAX_BACKOFF_S)

@@ -2,7 +2,8 @@
 
 A front-end parses, decodes and validates a request itself, then hands the device process only
 what the batcher needs: the uint8 image the model takes, the token ids as bytes, the kind and the
-time left to the deadline. The device process answers each item with its row or its error. So an
+deadline (on CLOCK_MONOTONIC, which all processes of a host share, so the time an item spends in
+buffers between two processes counts against it). The device process answers each item with its row or its error. So an
 item costs one small frame each way (about 12 KB for a 64x64 image; measured on 2 cores, 25 us of
 CPU per item on each side with 32 in flight, against about 0.85 ms of framework, parsing and
 answering per request in the front-end), and the device's event loop does no HTTP work for it.
@@ -10,9 +11,11 @@ answering per request in the front-end), and the device's event loop does no HTT
 Every frame: u32 length of what follows, u8 message type, the body. Little-endian throughout.
 
     front-end -> device                     device -> front-end
-    ITEM      id, kind, seconds left,       ROW        id, probs, image and text embeddings
+    ITEM      id, kind, deadline,           ROW        id, probs, image and text embeddings
               image [3,H,W], token bytes    ERROR      id, error class, Retry-After, code, message
-    CANCEL    id (the client went away)     STATE      liveness, readiness, /info (once ready)
+    CANCEL    id (the client went away)     STATE      liveness, readiness, queue full and its
+                                                       Retry-After, /info (once ready); on every
+                                                       change and at least every HEARTBEAT_S
     METRICS   id (asks for the replica's    METRICS    id, the replica's exposition text
               merged exposition text)       PULL       id (asks for this process's own metrics)
     SNAPSHOT  id, this process's own text
@@ -48,6 +51,9 @@ from app.errors import (
 )
 
 MAX_FRAME: Final = 64 << 20  # far above any item (a 1024x1024 model input is 3 MB); a corrupt length stops here
+HEARTBEAT_S: Final = 1.0  # the device's state goes out at least this often ...
+SILENCE_S: Final = 5.0  # ... and a front-end that hears nothing for this long takes the device for gone
+MAX_REASON: Final = 1000  # characters of a liveness or readiness reason on the wire
 
 
 class Message(enum.IntEnum):
@@ -81,11 +87,11 @@ ERRORS: Final[tuple[type[ServiceError], ...]] = (
 )
 
 _FRAME = struct.Struct("<IB")
-_ITEM = struct.Struct("<IBdHHH")  # id, kind, seconds left, image height, width (0: none), tokens
+_ITEM = struct.Struct("<IBdHHH")  # id, kind, deadline (monotonic s), image height, width (0: none), tokens
 _ID = struct.Struct("<I")
 _ROW = struct.Struct("<IHHH")  # id, then the lengths of probs, image and text embedding (0: absent)
 _ERROR = struct.Struct("<IBiH")  # id, class, Retry-After (-1: none), length of the code
-_STATE = struct.Struct("<HH")  # lengths of the liveness and readiness reasons (UTF-8); /info follows
+_STATE = struct.Struct("<BHHH")  # queue full, its Retry-After, lengths of the two reasons (UTF-8); /info follows
 
 
 T = TypeVar("T")
@@ -138,17 +144,17 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Message, memoryview]
 class Item:
     id: int
     kind: Kind
-    seconds_left: float
+    deadline: float  # time.monotonic()
     image: ByteArray | None  # [3, H, W], read-only (a view of the frame)
     tokens: TokenArray | None  # [L] token ids
 
 
 def encode_item(
-    item_id: int, kind: Kind, seconds_left: float, image: ByteArray | None, tokens: TokenArray | None
+    item_id: int, kind: Kind, deadline: float, image: ByteArray | None, tokens: TokenArray | None
 ) -> list[bytes | memoryview]:
     height, width = (int(image.shape[1]), int(image.shape[2])) if image is not None else (0, 0)
     count = len(tokens) if tokens is not None else 0
-    head = _ITEM.pack(item_id, KINDS.index(kind), seconds_left, height, width, count)
+    head = _ITEM.pack(item_id, KINDS.index(kind), deadline, height, width, count)
     pixels = np.ascontiguousarray(image).data.cast("B") if image is not None else b""  # no copy
     text = (tokens - 1).astype(np.uint8).tobytes() if tokens is not None else b""
     return frame(Message.ITEM, head, pixels, text)
@@ -156,7 +162,7 @@ def encode_item(
 
 def decode_item(body: memoryview) -> Item:
     try:
-        item_id, kind, seconds_left, height, width, count = _ITEM.unpack_from(body)
+        item_id, kind, deadline, height, width, count = _ITEM.unpack_from(body)
         offset = _ITEM.size
         image = None
         if height:
@@ -166,7 +172,7 @@ def decode_item(body: memoryview) -> Item:
         tokens = np.frombuffer(body, np.uint8, count, offset).astype(np.int64) + 1 if count else None
         if offset + count != len(body):
             raise ProtocolError("an item's length does not match its header")
-        return Item(item_id, KINDS[kind], seconds_left, image, tokens)
+        return Item(item_id, KINDS[kind], deadline, image, tokens)
     except (struct.error, ValueError, IndexError) as exc:
         raise ProtocolError("an item frame does not parse") from exc
 
@@ -236,20 +242,24 @@ class DeviceState:
     liveness: str | None  # None: alive
     readiness: str | None  # None: ready
     info: bytes  # the device's /info body (JSON) once loaded; empty before
+    queue_full: bool = False  # the replica's admission bound is reached: refuse before reading a body
+    retry_after_s: int = 1  # the device's estimate, for those refusals
 
 
 def encode_state(state: DeviceState) -> list[bytes | memoryview]:
-    alive, ready = (state.liveness or "").encode(), (state.readiness or "").encode()
-    return frame(Message.STATE, _STATE.pack(len(alive), len(ready)), alive, ready, state.info)
+    alive, ready = (state.liveness or "")[:MAX_REASON].encode(), (state.readiness or "")[:MAX_REASON].encode()
+    retry = min(state.retry_after_s, 0xFFFF)
+    head = _STATE.pack(state.queue_full, retry, len(alive), len(ready))
+    return frame(Message.STATE, head, alive, ready, state.info)
 
 
 def decode_state(body: memoryview) -> DeviceState:
     try:
-        alive_length, ready_length = _STATE.unpack_from(body)
+        full, retry, alive_length, ready_length = _STATE.unpack_from(body)
         offset = _STATE.size
         alive = bytes(body[offset : offset + alive_length]).decode()
         ready = bytes(body[offset + alive_length : offset + alive_length + ready_length]).decode()
         info = bytes(body[offset + alive_length + ready_length :])
-        return DeviceState(alive or None, ready or None, info)
+        return DeviceState(alive or None, ready or None, info, bool(full), retry)
     except (struct.error, UnicodeDecodeError) as exc:
         raise ProtocolError("a state frame does not parse") from exc

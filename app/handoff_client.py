@@ -6,7 +6,10 @@ front-end runs the very same routes, parsing and decoding as the device process.
 replica's queue bound is the device's, which answers 429 for an item over it.
 
 When the device process goes away, every waiting request gets 503 at once, /healthz turns 503,
-and the front-end exits (it has nothing to serve with).
+and the front-end exits (it has nothing to serve with). When it stops answering (no state for
+SILENCE_S, though it sends one every HEARTBEAT_S), /healthz turns 503 so that the orchestrator
+restarts the replica; and a request it has not answered by its deadline plus the forward
+watchdog's limit (by then the device would have answered 504 or 500 itself) gets 503.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Final
 from app import handoff
 from app.engine import ByteArray, Kind, Row, TokenArray
 from app.errors import ClientGone, DeadlineExceeded, NotReady, Overloaded, ServiceError
-from app.handoff import DeviceState, Message, ProtocolError, settle
+from app.handoff import SILENCE_S, DeviceState, Message, ProtocolError, settle
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -32,10 +35,13 @@ CONNECT_POLL_S: Final = 0.05
 
 
 class DeviceLink:
-    def __init__(self, path: Path, own_metrics: Callable[[], bytes], retry_after_s: int) -> None:
+    def __init__(
+        self, path: Path, own_metrics: Callable[[], bytes], retry_after_s: int, answer_margin_s: float
+    ) -> None:
         self._path = path
         self._own_metrics = own_metrics
         self._retry_after_s = retry_after_s
+        self._answer_margin_s = answer_margin_s  # past an item's deadline: the device is not answering
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
@@ -46,6 +52,7 @@ class DeviceLink:
         self.state_changed = asyncio.Event()
         self.lost = False
         self.on_lost: Callable[[], None] | None = None
+        self._heard = time.monotonic()  # when the device process last sent anything
 
     async def connect(self, timeout_s: float) -> None:
         """Connect, retrying while the device process is still creating its socket."""
@@ -61,20 +68,31 @@ class DeviceLink:
         self._task = asyncio.create_task(self._read_forever(), name="device-link")
 
     async def close(self, final_snapshot: bytes | None = None) -> None:
-        """Leave the counters behind (SNAPSHOT 0), then close the link."""
+        """Leave the counters behind (SNAPSHOT 0, flushed before the close), then close the link."""
         if self._writer is not None and not self._writer.is_closing():
             if final_snapshot is not None:
                 self._send(handoff.encode_id(Message.SNAPSHOT, 0, final_snapshot))
-            self._writer.close()
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._writer.drain()
+                    self._writer.close()
+                    await self._writer.wait_closed()
+            except (TimeoutError, ConnectionError):
+                self._writer.close()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
     def liveness(self) -> str | None:
-        return DEVICE_GONE if self.lost else self.device.liveness
+        if self.lost:
+            return DEVICE_GONE
+        silent_s = time.monotonic() - self._heard
+        if self._reader is not None and silent_s > SILENCE_S:
+            return f"the device process has not answered for {silent_s:.0f} s"
+        return self.device.liveness
 
     def readiness(self) -> str | None:
-        return DEVICE_GONE if self.lost else self.device.readiness
+        return self.liveness() or self.device.readiness
 
     @property
     def in_flight(self) -> int:
@@ -94,11 +112,16 @@ class DeviceLink:
         item_id = next(self._ids)
         future: asyncio.Future[Row] = asyncio.get_running_loop().create_future()
         self._pending[item_id] = future
-        self._send(handoff.encode_item(item_id, kind, seconds_left, image, tokens))
+        deadline = time.monotonic() + seconds_left
+        self._send(handoff.encode_item(item_id, kind, deadline, image, tokens))
         if gone is not None:
             gone.add_done_callback(lambda _: self._cancel(item_id))
         try:
-            return await future
+            async with asyncio.timeout(seconds_left + self._answer_margin_s):
+                return await future
+        except TimeoutError:
+            self._cancel(item_id)
+            raise NotReady("the device process did not answer", retry_after_s=self._retry_after_s) from None
         except asyncio.CancelledError:
             self._cancel(item_id)
             raise
@@ -138,6 +161,7 @@ class DeviceLink:
         self._lose()
 
     def _on_frame(self, kind: Message, body: memoryview) -> None:
+        self._heard = time.monotonic()
         if kind is Message.ROW:
             item_id, row = handoff.decode_row(body)
             settle(self._pending.get(item_id), row)
@@ -208,11 +232,16 @@ class RemoteBatcher:
         return self._link.in_flight == 0
 
     def refusal(self) -> ServiceError | None:
+        """Refused before the body is read: at this process's bound, or at the replica's, which the
+        device process reports (an item over it would be refused there, after its body and decode)."""
         if self._closed or self._link.lost:
             return NotReady("the server is shutting down" if self._closed else DEVICE_GONE, retry_after_s=1)
-        if self.admitted >= self.max_queue:
+        device = self._link.device
+        if self.admitted >= self.max_queue or device.queue_full:
             self.metrics.shed.labels("queue_full").inc()
-            return Overloaded(f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=1)
+            return Overloaded(
+                f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=device.retry_after_s
+            )
         return None
 
     def admit(self) -> RemoteTicket:

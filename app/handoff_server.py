@@ -15,14 +15,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from app import handoff
-from app.errors import ServiceError
-from app.handoff import DeviceState, Message, ProtocolError
+from app.batching import MicroBatcher
+from app.errors import ModelFailure, ServiceError
+from app.handoff import HEARTBEAT_S, DeviceState, Message, ProtocolError
 from app.metrics_merge import merge, monotonic_part
 from app.state import AppState
 
@@ -133,10 +135,13 @@ class HandoffServer:
             link.send(handoff.encode_error(item.id, exc))
             return
         try:
-            deadline = loop.time() + item.seconds_left
+            deadline = loop.time() + (item.deadline - time.monotonic())
             row = await serving.batcher.run(ticket, item.kind, item.image, item.tokens, deadline, gone)
         except ServiceError as exc:
             link.send(handoff.encode_error(item.id, exc))
+        except Exception:  # never leave a front-end's request waiting: it gets a 500, as here
+            log.exception("an item from a front-end failed")
+            link.send(handoff.encode_error(item.id, ModelFailure("the model could not run")))
         else:
             link.send(handoff.encode_row(item.id, row))
         finally:
@@ -146,15 +151,23 @@ class HandoffServer:
     # -- state and metrics -------------------------------------------------------------------------
 
     def state_now(self) -> DeviceState:
-        return DeviceState(self._state.liveness(), self._state.readiness(), self._info())
+        batcher = self._state.batcher
+        full = isinstance(batcher, MicroBatcher) and batcher.admitted >= batcher.max_queue
+        retry_after_s = batcher.retry_after_s() if full and isinstance(batcher, MicroBatcher) else 1
+        return DeviceState(self._state.liveness(), self._state.readiness(), self._info(), full, retry_after_s)
 
     async def _push_state_forever(self) -> None:
+        """On every change, and as a heartbeat: a front-end that hears nothing takes this process for gone."""
+        sent = 0.0
         while True:
-            now = self.state_now()
-            if now != self._current:
-                self._current = now
-                for link in list(self._links):
-                    link.send(handoff.encode_state(now))
+            try:
+                now = self.state_now()
+                if now != self._current or time.monotonic() - sent >= HEARTBEAT_S:
+                    self._current, sent = now, time.monotonic()
+                    for link in list(self._links):
+                        link.send(handoff.encode_state(now))
+            except Exception:  # a bug here must not silence the heartbeat for good
+                log.exception("pushing the device state failed")
             await asyncio.sleep(STATE_POLL_S)
 
     async def _answer_metrics(self, link: _Link, request_id: int) -> None:
@@ -176,7 +189,8 @@ class HandoffServer:
         texts = []
         for link, future in pulls:
             link.pulls = {key: value for key, value in link.pulls.items() if value is not future}
-            texts.append(future.result() if future.done() else link.snapshot)
+            if link in self._links:  # one that closed meanwhile is in the retired counts already
+                texts.append(future.result() if future.done() else link.snapshot)
         own = self._state.metrics.render().decode()
         return merge(own, [*texts, self._retired])
 

@@ -52,10 +52,10 @@ def warmup_text_lengths(max_length: int) -> list[int]:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.fusion
-    start(state)
-    if state.frontend_plan is not None:
-        await start_frontends(state)
     try:
+        start(state)
+        if state.frontend_plan is not None:
+            await start_frontends(state)
         yield
     finally:
         await stop(state)
@@ -88,6 +88,11 @@ async def start_frontends(state: AppState) -> None:
     state.frontends.start()
 
 
+def remove_link_folder(state: AppState) -> None:
+    if state.handoff is not None:
+        shutil.rmtree(state.handoff.path.parent, ignore_errors=True)
+
+
 async def stop(state: AppState) -> None:
     """Finish what is queued and running, then stop the threads; all within one grace period."""
     # One grace period in all: it started when the listener closed, if the drain set a deadline.
@@ -97,7 +102,7 @@ async def stop(state: AppState) -> None:
         await state.frontends.stop(end)
     if state.handoff is not None:
         await state.handoff.close()
-        shutil.rmtree(state.handoff.path.parent, ignore_errors=True)
+        remove_link_folder(state)
     if state.startup_task is not None and not state.startup_task.done():
         state.startup_task.cancel()
         await asyncio.gather(state.startup_task, return_exceptions=True)

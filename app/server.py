@@ -41,6 +41,11 @@ class DrainingServer(uvicorn.Server):
             self.state.begin_drain()
             self._drain_until = time.monotonic() + self.state.settings.drain_delay_s
             return
+        if self.state.frontends is not None:  # front-ends hear each further signal as this process does
+            if self.should_exit:
+                self.state.frontends.kill()  # stop at once
+            else:
+                self.state.frontends.hurry()  # close now, finish what was accepted
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:

@@ -319,6 +319,11 @@ def served(
 
     log_dir = Path(tempfile.mkdtemp(prefix="gpu-check-logs-"))
     server = start_server("gpu-check", model, ["--device", device, *extra], log_dir)
+    if "--frontends" in extra:  # the device process is ready first; its front-ends listen just after
+        wanted = float(extra[extra.index("--frontends") + 1]) - 1
+        end = time.monotonic() + 60
+        while server.metrics().get(("fusion_frontends_connected", ()), 0.0) < wanted and time.monotonic() < end:
+            time.sleep(0.1)
     note = f"service ready in {server.ready_s:.1f} s (inside: {server.startup_phases.get('total', float('nan')):.1f} s)"
     requests = [p.request() for p in payloads]
     processes = max(1, min(4, (os.cpu_count() or 1) // 4))

@@ -34,13 +34,15 @@ def machine_busy_s() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / _CLOCK_TICKS
 
 
-def _cpu_of(pid: int) -> float:
+def _cpu_of(pid: int, reaped: bool = False) -> float:
+    """utime + stime of a process (with `reaped`: + cutime + cstime, its waited-for children's)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:  # exited meanwhile
         return 0.0
     fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if reaped else 0)
+    return ticks / _CLOCK_TICKS
 
 
 def free_port() -> int:
@@ -100,12 +102,20 @@ class Server:
             time.sleep(0.05)
 
     def rss_bytes(self) -> int:
-        """Resident set size now, of the process and its front-end processes (/proc/PID/statm)."""
-        return sum(int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE for pid in self._family())
+        """Resident set size now, of the process and its front-end processes (/proc/PID/statm; pages
+        that several processes share, such as libtorch's, count once per process)."""
+        total = 0
+        for pid in self._family():
+            try:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+            except OSError:  # a front-end that exited meanwhile
+                pass
+        return total
 
     def cpu_s(self) -> float:
-        """User + system CPU time of every thread of the process and of its live front-end processes."""
-        return sum(_cpu_of(pid) for pid in self._family())
+        """User + system CPU time of the process, of its live front-end processes and of those that
+        exited (their time moves to the process's cutime and cstime once it reaps them)."""
+        return _cpu_of(self.pid, reaped=True) + sum(_cpu_of(pid) for pid in self._family()[1:])
 
     def _family(self) -> list[int]:
         """The service's pid and its children's (with --frontends N, the front-end processes)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -211,3 +212,69 @@ def test_the_front_ends_stop_when_the_device_process_dies(probe_package: Path, t
         assert server.output().count("the device process has gone: this front-end stops") == 2
     finally:
         server.stop()
+
+
+def test_every_process_refuses_before_the_body_while_the_device_queue_is_full(
+    probe_package: Path, tmp_path: Path
+) -> None:
+    """A batch that takes seconds ('@') runs; three requests fill the device's queue (--max-queue 3). Then every
+    process, whichever accepts, answers 429 from the headers alone: a body that never comes is
+    not waited for."""
+    with running_server(probe_package, tmp_path, *SERVER_ARGS, *FRONTENDS, "--max-queue", "3") as server:
+        wait_frontends(server)
+        with ThreadPoolExecutor(8) as pool:
+            running = pool.submit(fresh, server.url, "POST", "/predict", **form(picture(), "@ about 2 s"))
+            time.sleep(0.2)
+            queued = [pool.submit(fresh, server.url, "POST", "/predict", **form(picture(), f"q{i}")) for i in range(3)]
+            time.sleep(0.2)
+            refused = []
+            for _ in range(6):
+                began = time.monotonic()
+                with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                    sock.sendall(
+                        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                        b"Content-Length: 100000\r\n\r\n--b\r\n"
+                    )
+                    reply = sock.recv(65536)
+                refused.append((reply.split(b"\r\n", 1)[0], b"retry-after" in reply.lower(), time.monotonic() - began))
+            assert running.result().status_code == 200
+            assert [future.result().status_code for future in queued] == [200] * 3
+    assert [(line, retry) for line, retry, _ in refused] == [(b"HTTP/1.1 429 Too Many Requests", True)] * 6
+    assert max(seconds for _, _, seconds in refused) < 0.5
+
+
+def test_a_second_signal_skips_the_rest_of_the_drain_in_every_process(probe_package: Path, tmp_path: Path) -> None:
+    args = (*SERVER_ARGS[:-2], "--drain-delay-s", "30", *FRONTENDS)
+    with running_server(probe_package, tmp_path, *args) as server:
+        wait_frontends(server)
+        children = list(frontend_pids(server).values())
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert {fresh(server.url, "GET", "/readyz").status_code for _ in range(6)} == {503}  # draining, serving
+        began = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        exit_code = server.process.wait(timeout=20)
+        took = time.monotonic() - began
+    # uvicorn re-raises a signal it handled itself once the server is down (the first one, the
+    # drain's, is this service's own): the process ends by that second SIGTERM.
+    assert exit_code == -signal.SIGTERM, server.output()
+    assert "Finished server process" in server.output().rsplit("front-end", 1)[-1]
+    assert took < 10  # not the 30 s drain delay of the front-ends
+    assert not any(alive(pid) for pid in children)
+
+
+def test_a_silent_device_process_makes_the_front_ends_dead_until_it_speaks_again(replica: Server) -> None:
+    """SIGSTOP stands for a device process whose event loop no longer runs: the front-ends keep
+    answering, and their /healthz turns 503 once they have heard nothing for 5 s."""
+    replica.process.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(6.0)
+        silent = fresh(replica.url, "GET", "/healthz")
+    finally:
+        replica.process.send_signal(signal.SIGCONT)
+    assert silent.status_code == 503
+    assert silent.json()["reason"].startswith("the device process has not answered for ")
+    end = time.monotonic() + 10
+    while time.monotonic() < end and {fresh(replica.url, "GET", "/healthz").status_code for _ in range(4)} != {200}:
+        time.sleep(0.1)
+    assert {fresh(replica.url, "GET", "/healthz").status_code for _ in range(4)} == {200}

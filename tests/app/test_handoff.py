@@ -34,10 +34,10 @@ def _body(buffers: list[bytes | memoryview]) -> tuple[Message, memoryview]:
 def test_an_item_arrives_as_it_was_sent() -> None:
     image = np.arange(3 * 5 * 7, dtype=np.uint8).reshape(3, 5, 7)
     tokens = np.array([1, 73, 256, 229, 1], dtype=np.int64)  # ids span the whole byte range + 1
-    kind, body = _body(handoff.encode_item(41, Kind.FUSE, 2.5, image, tokens))
+    kind, body = _body(handoff.encode_item(41, Kind.FUSE, 81234.5, image, tokens))
     assert kind is Message.ITEM
     item = handoff.decode_item(body)
-    assert (item.id, item.kind, item.seconds_left) == (41, Kind.FUSE, 2.5)
+    assert (item.id, item.kind, item.deadline) == (41, Kind.FUSE, 81234.5)
     assert item.image is not None and item.tokens is not None
     assert item.image.shape == (3, 5, 7) and np.array_equal(item.image, image)
     assert item.tokens.dtype == np.int64 and item.tokens.tolist() == [1, 73, 256, 229, 1]
@@ -85,9 +85,15 @@ def test_errors_keep_their_class_code_message_and_retry_after(
 
 
 def test_state_round_trip() -> None:
-    for state in (DeviceState(None, "warming_up", b""), DeviceState("hung", "hung", b'{"model":{}}')):
+    for state in (
+        DeviceState(None, "warming_up", b""),
+        DeviceState("hung", "hung", b'{"model":{}}'),
+        DeviceState(None, None, b"{}", queue_full=True, retry_after_s=7),
+    ):
         kind, body = _body(handoff.encode_state(state))
         assert kind is Message.STATE and handoff.decode_state(body) == state
+    long = DeviceState("x" * 70_000, None, b"")  # a reason past the wire's length field is cut, not fatal
+    assert handoff.decode_state(_body(handoff.encode_state(long))[1]).liveness == "x" * handoff.MAX_REASON
 
 
 def test_a_frame_cut_short_or_unknown_is_a_protocol_error() -> None:
