@@ -226,7 +226,10 @@ def test_every_process_refuses_before_the_body_while_the_device_queue_is_full(
             running = pool.submit(fresh, server.url, "POST", "/predict", **form(picture(), "@ about 2 s"))
             time.sleep(0.2)
             queued = [pool.submit(fresh, server.url, "POST", "/predict", **form(picture(), f"q{i}")) for i in range(3)]
-            time.sleep(0.2)
+            end = time.monotonic() + 5
+            while metric(server.metrics(), "fusion_queue_depth", stage="queue") < 3 and time.monotonic() < end:
+                time.sleep(0.02)
+            time.sleep(0.2)  # the state push that tells the front-ends (every 50 ms)
             refused = []
             for _ in range(6):
                 began = time.monotonic()
