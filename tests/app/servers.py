@@ -62,13 +62,17 @@ class Server:
                 self.process.wait()
 
 
-def start_server(package: Path, tmp: Path, *args: str) -> Server:
+def start_server(package: Path, tmp: Path, *args: str, own_session: bool = False) -> Server:
+    """`own_session`: a process group of its own, for a test that stops it (SIGSTOP): were the test
+    runner's group orphaned, a stopped member would get SIGHUP from the kernel when another exits."""
     port = free_port()
     log = tmp / f"server-{port}.log"
     env = {key: value for key, value in os.environ.items() if not key.startswith("FUSION_")}
     command = [sys.executable, "-m", "app", "--model", str(package), "--host", "127.0.0.1", "--port", str(port)]
     with log.open("wb") as sink:
-        process = subprocess.Popen([*command, *args], cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [*command, *args], cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=own_session
+        )
     return Server(process, port, log)
 
 

@@ -266,18 +266,26 @@ def test_a_second_signal_skips_the_rest_of_the_drain_in_every_process(probe_pack
     assert not any(alive(pid) for pid in children)
 
 
-def test_a_silent_device_process_makes_the_front_ends_dead_until_it_speaks_again(replica: Server) -> None:
+def test_a_silent_device_process_makes_the_front_ends_dead_until_it_speaks_again(
+    probe_package: Path, tmp_path: Path
+) -> None:
     """SIGSTOP stands for a device process whose event loop no longer runs: the front-ends keep
     answering, and their /healthz turns 503 once they have heard nothing for 5 s."""
-    replica.process.send_signal(signal.SIGSTOP)
+    replica = start_server(probe_package, tmp_path, *SERVER_ARGS, *FRONTENDS, own_session=True)
     try:
-        time.sleep(6.0)
-        silent = fresh(replica.url, "GET", "/healthz")
+        replica.wait_ready()
+        wait_frontends(replica)
+        replica.process.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(6.0)
+            silent = fresh(replica.url, "GET", "/healthz")
+        finally:
+            replica.process.send_signal(signal.SIGCONT)
+        assert silent.status_code == 503
+        assert silent.json()["reason"].startswith("the device process has not answered for ")
+        end = time.monotonic() + 10
+        while time.monotonic() < end and {fresh(replica.url, "GET", "/healthz").status_code for _ in range(4)} != {200}:
+            time.sleep(0.1)
+        assert {fresh(replica.url, "GET", "/healthz").status_code for _ in range(4)} == {200}
     finally:
-        replica.process.send_signal(signal.SIGCONT)
-    assert silent.status_code == 503
-    assert silent.json()["reason"].startswith("the device process has not answered for ")
-    end = time.monotonic() + 10
-    while time.monotonic() < end and {fresh(replica.url, "GET", "/healthz").status_code for _ in range(4)} != {200}:
-        time.sleep(0.1)
-    assert {fresh(replica.url, "GET", "/healthz").status_code for _ in range(4)} == {200}
+        replica.stop()
