@@ -222,13 +222,18 @@ def test_every_process_refuses_before_the_body_while_the_device_queue_is_full(
     not waited for."""
     with running_server(probe_package, tmp_path, *SERVER_ARGS, *FRONTENDS, "--max-queue", "3") as server:
         wait_frontends(server)
+
+        def until(name: str, value: float, **labels: str) -> None:
+            end = time.monotonic() + 10
+            while metric(server.metrics(), name, **labels) < value and time.monotonic() < end:
+                time.sleep(0.02)
+
+        executed = metric(server.metrics(), "fusion_items_executed_total", kind="fuse")
         with ThreadPoolExecutor(8) as pool:
             running = pool.submit(fresh, server.url, "POST", "/predict", **form(picture(), "@ about 2 s"))
-            time.sleep(0.2)
+            until("fusion_items_executed_total", executed + 1, kind="fuse")  # counted as it starts
             queued = [pool.submit(fresh, server.url, "POST", "/predict", **form(picture(), f"q{i}")) for i in range(3)]
-            end = time.monotonic() + 5
-            while metric(server.metrics(), "fusion_queue_depth", stage="queue") < 3 and time.monotonic() < end:
-                time.sleep(0.02)
+            until("fusion_queue_depth", 3, stage="queue")
             time.sleep(0.2)  # the state push that tells the front-ends (every 50 ms)
             refused = []
             for _ in range(6):
