@@ -53,6 +53,7 @@ class DeviceLink:
         self.lost = False
         self.on_lost: Callable[[], None] | None = None
         self._heard = time.monotonic()  # when the device process last sent anything
+        self._closing = False
 
     async def connect(self, timeout_s: float) -> None:
         """Connect, retrying while the device process is still creating its socket."""
@@ -69,6 +70,7 @@ class DeviceLink:
 
     async def close(self, final_snapshot: bytes | None = None) -> None:
         """Leave the counters behind (SNAPSHOT 0, flushed before the close), then close the link."""
+        self._closing = True  # the reader's end of the link is ours, not the device going away
         if self._writer is not None and not self._writer.is_closing():
             if final_snapshot is not None:
                 self._send(handoff.encode_id(Message.SNAPSHOT, 0, final_snapshot))
@@ -190,7 +192,7 @@ class DeviceLink:
             settle(item, error)
         for request in self._metrics.values():
             settle(request, error)
-        if self.on_lost is not None:
+        if self.on_lost is not None and not self._closing:
             log.error("%s: this front-end stops", DEVICE_GONE)
             self.on_lost()
 

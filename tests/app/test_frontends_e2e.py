@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -125,22 +124,6 @@ def test_the_replica_answers_as_one_process_does_and_counts_as_one(single: Serve
     assert metric(samples, "fusion_handoff_items_total") > 0
 
 
-def test_a_deadline_and_a_queue_bound_hold_across_processes(replica: Server) -> None:
-    """A slow batch holds the device; a request behind it with a short deadline gets 504 at its
-    deadline (the time left travels with the item), whichever process took it."""
-    with ThreadPoolExecutor(4) as pool:
-        slow = pool.submit(fresh, replica.url, "POST", "/predict", **form(picture(), "#" * 60))
-        time.sleep(0.1)
-        began = time.monotonic()
-        late = fresh(
-            replica.url, "POST", "/predict", **form(picture(), "in a hurry"), headers={"X-Request-Timeout-Ms": "50"}
-        )
-        waited = time.monotonic() - began
-        assert slow.result().status_code == 200
-    assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
-    assert waited < 2.0
-
-
 def test_a_killed_front_end_is_started_again_and_the_replica_keeps_serving(replica: Server) -> None:
     before = metric(replica.metrics(), "fusion_requests_total", route="/readyz", status="200")
     old = frontend_pids(replica)[1]
@@ -212,43 +195,6 @@ def test_the_front_ends_stop_when_the_device_process_dies(probe_package: Path, t
         assert server.output().count("the device process has gone: this front-end stops") == 2
     finally:
         server.stop()
-
-
-def test_every_process_refuses_before_the_body_while_the_device_queue_is_full(
-    probe_package: Path, tmp_path: Path
-) -> None:
-    """A batch that takes seconds ('@') runs; three requests fill the device's queue (--max-queue 3). Then every
-    process, whichever accepts, answers 429 from the headers alone: a body that never comes is
-    not waited for."""
-    with running_server(probe_package, tmp_path, *SERVER_ARGS, *FRONTENDS, "--max-queue", "3") as server:
-        wait_frontends(server)
-
-        def until(name: str, value: float, **labels: str) -> None:
-            end = time.monotonic() + 10
-            while metric(server.metrics(), name, **labels) < value and time.monotonic() < end:
-                time.sleep(0.02)
-
-        executed = metric(server.metrics(), "fusion_items_executed_total", kind="fuse")
-        with ThreadPoolExecutor(8) as pool:
-            running = pool.submit(fresh, server.url, "POST", "/predict", **form(picture(), "@ about 2 s"))
-            until("fusion_items_executed_total", executed + 1, kind="fuse")  # counted as it starts
-            queued = [pool.submit(fresh, server.url, "POST", "/predict", **form(picture(), f"q{i}")) for i in range(3)]
-            until("fusion_queue_depth", 3, stage="queue")
-            time.sleep(0.2)  # the state push that tells the front-ends (every 50 ms)
-            refused = []
-            for _ in range(6):
-                began = time.monotonic()
-                with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-                    sock.sendall(
-                        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                        b"Content-Length: 100000\r\n\r\n--b\r\n"
-                    )
-                    reply = sock.recv(65536)
-                refused.append((reply.split(b"\r\n", 1)[0], b"retry-after" in reply.lower(), time.monotonic() - began))
-            assert running.result().status_code == 200
-            assert [future.result().status_code for future in queued] == [200] * 3
-    assert [(line, retry) for line, retry, _ in refused] == [(b"HTTP/1.1 429 Too Many Requests", True)] * 6
-    assert max(seconds for _, _, seconds in refused) < 0.5
 
 
 def test_a_second_signal_skips_the_rest_of_the_drain_in_every_process(probe_package: Path, tmp_path: Path) -> None:
