@@ -141,8 +141,9 @@ class FrontendSupervisor:
             )
         except OSError as exc:  # out of processes, memory or descriptors: try again later, as for a crash
             slot.quick_failures += 1
-            slot.restart_at = slot.started + self._delay_s(slot)
-            log.error("front-end %d could not start (%s); trying again in %.0f s", slot.index, exc, self._delay_s(slot))
+            delay_s = self._delay_s(slot)
+            slot.restart_at = slot.started + delay_s
+            log.error("front-end %d could not start (%s); trying again in %.0f s", slot.index, exc, delay_s)
             return
         slot.restart_at = None
         log.info("front-end %d started (pid %d)", slot.index, slot.process.pid)

@@ -152,8 +152,9 @@ class HandoffServer:
 
     def state_now(self) -> DeviceState:
         batcher = self._state.batcher
-        full = isinstance(batcher, MicroBatcher) and batcher.admitted >= batcher.max_queue
-        retry_after_s = batcher.retry_after_s() if full and isinstance(batcher, MicroBatcher) else 1
+        full, retry_after_s = False, 1
+        if isinstance(batcher, MicroBatcher) and batcher.admitted >= batcher.max_queue:
+            full, retry_after_s = True, batcher.retry_after_s()
         return DeviceState(self._state.liveness(), self._state.readiness(), self._info(), full, retry_after_s)
 
     async def _push_state_forever(self) -> None:
@@ -177,18 +178,18 @@ class HandoffServer:
     async def render_metrics(self) -> bytes:
         """The replica's exposition: this process's, plus each front-end's, pulled now."""
         loop = asyncio.get_running_loop()
-        pulls: list[tuple[_Link, asyncio.Future[str]]] = []
+        pulls: list[tuple[_Link, int, asyncio.Future[str]]] = []
         for link in list(self._links):
             pull_id = next(self._ids)
             future: asyncio.Future[str] = loop.create_future()
             link.pulls[pull_id] = future
             link.send(handoff.encode_id(Message.PULL, pull_id))
-            pulls.append((link, future))
+            pulls.append((link, pull_id, future))
         if pulls:
-            await asyncio.wait([future for _, future in pulls], timeout=PULL_TIMEOUT_S)
+            await asyncio.wait([future for _, _, future in pulls], timeout=PULL_TIMEOUT_S)
         texts = []
-        for link, future in pulls:
-            link.pulls = {key: value for key, value in link.pulls.items() if value is not future}
+        for link, pull_id, future in pulls:
+            link.pulls.pop(pull_id, None)
             if link in self._links:  # one that closed meanwhile is in the retired counts already
                 texts.append(future.result() if future.done() else link.snapshot)
         own = self._state.metrics.render().decode()
