@@ -34,7 +34,7 @@ from trainer.losses import contrastive_loss, first_occurrences
 from trainer.optim import build_optimizer, learning_rate
 from trainer.params import TrainConfig, parse_args
 from trainer.report import write_model_card, write_training_plot
-from trainer.sampling import ImageGroupedSampler, RecordSampler
+from trainer.sampling import ErrorWeightedSampler, ImageGroupedSampler, RecordSampler
 from trainer.shapesqa import LABELS as SHAPESQA_LABELS
 
 GOLDEN_CASES = 6
@@ -98,11 +98,13 @@ class Trainer:
         self.model = FusionModel(self.model_config).to(device)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.sampler: Callable[[torch.Generator], torch.Tensor] = (
-            ImageGroupedSampler(train, config.batch_size, config.questions_per_image)
-            if config.group_by_image
-            else RecordSampler(train, config.batch_size)
-        )
+        self.sampler: Callable[[torch.Generator], torch.Tensor]
+        if config.group_by_image:
+            self.sampler = ImageGroupedSampler(train, config.batch_size, config.questions_per_image)
+        elif config.error_weighted_share:
+            self.sampler = ErrorWeightedSampler(train, config.batch_size, config.error_weighted_share)
+        else:
+            self.sampler = RecordSampler(train, config.batch_size)
         self.step = 0
         self.elapsed = 0.0  # training seconds before this process (kept across --resume)
         self.resumed_at = time.monotonic()
@@ -121,6 +123,7 @@ class Trainer:
             "elapsed": self.training_seconds(),
             "history": self.history,
             "generator": self.generator.get_state(),
+            "qtype_shares": self.sampler.shares() if isinstance(self.sampler, ErrorWeightedSampler) else None,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -131,6 +134,19 @@ class Trainer:
         self.resumed_at = time.monotonic()
         self.history = list(state["history"])
         self.generator.set_state(state["generator"])
+        if isinstance(self.sampler, ErrorWeightedSampler) and state.get("qtype_shares"):
+            self.sampler.restore(state["qtype_shares"])
+
+    def reweight(self, report: dict[str, float]) -> None:
+        """Steer the error-weighted sampler (when it is the one) by a validation accuracy report."""
+        if isinstance(self.sampler, ErrorWeightedSampler):
+            self.sampler.update(
+                {
+                    key.split("/")[1]: 1.0 - value / 100.0
+                    for key, value in report.items()
+                    if key.count("/") == 1 and key.startswith("qtype/")
+                }
+            )
 
     def training_seconds(self) -> float:
         """Training time of the whole run, across --resume (the checkpoint carries what came before)."""
@@ -230,9 +246,15 @@ def fit(config: TrainConfig, argv: Sequence[str] = ()) -> dict[str, Any]:
                 report = accuracy_report(val, predict(trainer.model.eval(), val))
                 point["val_accuracy"] = report["all"]
                 point["val_relational"] = report.get("relational", float("nan"))
+                trainer.reweight(report)
             trainer.history.append(point)
             window = []
             bar.write(" ".join(f"{k}={v:.4g}" for k, v in point.items()), file=sys.stderr)
+            if isinstance(trainer.sampler, ErrorWeightedSampler):
+                bar.write(
+                    "qtype_shares " + " ".join(f"{k}={v:.3f}" for k, v in trainer.sampler.shares().items()),
+                    file=sys.stderr,
+                )
         if trainer.step % config.checkpoint_every == 0:
             save_checkpoint(checkpoint_path, trainer.state())
     bar.close()

@@ -46,6 +46,9 @@ class TrainConfig:
     # With group_by_image, at most this many of an image's questions per draw (0: all of them): more
     # distinct images per batch of the same size, for what the image encoder must see many scenes to learn.
     questions_per_image: int = 0
+    # Fraction of the draws steered to question types by their validation error (0: off). Needs
+    # single-record draws (--no-group-by-image) and a validation split.
+    error_weighted_share: float = 0.0
     time_budget_min: float = 0.0  # stop early (then anneal is cut short) when > 0
     # machinery
     seed: int = 0
@@ -88,6 +91,8 @@ _HELP = {
     "group_by_image": "batches of whole images, each with all its questions (its image encoded once)",
     "questions_per_image": "with --group-by-image: at most N of an image's questions per draw, chosen at random"
     " (default 0: all)",
+    "error_weighted_share": "with --no-group-by-image: this fraction of the draws goes to question types in"
+    " proportion to their error rate at the last validation (default 0: off)",
 }
 
 
@@ -113,4 +118,8 @@ def parse_args(argv: Sequence[str]) -> TrainConfig:
         parser.error("--questions-per-image must be >= 0")
     if config.questions_per_image and not config.group_by_image:
         parser.error("--questions-per-image needs --group-by-image (single-question batches draw one per image)")
+    if not 0.0 <= config.error_weighted_share < 1.0:
+        parser.error("--error-weighted-share must be in [0, 1)")
+    if config.error_weighted_share and config.group_by_image:
+        parser.error("--error-weighted-share needs --no-group-by-image (it draws single questions)")
     return config

@@ -49,3 +49,56 @@ class ImageGroupedSampler:
         if 0 < self.per_image < len(group):
             return group[torch.randperm(len(group), generator=generator)[: self.per_image]]
         return group
+
+
+class ErrorWeightedSampler:
+    """Records drawn by question type: part at the data's own mix, part where validation errs most.
+
+    The question types of one data set are learned at very different speeds (ShapesQA's relational
+    questions lag the others by thousands of steps), and which one lags changes with the data. With
+    `share` > 0 that fraction of the draws goes to question types in proportion to their latest
+    validation error rate, so the lagging type gets more of the batch for as long as it lags, and
+    gives it back once it has caught up. Within a type the records are drawn uniformly. Before the
+    first evaluation, or with share 0, the draws are those of `RecordSampler`.
+    """
+
+    def __init__(self, data: TensorDataset, batch_size: int, share: float) -> None:
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"share must be in [0, 1), got {share}")
+        self.batch_size = batch_size
+        self.share = share
+        qtypes = [record.qtype for record in data.records]
+        self.qtypes = sorted(set(qtypes))
+        column = {qtype: i for i, qtype in enumerate(self.qtypes)}
+        kind = torch.tensor([column[qtype] for qtype in qtypes])
+        self.rows = [torch.nonzero(kind == i).flatten() for i in range(len(self.qtypes))]
+        self.natural = torch.tensor([len(rows) for rows in self.rows], dtype=torch.float64) / len(kind)
+        self.probabilities = self.natural.clone()
+
+    def shares(self) -> dict[str, float]:
+        """Each question type's expected share of a batch, now."""
+        return {qtype: round(float(p), 4) for qtype, p in zip(self.qtypes, self.probabilities, strict=True)}
+
+    def update(self, error_rates: dict[str, float]) -> None:
+        """Re-weight from validation error rates (0 to 1) per question type; a type not given counts 0."""
+        errors = torch.tensor([max(0.0, error_rates.get(qtype, 0.0)) for qtype in self.qtypes], dtype=torch.float64)
+        total = float(errors.sum())
+        if total <= 0.0:
+            self.probabilities = self.natural.clone()
+            return
+        self.probabilities = (1.0 - self.share) * self.natural + self.share * errors / total
+
+    def restore(self, shares: dict[str, float]) -> None:
+        """Probabilities saved by `shares()` (a checkpoint's); types unknown to this data are ignored."""
+        if set(shares) == set(self.qtypes):
+            self.probabilities = torch.tensor([shares[qtype] for qtype in self.qtypes], dtype=torch.float64)
+
+    def __call__(self, generator: torch.Generator) -> torch.Tensor:
+        kinds = torch.multinomial(self.probabilities, self.batch_size, replacement=True, generator=generator)
+        drawn = torch.empty(self.batch_size, dtype=torch.int64)
+        for i, rows in enumerate(self.rows):
+            where = kinds == i
+            count = int(where.sum())
+            if count:
+                drawn[where] = rows[torch.randint(len(rows), (count,), generator=generator)]
+        return drawn
