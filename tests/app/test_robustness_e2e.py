@@ -606,6 +606,42 @@ def test_the_rest_of_a_refused_body_cannot_hold_the_connection(server: Server, p
     assert_fast_health(prober)
 
 
+def test_a_refused_upload_is_read_to_its_end_so_the_client_gets_its_answer(server: Server) -> None:
+    """A 413 is answered from Content-Length alone while the client is still sending 32 MB, on a
+    Connection: close request. The server closes lingeringly: the rest of the body is read and
+    discarded before the socket closes, so the sender finishes without a reset and reads its 413.
+    (A plain close with unread bytes makes the kernel reset the connection under the sender.)"""
+    body = b"x" * (32 * 1024 * 1024)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(predict_head(len(body)) + body)
+            reply = read_until_closed(sock)
+        assert status_line(reply) == b"HTTP/1.1 413 Request Entity Too Large", reply
+        assert b'"code": "payload_too_large"' in reply
+
+
+def test_a_lingering_close_answers_at_once_and_ends_at_the_body_timeout(server: Server) -> None:
+    """A client that stops sending a refused body gets its 413 and the end of the stream at once;
+    the server still accepts the body's bytes until --body-timeout-s (1 s) after the answer, then
+    closes for good."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(predict_head(30 * 1024 * 1024) + b"x" * 1000)
+        began = time.monotonic()
+        reply = read_until_closed(sock, timeout_s=5)  # ends at the server's FIN
+        assert status_line(reply) == b"HTTP/1.1 413 Request Entity Too Large", reply
+        assert time.monotonic() - began < 0.9
+        sock.sendall(b"x" * 1000)  # the rest of the body is still read
+        closed = None
+        while closed is None and time.monotonic() - began < 3:
+            time.sleep(0.05)
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                closed = time.monotonic() - began
+        assert closed is not None, "the connection was still open 3 s after the answer"
+        assert 0.9 <= closed < 2.0, closed
+
+
 def test_headers_that_trickle_in_are_cut_off(server: Server, prober: httpx.Client) -> None:
     """--header-timeout-s 1: headers in three pieces within 0.3 s are served; headers still arriving
     after a second get 408; a connection that sends nothing is closed after a second."""
