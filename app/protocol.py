@@ -19,11 +19,13 @@ them: one client sending a header forever grows the process without bound (200 M
   timer, so a client trickling the rest of a refused body would otherwise hold it forever.
 - an answer that closes the connection (`Connection: close` from either side, a 413) while the
   body is still arriving closes it lingeringly, as nginx and Go's net/http do: the answer and a FIN
-  go out, the rest of the body is read and discarded (for at most `drain_timeout_s`), and only then
-  is the socket closed. Closing a socket with unread bytes makes the kernel send a RST, which drops
-  whatever of the answer is still in flight and makes a client that is still sending its body fail
-  with "connection reset" instead of reading its 413 or 429 (measured: 20 of 20 raw-socket clients
-  posting 30 MB against a 1 MB limit got ECONNRESET on send, none saw the 413).
+  go out, the rest of the body is read and discarded (for at most `drain_timeout_s`, a 408's
+  included: holding a socket costs little, and the client reads its answer), and only then is
+  the socket closed; a server shutdown leaves such a connection to its timer. Closing a socket
+  with unread bytes makes the kernel send a RST, which drops whatever of the answer is still in
+  flight and makes a client that is still sending its body fail with "connection reset" instead
+  of reading its 413 or 429 (measured: 20 of 20 raw-socket clients posting 30 MB against a 1 MB
+  limit got ECONNRESET on send, none saw the 413).
 
 Requests refused here never reach the app: they get the one error shape with a fresh request id.
 """
@@ -65,6 +67,8 @@ class _Guarded(HttpToolsProtocol):
         self._refused = False
         self._in_body = False  # between a request's headers' end and its body's end
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._awaiting_continue = False  # `Expect: 100-continue` and no body byte yet
+        self._unparsable = False  # answered 400 by uvicorn: nothing more is read from it
 
     # -- the timer -------------------------------------------------------------------------------
 
@@ -111,6 +115,15 @@ class _Guarded(HttpToolsProtocol):
             self._drain_timer.cancel()
             self._drain_timer = None
 
+    def shutdown(self) -> None:
+        if isinstance(self.transport, _LingeringTransport) and self.transport.lingering:
+            return  # already closing: its drain timer ends it; a close now would reset the sender
+        super().shutdown()
+
+    def send_400_response(self, msg: str) -> None:
+        self._unparsable = True
+        super().send_400_response(msg)
+
     def _drain_timed_out(self) -> None:
         self._drain_timer = None
         if self._in_body:
@@ -119,14 +132,16 @@ class _Guarded(HttpToolsProtocol):
     def _linger(self) -> bool:
         """Begin a lingering close if the answer is complete and the body still arriving."""
         cycle = self.cycle
-        if not self._in_body or cycle is None or not cycle.response_complete or cycle.waiting_for_100_continue:
-            return False  # nothing unread (or a 100-continue client that will not send it): close now
+        if not self._in_body or cycle is None or not cycle.response_complete:
+            return False  # nothing is left unread, or the answer itself was cut short: close now
+        if self._awaiting_continue or self._unparsable:
+            return False  # a client refused before "100 Continue" sends no body; garbage is not read on
         raw = self._raw_transport()
         if raw.can_write_eof():
             raw.write_eof()  # the answer, then FIN: the client may read it and stop sending
         self.flow.resume_reading()  # a paused read would leave the rest of the body unread
-        self._stop_draining()
-        self._drain_timer = self.loop.call_later(self.drain_timeout_s, self._drain_timed_out)
+        if self._drain_timer is None:  # a kept-alive drain already running keeps its limit
+            self._drain_timer = self.loop.call_later(self.drain_timeout_s, self._drain_timed_out)
         return True
 
     def _raw_transport(self) -> asyncio.Transport:
@@ -163,10 +178,12 @@ class _Guarded(HttpToolsProtocol):
             self._refuse_too_large()  # no ASGI task is started for this request
             return
         self._in_body = True
+        self._awaiting_continue = (b"expect", b"100-continue") in ((n.lower(), v.lower()) for n, v in self.headers)
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
+            self._awaiting_continue = False
             super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -176,9 +193,17 @@ class _Guarded(HttpToolsProtocol):
         self._in_body = False
         self._stop_draining()
         if isinstance(self.transport, _LingeringTransport) and self.transport.lingering:
+            self._refused = True  # whatever follows in this read is not parsed, let alone answered
             self._close_now()  # the rest of the body has been read: a clean close now
             return
         self._in_head, self._head_bytes = True, 0  # what comes next is the next request's head
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and self.timeout_keep_alive_task is None and not self.pipeline:
+            # The end of a body answered before it was read: the connection is idle from here, and
+            # uvicorn armed its keep-alive timer at the answer, which the body's bytes then cancelled.
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def _head_size(self) -> int:
         method, version = self.parser.get_method(), self.parser.get_http_version()
@@ -222,6 +247,10 @@ class _LingeringTransport:
 
     def is_closing(self) -> bool:
         return self.lingering or self.raw.is_closing()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.lingering:  # after the FIN nothing more may be written (a late 400, say)
+            self.raw.write(data)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.raw, name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import select
 import selectors
+import signal
 import socket
 import struct
 import time
@@ -610,36 +611,88 @@ def test_a_refused_upload_is_read_to_its_end_so_the_client_gets_its_answer(serve
     """A 413 is answered from Content-Length alone while the client is still sending 32 MB, on a
     Connection: close request. The server closes lingeringly: the rest of the body is read and
     discarded before the socket closes, so the sender finishes without a reset and reads its 413.
-    (A plain close with unread bytes makes the kernel reset the connection under the sender.)"""
+    (A plain close with unread bytes makes the kernel reset the connection under the sender; the
+    body is larger than loopback's socket buffers, so that it is still being sent at the answer.)"""
     body = b"x" * (32 * 1024 * 1024)
-    for _ in range(3):
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-            sock.sendall(predict_head(len(body)) + body)
-            reply = read_until_closed(sock)
-        assert status_line(reply) == b"HTTP/1.1 413 Request Entity Too Large", reply
-        assert b'"code": "payload_too_large"' in reply
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(predict_head(len(body)) + body)
+        reply = read_until_closed(sock)
+    assert status_line(reply) == b"HTTP/1.1 413 Request Entity Too Large", reply
+    assert b'"code": "payload_too_large"' in reply
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until a one-byte send fails (the server closed for good: its RST came back), or None."""
+    began = time.monotonic()
+    while time.monotonic() - began < seconds:
+        try:
+            sock.sendall(b"x")
+        except OSError:
+            return time.monotonic() - began
+        time.sleep(0.05)
+    return None
 
 
 def test_a_lingering_close_answers_at_once_and_ends_at_the_body_timeout(server: Server) -> None:
     """A client that stops sending a refused body gets its 413 and the end of the stream at once;
-    the server still accepts the body's bytes until --body-timeout-s (1 s) after the answer, then
-    closes for good."""
+    the server goes on reading the body (8 MB, more than the socket buffers hold) until
+    --body-timeout-s (1 s) after the answer, then closes for good."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(predict_head(30 * 1024 * 1024) + b"x" * 1000)
         began = time.monotonic()
         reply = read_until_closed(sock, timeout_s=5)  # ends at the server's FIN
         assert status_line(reply) == b"HTTP/1.1 413 Request Entity Too Large", reply
         assert time.monotonic() - began < 0.9
-        sock.sendall(b"x" * 1000)  # the rest of the body is still read
-        closed = None
-        while closed is None and time.monotonic() - began < 3:
-            time.sleep(0.05)
-            try:
-                sock.sendall(b"x")
-            except OSError:
-                closed = time.monotonic() - began
+        sock.sendall(b"x" * (8 * 1024 * 1024))  # read and discarded on the other side
+        closed = closed_within(sock, 3)
         assert closed is not None, "the connection was still open 3 s after the answer"
-        assert 0.9 <= closed < 2.0, closed
+        assert 0.9 <= time.monotonic() - began < 2.5
+
+
+def test_a_shutdown_leaves_a_lingering_close_to_finish(probe_package: Path, tmp_path: Path) -> None:
+    """SIGTERM while a refused body is still arriving: the server stops accepting, but the sender
+    finishes its body without a reset (8 MB after the signal, more than the socket buffers hold),
+    and the server exits 0 once it has."""
+    length = 12 * 1024 * 1024
+    with running_server(probe_package, tmp_path, *SERVER_ARGS, "--max-body-bytes", "4000000",
+                        "--max-image-bytes", "3000000", "--body-timeout-s", "20") as server:  # fmt: skip
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(predict_head(length) + b"x" * 1000)
+            reply = read_until_closed(sock, timeout_s=5)
+            assert status_line(reply) == b"HTTP/1.1 413 Request Entity Too Large", reply
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # the server's shutdown has begun
+            sock.sendall(b"x" * (length - 1000))
+        assert server.process.wait(10) == 0
+
+
+def test_a_client_refused_before_100_continue_is_closed_at_once(server: Server) -> None:
+    """`Expect: 100-continue` and a 413 from the headers: the client will not send the body, so
+    there is nothing to linger for."""
+    head = predict_head(30 * 1024 * 1024).replace(b"Connection: close", b"Expect: 100-continue")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head)
+        reply = read_until_closed(sock, timeout_s=5)
+        assert status_line(reply) == b"HTTP/1.1 413 Request Entity Too Large", reply
+        assert closed_within(sock, 0.5) is not None
+
+
+def test_a_refused_body_that_ends_leaves_the_connection_to_the_keep_alive_timer(server: Server) -> None:
+    """A 415 from the headers on a kept-alive connection; the client sends the rest of the body and
+    goes quiet. The connection closes at uvicorn's keep-alive timeout (5 s) instead of idling
+    forever (the body's bytes cancel the timer the answer armed)."""
+    head = b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head + b"x" * 10)
+        reply = b""
+        while b'"request_id"' not in reply:
+            reply += sock.recv(65536)
+        assert status_line(reply) == b"HTTP/1.1 415 Unsupported Media Type", reply
+        sock.sendall(b"x" * 990)
+        ended = time.monotonic()
+        sock.settimeout(10)
+        assert sock.recv(65536) == b""
+        assert 4.5 <= time.monotonic() - ended < 7.0
 
 
 def test_headers_that_trickle_in_are_cut_off(server: Server, prober: httpx.Client) -> None:
