@@ -135,18 +135,14 @@ class Trainer:
         self.history = list(state["history"])
         self.generator.set_state(state["generator"])
         if isinstance(self.sampler, ErrorWeightedSampler) and state.get("qtype_shares"):
-            self.sampler.restore(state["qtype_shares"])
+            if not self.sampler.restore(state["qtype_shares"]):
+                log("the checkpoint's question types differ from the data's: draws restart from the data's mix")
 
     def reweight(self, report: dict[str, float]) -> None:
         """Steer the error-weighted sampler (when it is the one) by a validation accuracy report."""
         if isinstance(self.sampler, ErrorWeightedSampler):
-            self.sampler.update(
-                {
-                    key.split("/")[1]: 1.0 - value / 100.0
-                    for key, value in report.items()
-                    if key.count("/") == 1 and key.startswith("qtype/")
-                }
-            )
+            accuracy = {qtype: report.get(f"qtype/{qtype}") for qtype in self.sampler.qtypes}
+            self.sampler.update({qtype: 1.0 - value / 100.0 for qtype, value in accuracy.items() if value is not None})
 
     def training_seconds(self) -> float:
         """Training time of the whole run, across --resume (the checkpoint carries what came before)."""
@@ -222,6 +218,8 @@ def fit(config: TrainConfig, argv: Sequence[str] = ()) -> dict[str, Any]:
         trainer.restore(resumed)
         log(f"resumed from {config.resume} at step {trainer.step}")
     val = sets.get("val")
+    if config.error_weighted_share and val is None:
+        log("--error-weighted-share has no validation split to steer by: the draws keep the data's own mix")
     log(
         f"training {sum(p.numel() for p in trainer.model.parameters()):,} parameters on {device}"
         f" for {config.steps} steps or {config.time_budget_min} min"

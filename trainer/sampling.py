@@ -76,22 +76,30 @@ class ErrorWeightedSampler:
         self.probabilities = self.natural.clone()
 
     def shares(self) -> dict[str, float]:
-        """Each question type's expected share of a batch, now."""
-        return {qtype: round(float(p), 4) for qtype, p in zip(self.qtypes, self.probabilities, strict=True)}
+        """Each question type's expected share of a batch, now (exact: a checkpoint restores it)."""
+        return dict(zip(self.qtypes, self.probabilities.tolist(), strict=True))
 
     def update(self, error_rates: dict[str, float]) -> None:
-        """Re-weight from validation error rates (0 to 1) per question type; a type not given counts 0."""
-        errors = torch.tensor([max(0.0, error_rates.get(qtype, 0.0)) for qtype in self.qtypes], dtype=torch.float64)
+        """Re-weight from validation error rates (0 to 1) per question type. A type validation did
+        not measure counts as the mean of those it did: unmeasured is not learned."""
+        measured = [max(0.0, rate) for qtype, rate in error_rates.items() if qtype in self.qtypes]
+        if not measured:
+            return
+        mean = sum(measured) / len(measured)
+        errors = torch.tensor([max(0.0, error_rates.get(qtype, mean)) for qtype in self.qtypes], dtype=torch.float64)
         total = float(errors.sum())
         if total <= 0.0:
             self.probabilities = self.natural.clone()
             return
         self.probabilities = (1.0 - self.share) * self.natural + self.share * errors / total
 
-    def restore(self, shares: dict[str, float]) -> None:
-        """Probabilities saved by `shares()` (a checkpoint's); types unknown to this data are ignored."""
-        if set(shares) == set(self.qtypes):
-            self.probabilities = torch.tensor([shares[qtype] for qtype in self.qtypes], dtype=torch.float64)
+    def restore(self, shares: dict[str, float]) -> bool:
+        """Probabilities saved by `shares()` (a checkpoint's). False, and the data's own mix kept,
+        when the checkpoint's question types are not this data's."""
+        if set(shares) != set(self.qtypes):
+            return False
+        self.probabilities = torch.tensor([shares[qtype] for qtype in self.qtypes], dtype=torch.float64)
+        return True
 
     def __call__(self, generator: torch.Generator) -> torch.Tensor:
         kinds = torch.multinomial(self.probabilities, self.batch_size, replacement=True, generator=generator)

@@ -7,10 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from model.package import load_package
 from trainer.__main__ import main
+from trainer.data import load_dataset
+from trainer.sampling import ErrorWeightedSampler
 from trainer.shapesqa import LABELS
 
 TINY_MODEL = [
@@ -99,3 +102,22 @@ def test_fit_reads_a_generic_jsonl_data_set(tmp_path: Path) -> None:
     manifest = load_package(out).manifest
     assert manifest.labels == ("0", "1")
     assert manifest.metrics["steps"] == 6
+
+
+def test_error_weighted_draws_are_steered_by_validation_and_saved_exactly(
+    shapesqa_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "weighted"
+    capsys.readouterr()
+    assert main(fit_args(shapesqa_dir, out, "--no-group-by-image", "--error-weighted-share", "0.5")) == 0
+    logged = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qtype_shares ")]
+    assert len(logged) == 2  # one per evaluation (steps 3 and 6)
+    state = torch.load(tmp_path / ".weighted-checkpoint.pt", weights_only=False)
+    shares = state["qtype_shares"]
+    assert set(shares) == {"shape", "size", "exists", "count", "side", "nearest", "farthest"}
+    assert sum(shares.values()) == pytest.approx(1.0)
+    # Steered: the error-weighted half moved the shares away from the data's own mix.
+    natural = ErrorWeightedSampler(
+        load_dataset(shapesqa_dir / "train" / "data.jsonl", LABELS, (32, 32), 96, 1), 16, 0.5
+    )
+    assert shares != natural.shares()
