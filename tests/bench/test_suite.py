@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -58,8 +59,11 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
     for workload in ("mixed", "scenes"):
         assert results["ceilings"][workload]["pipeline_rate"]["1"][0] > 0
         assert results["ceilings"][workload]["batch1_idle_cost_median_s"] > 0
-        # The ceilings split batches by text length as the service does, with the cost it would measure.
-        assert set(results["ceilings"][workload]["call_cost_tokens"]) == {"fuse", "text"}
+        # The ceilings split batches by text length as the service does, with the cost it would
+        # measure: text lanes only, each a positive cost or left out where timing noise defeated the
+        # fit (the service then does not split that lane either: `fit_call_cost` gives infinity).
+        costs = results["ceilings"][workload]["call_cost_tokens"]
+        assert set(costs) <= {"fuse", "text"} and all(0 < cost < math.inf for cost in costs.values())
     assert "(in-process after 2 ms idle: " in text
     assert "tokens per call)." in text
     batched = [r for r in results["closed"] if r["server"] == "batched" and r["stages"]]
