@@ -116,7 +116,7 @@ class _Guarded(HttpToolsProtocol):
             self._drain_timer = None
 
     def shutdown(self) -> None:
-        if isinstance(self.transport, _LingeringTransport) and self.transport.lingering:
+        if self._is_lingering():
             return  # already closing: its drain timer ends it; a close now would reset the sender
         super().shutdown()
 
@@ -143,6 +143,9 @@ class _Guarded(HttpToolsProtocol):
         if self._drain_timer is None:  # a kept-alive drain already running keeps its limit
             self._drain_timer = self.loop.call_later(self.drain_timeout_s, self._drain_timed_out)
         return True
+
+    def _is_lingering(self) -> bool:
+        return isinstance(self.transport, _LingeringTransport) and self.transport.lingering
 
     def _raw_transport(self) -> asyncio.Transport:
         transport = self.transport
@@ -192,7 +195,7 @@ class _Guarded(HttpToolsProtocol):
         super().on_message_complete()
         self._in_body = False
         self._stop_draining()
-        if isinstance(self.transport, _LingeringTransport) and self.transport.lingering:
+        if self._is_lingering():
             self._refused = True  # whatever follows in this read is not parsed, let alone answered
             self._close_now()  # the rest of the body has been read: a clean close now
             return
