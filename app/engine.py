@@ -175,6 +175,15 @@ _OUT_OF_MEMORY: Final = "the model ran out of device memory on this input, even 
 _NOT_FINITE: Final = "the model produced a non-finite output for this input"
 
 
+def softmax(logits: FloatArray) -> FloatArray:
+    """Row-wise softmax in float32, shifted by each row's largest logit so that exp() cannot overflow.
+    A row with a non-finite logit comes out non-finite (and fails alone), without a numpy warning."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
+
+
 class Engine:
     def __init__(self, package: ModelPackage, metrics: Metrics | None = None, precision: Precision = "fp32") -> None:
         check_precision(package.device, precision)
@@ -316,9 +325,8 @@ class Engine:
             outputs = self._forward(image, text)
             if not isinstance(outputs, dict):
                 raise OutputContractError(f"forward returned {type(outputs).__name__}, not a dict")
-            logits = self._checked(outputs.get("logits"), count, self.num_labels, "logits")
-            return {
-                "probs": torch.softmax(logits.float(), dim=-1),
+            return {  # softmax on the host copy (`_rows`): one less call that gives up the GIL
+                "logits": self._checked(outputs.get("logits"), count, self.num_labels, "logits"),
                 "image_embedding": self._checked(outputs.get("image_embedding"), count, self.dim, "image_embedding"),
                 "text_embedding": self._checked(outputs.get("text_embedding"), count, self.dim, "text_embedding"),
             }
@@ -340,9 +348,14 @@ class Engine:
 
     @staticmethod
     def _rows(outputs: dict[str, torch.Tensor], count: int) -> list[RowResult]:
-        # Checked on the host copy the answers need anyway: a handful of small torch ops per batch
-        # cost more than the whole check in numpy, at batch 1 most of all.
-        arrays = {name: value.detach().to("cpu", torch.float32).numpy() for name, value in outputs.items()}
+        # Finished in numpy on the host copy the answers need anyway. Every torch call from Python
+        # gives up the GIL and must take it back, which under load means waiting for the event loop
+        # or a decoding thread to yield it (up to the interpreter's switch interval, 5 ms): the
+        # forward pass is the one such call a batch cannot avoid. Outputs of an inference-mode call
+        # need no detach(), and a float32 CPU tensor's to() is itself, so neither gives up the GIL.
+        arrays = {name: value.to("cpu", torch.float32).numpy() for name, value in outputs.items()}
+        if "logits" in arrays:
+            arrays["probs"] = softmax(arrays.pop("logits"))
         finite = np.ones(count, dtype=bool)
         for array in arrays.values():
             finite &= np.isfinite(array).all(axis=1)
