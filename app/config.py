@@ -92,6 +92,18 @@ class Settings(BaseSettings):
         ),
     ] = None
 
+    switch_interval_ms: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=100,
+            description=(
+                "the Python interpreter's thread switch interval in this process (and each front-end): how long"
+                " a thread waits for the GIL before it makes the holder give it up (Python's default: 5)"
+            ),
+        ),
+    ] = 0.2
+
     frontends: Annotated[
         int,
         Field(

@@ -102,6 +102,7 @@ class InfoResponse(BaseModel):
     model: ModelInfo
     device: str
     threads: int = Field(description="intra-op threads of the inference thread")
+    switch_interval_ms: float = Field(description="the Python thread switch interval in force (--switch-interval-ms)")
     precision: Precision = Field(description="fp32, or the autocast precision of every forward pass (bf16, fp16)")
     batching: BatchingInfo
     limits: LimitsInfo

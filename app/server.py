@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import sys
 import time
 from types import FrameType
 
@@ -65,6 +66,11 @@ class DrainingServer(uvicorn.Server):
 
 
 def build_server(app: FastAPI, settings: Settings) -> DrainingServer:
+    # A torch call gives up the GIL, and the inference thread takes it back after each forward
+    # pass; while the event loop or a decoding thread runs Python, that wait lasts up to the switch
+    # interval. Beside a thread running Python, a batch of 16 took 1.53x its time alone at Python's
+    # 5 ms, 1.18x at 0.2 ms; served, 1.2x the throughput at concurrency 32 and 64 (README).
+    sys.setswitchinterval(settings.switch_interval_ms / 1000)
     config = uvicorn.Config(
         app,
         http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s, settings.body_timeout_s),

@@ -7,6 +7,7 @@ once the model is loaded.
 from __future__ import annotations
 
 import math
+import sys
 
 from fastapi import APIRouter
 from starlette.responses import Response
@@ -56,6 +57,7 @@ def build_info(state: AppState) -> InfoResponse | None:
         ),
         device=str(engine.device),
         threads=settings.intra_op_threads(on_cuda=engine.device.type == "cuda"),
+        switch_interval_ms=round(sys.getswitchinterval() * 1000, 6),
         precision=engine.precision,
         # Each field is the setting of the same name: one list of limits, in the schema.
         batching=BatchingInfo(

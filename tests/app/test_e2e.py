@@ -43,7 +43,9 @@ def test_endpoints_over_real_sockets(server: Server) -> None:
         assert set(both) == {"image_embedding", "text_embedding", "similarity", "dim", "model"}
         assert client.get("/healthz").json() == {"status": "alive"}
         assert client.get("/readyz").json() == {"status": "ready"}
-        assert client.get("/info").json()["model"]["name"] == "probe"
+        info = client.get("/info").json()
+        assert info["model"]["name"] == "probe"
+        assert info["switch_interval_ms"] == 0.2  # the service's default, set in the serving process
         missing = client.post("/predict", **form(text="no image"))
         assert missing.status_code == 422 and missing.json()["error"]["code"] == "missing_field"
         assert client.post("/predict", json={"text": "q"}).status_code == 415
