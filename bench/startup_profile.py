@@ -3,11 +3,12 @@
     python -m bench.startup_profile [--model DIR] [--max-batch-size 32]
 
 1. the interpreter's start and the service's imports (`python -c "import app.main"`, median of 3);
-2. the service's own warm-up plan (app.engine.Engine.warm_up_plan), every call timed, summed by lane;
-3. in a fresh module: warm up at powers of two only (and the text lengths at the extremes), then
-   call every other batch size for the first time, and compare that first call with the same
-   call repeated: if the first call costs no more than a steady one, warming those sizes buys
-   nothing and the warm-up can shrink to the powers of two.
+2. the service's own warm-up plan on the CPU (app.engine.Engine.warm_up_plan: the powers of two and
+   the largest batch), every call timed, summed by lane;
+3. in a fresh module: the warm-up at every batch size (what a GPU runs), timed;
+4. back in the first module: every batch size that its warm-up left out, called for the first
+   time, against the same call repeated: if the first call costs no more than a steady one,
+   warming those sizes would buy nothing.
 """
 
 from __future__ import annotations
@@ -75,27 +76,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     fresh = Engine.load(model, torch.device("cpu"))
-    powers = sorted({1, args.max_batch_size, *(2**k for k in range(1, 11) if 2**k < args.max_batch_size)})
-    small_plan = [
-        WarmUp(kind, size, length)
-        for kind in Kind
-        for size in powers
-        for length in (lengths if size in (1, args.max_batch_size) else lengths[:1])
-        if kind.needs_text or length == lengths[0]
-    ]
+    full_plan = fresh.warm_up_plan(list(Kind), args.max_batch_size, lengths, every_size=True)
     began = time.perf_counter()
-    for step in small_plan:
+    for step in full_plan:
         fresh.warm_up(step)
-    print(f"warm-up at powers of two only: {len(small_plan)} calls, {time.perf_counter() - began:.2f} s")
+    print(f"warm-up at every batch size (as on a GPU): {len(full_plan)} calls, {time.perf_counter() - began:.2f} s")
+    warmed = {step.size for step in plan}
     ratios = []
     worst = (0.0, 0, "")
     for kind in Kind:
         for size in range(1, args.max_batch_size + 1):
-            if size in powers:
+            if size in warmed:
                 continue
             step = WarmUp(kind, size, lengths[len(lengths) // 2])
-            first = _timed(fresh, step)
-            steady = statistics.median(_timed(fresh, step) for _ in range(3))
+            first = _timed(engine, step)
+            steady = statistics.median(_timed(engine, step) for _ in range(3))
             ratios.append(first / steady)
             if first / steady > worst[0]:
                 worst = (first / steady, size, kind.value)

@@ -126,3 +126,22 @@ def test_a_precision_that_moves_a_golden_output_past_its_tolerance_is_refused(
     assert "startup failed, this replica will not serve: golden case 0: forward image_embedding" in output
     assert "in the serving path at bf16 differs from the shipped output by" in output
     assert "(at most 0 allowed)" in output
+
+
+def test_a_cpu_warms_the_powers_of_two_and_the_largest_batch_a_gpu_every_size(tiny_package: Path) -> None:
+    assert engine_module.warm_up_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert engine_module.warm_up_sizes(12) == [1, 2, 4, 8, 12]
+    assert engine_module.warm_up_sizes(1) == [1]
+    engine = engine_module.Engine.load(tiny_package, torch.device("cpu"))
+    kinds = list(engine_module.Kind)
+
+    def shapes(plan: list[engine_module.WarmUp], kind: engine_module.Kind) -> list[tuple[int, int]]:
+        return [(step.size, step.length) for step in plan if step.kind is kind]
+
+    plan = engine.warm_up_plan(kinds, 12, [4, 9, 20])
+    # Every text length at the smallest and largest batch, one (cycling by size) in between.
+    expected = [(1, 4), (1, 9), (1, 20), (2, 20), (4, 9), (8, 20), (12, 4), (12, 9), (12, 20)]
+    assert shapes(plan, engine_module.Kind.TEXT) == shapes(plan, engine_module.Kind.FUSE) == expected
+    assert shapes(plan, engine_module.Kind.IMAGE) == [(1, 4), (2, 20), (4, 9), (8, 20), (12, 4)]
+    every = engine.warm_up_plan(kinds, 12, [4, 9, 20], every_size=True)
+    assert [size for size, _ in shapes(every, engine_module.Kind.IMAGE)] == list(range(1, 13))
