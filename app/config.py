@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     switch_interval_ms: Annotated[
         float,
         Field(
-            gt=0,
+            ge=0.01,  # CPython keeps whole microseconds
             le=100,
             description=(
                 "the Python interpreter's thread switch interval in this process (and each front-end): how long"

@@ -184,13 +184,18 @@ def softmax(logits: FloatArray) -> FloatArray:
     return shifted
 
 
+def _host_float32(value: torch.Tensor) -> FloatArray:
+    if value.device.type == "cpu" and value.dtype == torch.float32:
+        return value.numpy()
+    return value.to("cpu", torch.float32).numpy()
+
+
 def warm_up_sizes(max_batch_size: int) -> list[int]:
     """The batch sizes a CPU warms up: 1, the powers of two below the largest, and the largest.
 
-    On a CPU the first call at a batch size not warmed cost 1.02x the same call repeated (median over
-    the 78 other sizes of the shipped model, at most 1.25x, once; `python -m bench.startup_profile`),
-    while warming every size took 1.9 s of a 5 s start against 0.7 s. A GPU warms every size:
-    kernels are chosen per shape there."""
+    On a CPU the first call at a batch size not warmed cost about what the same call costs repeated
+    (`python -m bench.startup_profile`, README), while warming every size took 1.9 s of a 5 s start
+    against 0.7 s. An accelerator warms every size: kernels are chosen per shape there."""
     return sorted({1, max_batch_size, *(2**k for k in range(1, max_batch_size.bit_length()) if 2**k < max_batch_size)})
 
 
@@ -358,12 +363,13 @@ class Engine:
 
     @staticmethod
     def _rows(outputs: dict[str, torch.Tensor], count: int) -> list[RowResult]:
-        # Finished in numpy on the host copy the answers need anyway. Every torch call from Python
-        # gives up the GIL and must take it back, which under load means waiting for the event loop
-        # or a decoding thread to yield it (up to the interpreter's switch interval, 5 ms): the
-        # forward pass is the one such call a batch cannot avoid. Outputs of an inference-mode call
-        # need no detach(), and a float32 CPU tensor's to() is itself, so neither gives up the GIL.
-        arrays = {name: value.to("cpu", torch.float32).numpy() for name, value in outputs.items()}
+        # Finished in numpy on the host copy the answers need anyway. A torch call from Python gives
+        # up the GIL and must take it back, which under load means waiting for the event loop or a
+        # decoding thread to yield it (up to the switch interval, --switch-interval-ms): on a CPU
+        # the forward pass is the one such call a batch cannot avoid. Outputs of an inference-mode
+        # call need no detach(), and numpy() on a float32 CPU tensor is a view that keeps the GIL;
+        # anything else (a GPU's outputs, a reduced precision) is copied to float32 on the host.
+        arrays = {name: _host_float32(value) for name, value in outputs.items()}
         if "logits" in arrays:
             arrays["probs"] = softmax(arrays.pop("logits"))
         finite = np.ones(count, dtype=bool)
@@ -380,17 +386,19 @@ class Engine:
     def warm_up_plan(
         self, kinds: Iterable[Kind], max_batch_size: int, text_lengths: Sequence[int], *, every_size: bool | None = None
     ) -> list[WarmUp]:
-        """Each kind at the batch sizes `warm_up_sizes` gives (`every_size`: all of them); all text
-        lengths at the smallest and largest batch, one (cycling) in between. First calls pay for
-        graph profiling and optimization, kernel selection and allocator growth; paying them here
-        means no request does."""
+        """Each kind at the batch sizes `warm_up_sizes` gives (`every_size`: all of them, the default
+        on an accelerator); all text lengths at the smallest and largest batch, one in between, taken
+        in turn by the size's position, so that every length also runs at a middle size. First calls
+        pay for graph profiling and optimization, kernel selection and allocator growth; paying them
+        here means no request does."""
         if every_size is None:
-            every_size = self.device.type == "cuda"
+            every_size = self.device.type != "cpu"
         sizes = range(1, max_batch_size + 1) if every_size else warm_up_sizes(max_batch_size)
         plan = []
         for kind in kinds:
-            for size in sizes:
-                lengths = text_lengths if size in (1, max_batch_size) else [text_lengths[size % len(text_lengths)]]
+            for position, size in enumerate(sizes):
+                ends = (1, max_batch_size)
+                lengths = text_lengths if size in ends else [text_lengths[position % len(text_lengths)]]
                 plan += [WarmUp(kind, size, length) for length in (lengths if kind.needs_text else lengths[:1])]
         return plan
 

@@ -150,7 +150,8 @@ async def _phases(state: AppState, device: torch.device) -> None:
     lengths = warmup_text_lengths(manifest.max_text_length)
     plan = engine.warm_up_plan(list(Kind), settings.max_batch_size, lengths)
     await _timed(state, "warmup", _warm_up(state, engine, plan))
-    log.info("warmed up %d calls: batch sizes 1..%d, text lengths %s", len(plan), settings.max_batch_size, lengths)
+    sizes = sorted({step.size for step in plan})
+    log.info("warmed up %d calls: batch sizes %s, text lengths %s", len(plan), sizes, lengths)
     await _timed(state, "callcost", _call_costs(state, engine, lengths))
 
     state.phase = Phase.SELF_CHECK

@@ -164,7 +164,8 @@ def start_server(
     that two versions of the service can be measured side by side.
 
     `prelude`: Python run in the service's interpreter before the app (an interpreter setting to
-    try, say `import sys; sys.setswitchinterval(0.001)`), without editing the app.
+    try, say `import gc; gc.set_threshold(100_000)`), without editing the app. The switch interval
+    has its own flag: the server sets it from --switch-interval-ms.
     """
     port = free_port()
     args = [
