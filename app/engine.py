@@ -394,10 +394,10 @@ class Engine:
         if every_size is None:
             every_size = self.device.type != "cpu"
         sizes = range(1, max_batch_size + 1) if every_size else warm_up_sizes(max_batch_size)
+        ends = (1, max_batch_size)
         plan = []
         for kind in kinds:
             for position, size in enumerate(sizes):
-                ends = (1, max_batch_size)
                 lengths = text_lengths if size in ends else [text_lengths[position % len(text_lengths)]]
                 plan += [WarmUp(kind, size, length) for length in (lengths if kind.needs_text else lengths[:1])]
         return plan
