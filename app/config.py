@@ -170,6 +170,17 @@ class Settings(BaseSettings):
         int | None,
         Field(ge=1, le=256, description="threads that parse, decode and validate requests (default: min(cores, 4))"),
     ] = None
+    decode_nice: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=19,
+            description=(
+                "how much nicer (lower CPU priority, Linux) the decode threads run than the rest of the process:"
+                " under load the forward pass gets its core first, and decoding the cycles left (0: the same)"
+            ),
+        ),
+    ] = 10
 
     # Deadlines.
     request_timeout_ms: Annotated[

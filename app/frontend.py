@@ -20,7 +20,6 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Final
@@ -31,6 +30,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from app.config import Settings
+from app.decode_pool import start_decode_pool
 from app.decoding import Decoder
 from app.frontends import INDEX_ENV, LINK_ENV, LISTEN_FD_ENV
 from app.handoff_client import DEVICE_GONE, DeviceLink, RemoteBatcher
@@ -62,7 +62,7 @@ async def frontend_lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.fusion
     link = state.link
     assert link is not None
-    state.decode_pool = ThreadPoolExecutor(state.settings.decode_threads(), thread_name_prefix="decode")
+    state.decode_pool = start_decode_pool(state.settings)
     manifest = await _link_up(link, state.settings)
     state.manifest = manifest
     state.decoder = Decoder(state.settings, manifest)

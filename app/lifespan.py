@@ -17,7 +17,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -26,6 +25,7 @@ import torch
 from fastapi import FastAPI
 
 from app.batching import MicroBatcher, StageBuffers
+from app.decode_pool import start_decode_pool
 from app.decoding import Decoder
 from app.engine import Engine, Kind, WarmUp, resolve_device
 from app.frontends import FrontendSupervisor
@@ -66,7 +66,7 @@ def start(state: AppState) -> None:
     device = resolve_device(settings.device)  # fails fast; the CLI checks it before binding, too
     state.worker = InferenceWorker(settings.intra_op_threads(on_cuda=device.type == "cuda"))
     state.worker.start()
-    state.decode_pool = ThreadPoolExecutor(settings.decode_threads(), thread_name_prefix="decode")
+    state.decode_pool = start_decode_pool(settings)
     state.startup_task = asyncio.create_task(_bring_up(state, device), name="startup")
 
 

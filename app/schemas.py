@@ -71,6 +71,7 @@ class BatchingInfo(BaseModel):
     gather_ms: float = Field(description="longest wait, when the device frees, for requests still decoding")
     max_queue: int = Field(description="admitted requests not yet running, beyond which 429")
     decode_workers: int = Field(description="decode threads of each process that answers HTTP")
+    decode_nice: int = Field(description="how much nicer the decode threads run than the rest (0: the same)")
     frontends: int = Field(description="processes answering HTTP, all feeding one batcher")
     call_cost_tokens: dict[str, float | None] = Field(
         description=(

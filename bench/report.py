@@ -552,7 +552,8 @@ def write_report(results: Results, out: Path) -> Path:
         f"{model['labels']} labels, embedding {model['embedding_dim']}",
         f"- model config: `{json.dumps(model['config'], sort_keys=True)}`",
         f"- service: `python -m app {' '.join(settings['server_args'])}` → {settings['threads']} intra-op "
-        f"thread(s), {settings['decode_workers']} decode workers, max batch {settings['max_batch_size']}, max wait "
+        f"thread(s), {settings['decode_workers']} decode workers at nice +{settings.get('decode_nice', 0)}, "
+        f"max batch {settings['max_batch_size']}, max wait "
         f"{settings['max_wait_ms']} ms, max queue {settings['max_queue']}; baseline adds "
         f"`{' '.join(settings['unbatched_args'])}`",
         f"- plan: budget {plan['budget_s']:.0f} s; closed loop {plan['run_s']:.1f} s per run x {plan['repeats']} "

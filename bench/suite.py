@@ -583,6 +583,7 @@ def run(
             "unbatched_args": unbatched_args,
             "threads": threads,
             "decode_workers": settings.decode_threads(),
+            "decode_nice": settings.decode_nice if sys.platform == "linux" else 0,  # per-thread nice: Linux only
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
             "max_queue": settings.max_queue,

@@ -12,10 +12,14 @@ import sys
 from fastapi import APIRouter
 from starlette.responses import Response
 
+from app.decode_pool import decode_nice_in_force
 from app.deps import StateDep
 from app.errors import NotReady
 from app.schemas import BatchingInfo, InfoResponse, LimitsInfo, ModelInfo, error_responses
 from app.state import AppState
+
+# Batching fields whose value in force is not the setting as given.
+_COMPUTED_BATCHING_FIELDS = frozenset({"decode_workers", "decode_nice", "call_cost_tokens"})
 
 router = APIRouter(tags=["info"])
 
@@ -61,8 +65,9 @@ def build_info(state: AppState) -> InfoResponse | None:
         precision=engine.precision,
         # Each field is the setting of the same name: one list of limits, in the schema.
         batching=BatchingInfo(
-            **settings.model_dump(include=set(BatchingInfo.model_fields) - {"decode_workers", "call_cost_tokens"}),
+            **settings.model_dump(include=set(BatchingInfo.model_fields) - _COMPUTED_BATCHING_FIELDS),
             decode_workers=settings.decode_threads(),
+            decode_nice=decode_nice_in_force(settings),
             call_cost_tokens={
                 kind.value: None if math.isinf(cost) else round(cost, 1)
                 for kind, cost in engine.call_cost_tokens.items()

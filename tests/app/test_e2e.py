@@ -6,6 +6,7 @@ saturated, a client that closes its socket, and startup failures that must exit 
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -50,6 +51,34 @@ def test_endpoints_over_real_sockets(server: Server) -> None:
         assert missing.status_code == 422 and missing.json()["error"]["code"] == "missing_field"
         assert client.post("/predict", json={"text": "q"}).status_code == 415
         assert metric(server.metrics(), "fusion_startup_seconds", phase="total") > 0
+
+
+def thread_nices(pid: int) -> dict[int, int]:
+    """Each thread's nice value (field 19 of /proc/PID/task/TID/stat)."""
+    nices = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        nices[int(task.name)] = int(stat[stat.rindex(")") + 2 :].split()[16])
+    return nices
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice values are Linux only")
+def test_the_decode_thread_runs_nicer_than_every_other_thread(probe_package: Path, tmp_path: Path) -> None:
+    args = (*SERVER_ARGS[:-4], "--drain-delay-s", "0", "--decode-workers", "1", "--decode-nice", "7")
+    with running_server(probe_package, tmp_path, *args) as server:
+        base = os.getpriority(os.PRIO_PROCESS, server.process.pid)  # the main thread's: the event loop's
+        before = thread_nices(server.process.pid)
+        assert set(before.values()) == {base}  # the pool starts its thread on first use
+        large = picture(size=(600, 600))  # more pixels than --inline-decode-pixels: decoded in the pool
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for i in range(3):
+                assert client.post("/predict", **form(large, f"q{i}")).status_code == 200
+            assert client.post("/predict", **form(picture(), "small")).status_code == 200  # on the loop
+            assert client.get("/info").json()["batching"]["decode_nice"] == 7
+        after = thread_nices(server.process.pid)
+        assert metric(server.metrics(), "fusion_decoded_on_loop_total", route="/predict") == 1  # the small one
+    assert {tid: after[tid] for tid in before} == before
+    assert sorted(after[tid] for tid in set(after) - set(before)) == [min(19, base + 7)]
 
 
 def test_a_declared_oversized_body_is_refused_before_it_is_read(server: Server) -> None:
