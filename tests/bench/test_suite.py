@@ -72,7 +72,9 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
     alone = [r["stages"] for r in batched if r["concurrency"] == 1 and r["workload"] == "mixed"]
     assert [(s["calls_per_batch"], s["padding_share"]) for s in alone] == [(1.0, 0.0)] * len(alone)  # one text a batch
     assert results["floor"]["throughput"] > 0
-    assert results["starts"][0]["ready_s"] > 0
+    assert [s["server"] for s in results["starts"]] == ["batched", "unbatched"]  # no extra starts in a short run
+    assert all(s["ready_s"] > 0 and s["major_faults"] >= 0 and s["read_bytes"] >= 0 for s in results["starts"])
+    assert "| major page faults | read from storage (MiB) |" in text
 
 
 @pytest.mark.slow
