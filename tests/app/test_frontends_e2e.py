@@ -240,3 +240,35 @@ def test_a_silent_device_process_makes_the_front_ends_dead_until_it_speaks_again
         assert {fresh(replica.url, "GET", "/healthz").status_code for _ in range(4)} == {200}
     finally:
         replica.stop()
+
+
+def test_a_deadline_holds_for_items_handed_over_by_a_front_end(probe_package: Path, tmp_path: Path) -> None:
+    """An item carries the time it has left across the link: queued on the device behind a long
+    batch, each late request is answered 504 at its own deadline by whichever process took it, and
+    never runs; the batch it waited behind is answered as usual."""
+    with running_server(probe_package, tmp_path, *SERVER_ARGS, *FRONTENDS) as server:
+        wait_frontends(server)
+        ran = metric(server.metrics(), "fusion_items_executed_total", kind="fuse")
+        with ThreadPoolExecutor(16) as pool:
+            # A text starting with '@' makes the probe model spin about 2 s in one forward pass.
+            hold = pool.submit(fresh, server.url, "POST", "/predict", **form(picture(), "@ hold the device"))
+            end = time.monotonic() + 30
+            while metric(server.metrics(), "fusion_items_executed_total", kind="fuse") == ran:
+                assert time.monotonic() < end, server.output()
+                time.sleep(0.02)
+            before = server.metrics()  # the device is running the long pass now
+            late_form = {**form(picture(), "too late"), "headers": {"X-Request-Timeout-Ms": "300"}}
+            sent = time.monotonic()
+            late = list(pool.map(lambda _: fresh(server.url, "POST", "/predict", **late_form), range(12)))
+            answered_within = time.monotonic() - sent
+            assert not hold.done(), "the long pass should still be running"
+            assert hold.result().status_code == 200
+        after = server.metrics()
+    assert [(r.status_code, r.json()["error"]["code"]) for r in late] == [(504, "deadline_exceeded")] * 12
+    assert answered_within < 1.5  # at their deadlines, not when the pass ahead of them ended
+    handed = metric(after, "fusion_handoff_items_total") - metric(before, "fusion_handoff_items_total")
+    assert handed >= 1, "no late request reached the device through a front-end"
+    assert metric(after, "fusion_items_executed_total", kind="fuse") == ran + 1  # none of them ran
+    expired = metric(after, "fusion_requests_expired_total", stage="queue")
+    assert expired - metric(before, "fusion_requests_expired_total", stage="queue") == 12
+    assert metric(after, "fusion_requests_total", route="/predict", status="504") == 12
