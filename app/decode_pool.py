@@ -2,11 +2,12 @@
 
 On a busy CPU host every core is shared by the inference thread, the event loop and the decode
 threads. Each time the kernel gave a core to a decode thread while the forward pass was runnable,
-the batch waited: at concurrency 32, a fuse batch took 1.25x its own CPU time on the wall, with
-10-17 involuntary context switches per batch. The device is the resource to keep busy, so the
-decode threads run at a higher nice value than the rest of the process (Linux keeps a nice value
-per thread): the kernel then hands them the cycles the forward pass and the event loop leave, which
-under load is a whole core on two. When the CPU is idle, a lower priority costs nothing.
+the batch waited: on the benchmark's mix at concurrency 32, a fuse batch took 1.24x its own CPU
+time on the wall, with 9-14 involuntary context switches per batch (5-8 at nice +10). The device
+is the resource to keep busy, so the decode threads run at a higher nice value than the rest of
+the process (Linux keeps a nice value per thread): the kernel then hands them the cycles the
+forward pass and the event loop leave, which under load is a whole core on two. When the CPU is
+idle, a lower priority costs nothing.
 
 Lowering a priority needs no privilege; raising the inference thread's would (CAP_SYS_NICE).
 """
@@ -35,7 +36,7 @@ def decode_nice_in_force(settings: Settings) -> int:
 def start_decode_pool(settings: Settings) -> ThreadPoolExecutor:
     increment = decode_nice_in_force(settings)
     if settings.decode_nice and not increment:
-        log.warning("--decode-nice has no effect on %s (per-thread priorities are Linux only)", sys.platform)
+        log.info("--decode-nice has no effect on %s (per-thread priorities are Linux only)", sys.platform)
     return ThreadPoolExecutor(
         settings.decode_threads(),
         thread_name_prefix="decode",
