@@ -46,7 +46,13 @@ def start_decode_pool(settings: Settings) -> ThreadPoolExecutor:
 
 def lower_thread_priority(increment: int) -> None:
     """Make the calling thread `increment` nicer than it is (at most 19), not than nice 0: a service
-    started under `nice` keeps its decode threads below its own other threads all the same."""
+    started under `nice` keeps its decode threads below its own other threads all the same.
+
+    Never raises: a pool whose initializer raised would refuse every request, and a sandbox that
+    forbids the call (a seccomp profile) only costs the priority."""
     thread = threading.get_native_id()
-    current = os.getpriority(os.PRIO_PROCESS, thread)  # on Linux, PRIO_PROCESS with a thread id: that thread
-    os.setpriority(os.PRIO_PROCESS, thread, min(MAX_NICE, current + increment))
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, thread)  # on Linux, PRIO_PROCESS with a thread id: that thread
+        os.setpriority(os.PRIO_PROCESS, thread, min(MAX_NICE, current + increment))
+    except OSError as exc:
+        log.warning("a decode thread keeps its priority: setpriority failed (%s)", exc)

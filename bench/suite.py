@@ -570,6 +570,8 @@ def run(
     env["load_average_after"] = os.getloadavg()
     env["trainer_after"] = trainer_running()
 
+    from app.decode_pool import decode_nice_in_force  # the app's settings import torch: not at import time
+
     results = {
         "environment": env,
         "model": {
@@ -589,7 +591,7 @@ def run(
             "unbatched_args": unbatched_args,
             "threads": threads,
             "decode_workers": settings.decode_threads(),
-            "decode_nice": settings.decode_nice if sys.platform == "linux" else 0,  # per-thread nice: Linux only
+            "decode_nice": decode_nice_in_force(settings),
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
             "max_queue": settings.max_queue,

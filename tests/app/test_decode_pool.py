@@ -66,3 +66,22 @@ def test_every_pool_thread_runs_at_the_setting_and_zero_leaves_them_alone() -> N
         finally:
             pool.shutdown()
     assert own_nice() == mine
+
+
+@linux_only
+def test_a_refused_priority_change_leaves_the_thread_serving(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sandbox that forbids setpriority must not break the pool: an initializer that raised
+    would make every decode fail."""
+
+    def refuse(*_: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    pool = start_decode_pool(Settings(decode_workers=1, decode_nice=5))
+    try:
+        assert pool.submit(own_nice).result(timeout=10) == own_nice()
+    finally:
+        pool.shutdown()
+    assert "a decode thread keeps its priority: setpriority failed" in caplog.text
