@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -272,3 +273,67 @@ def test_a_deadline_holds_for_items_handed_over_by_a_front_end(probe_package: Pa
     expired = metric(after, "fusion_requests_expired_total", stage="queue")
     assert expired - metric(before, "fusion_requests_expired_total", stage="queue") == 12
     assert metric(after, "fusion_requests_total", route="/predict", status="504") == 12
+
+
+def test_every_process_refuses_with_429_before_the_body_while_the_device_queue_is_full(
+    probe_package: Path, tmp_path: Path
+) -> None:
+    """The replica's queue bound is the device's: while it is full, a front-end answers 429 from
+    the headers alone, as the device process does, without waiting for a body nobody will run."""
+    args = (*SERVER_ARGS, *FRONTENDS, "--max-queue", "2", "--access-log")
+    with running_server(probe_package, tmp_path, *args) as server:
+        wait_frontends(server)
+        for _ in range(5):  # an attempt counts when the queue filled and the device stayed busy throughout
+            time.sleep(0.2)  # the front-ends hear that the last attempt's full queue has drained (50 ms)
+            counted = full_queue_attempt(server)
+            if counted is not None:
+                break
+        assert counted is not None, "the queue never stayed full through an attempt"
+    statuses, shed = counted
+    assert statuses == [b"429"] * 12
+    assert shed == 12
+    assert re.search(r'front-end \d\]: .*"POST /predict HTTP/1.1" 429', server.output()), server.output()[-3000:]
+
+
+def full_queue_attempt(server: Server) -> tuple[list[bytes], float] | None:
+    """Hold the device (about 1 s) and fill the queue behind it (--max-queue 2), then send 12
+    requests' headers, never their bodies, on fresh connections: their statuses and the requests
+    shed meanwhile; None when the queue did not fill or the hold ended first (a loaded machine).
+
+    A front-end also counts the items it handed over until they are answered, the running one
+    included, against its own bound: one that took the hold and a queued request refuses the
+    other queued one, and the device's queue does not fill."""
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: 10000000\r\n\r\n"
+    )
+    ran = metric(server.metrics(), "fusion_items_executed_total", kind="fuse")
+    statuses: list[bytes] = []
+    shed = 0.0
+    with ThreadPoolExecutor(4) as pool:
+        # A text starting with '@' makes the probe model spin for most of a second; each '#' adds 3 ms.
+        hold = pool.submit(fresh, server.url, "POST", "/predict", **form(picture(), "@" + "#" * 60))
+        assert until_metric(server, "fusion_items_executed_total", ran + 1, kind="fuse")  # running now
+        queued = [pool.submit(fresh, server.url, "POST", "/predict", **form(picture(), f"q{i}")) for i in range(2)]
+        if until_metric(server, "fusion_queue_depth", 2, stage="queue", timeout_s=5) and not hold.done():
+            time.sleep(0.1)  # the device pushes a change of state to the front-ends within 50 ms
+            before = metric(server.metrics(), "fusion_requests_shed_total", reason="queue_full")
+            for _ in range(12):  # fresh connections: the kernel picks the process each time
+                with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                    sock.sendall(head)  # and never the body
+                    statuses.append(sock.recv(65536).split(b" ", 2)[1])
+            shed = metric(server.metrics(), "fusion_requests_shed_total", reason="queue_full") - before
+        busy_throughout = len(statuses) == 12 and not hold.done()
+        assert hold.result().status_code == 200
+        assert {future.result().status_code for future in queued} <= {200, 429}
+    return (statuses, shed) if busy_throughout else None
+
+
+def until_metric(server: Server, name: str, value: float, timeout_s: float = 30, **labels: str) -> bool:
+    """Whether the replica's metric reached `value` (exactly) within the time."""
+    end = time.monotonic() + timeout_s
+    while metric(server.metrics(), name, **labels) != value:
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.02)
+    return True
