@@ -221,9 +221,14 @@ class RemoteTicket:
 
 
 class RemoteBatcher:
-    def __init__(self, link: DeviceLink, max_queue: int, metrics: Metrics) -> None:
+    def __init__(self, link: DeviceLink, max_queue: int, max_running: int, metrics: Metrics) -> None:
         self._link = link
         self.max_queue = max_queue
+        # This process counts its items until their answers are back, and cannot tell when one starts
+        # running on the device, where running items no longer count against the bound. At most a
+        # batch runs at once, so its own bound allows that many more: it never refuses a request the
+        # device would take. The replica's bound is the device's (`queue_full`).
+        self._local_bound = max_queue + max_running
         self.metrics = metrics
         self.admitted = 0
         self._closed = False
@@ -239,7 +244,7 @@ class RemoteBatcher:
         if self._closed or self._link.lost:
             return NotReady("the server is shutting down" if self._closed else DEVICE_GONE, retry_after_s=1)
         device = self._link.device
-        if self.admitted >= self.max_queue or device.queue_full:
+        if self.admitted >= self._local_bound or device.queue_full:
             self.metrics.shed.labels("queue_full").inc()
             return Overloaded(
                 f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=device.retry_after_s

@@ -299,10 +299,8 @@ def full_queue_attempt(server: Server) -> tuple[list[bytes], float] | None:
     """Hold the device (about 1 s) and fill the queue behind it (--max-queue 2), then send 12
     requests' headers, never their bodies, on fresh connections: their statuses and the requests
     shed meanwhile; None when the queue did not fill or the hold ended first (a loaded machine).
-
-    A front-end also counts the items it handed over until they are answered, the running one
-    included, against its own bound: one that took the hold and a queued request refuses the
-    other queued one, and the device's queue does not fill."""
+    Whichever processes took the hold and the queued requests, none of those is refused: a
+    front-end's own bound leaves room for the running batch it cannot see start."""
     head = (
         b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
         b"Content-Length: 10000000\r\n\r\n"
@@ -325,7 +323,7 @@ def full_queue_attempt(server: Server) -> tuple[list[bytes], float] | None:
             shed = metric(server.metrics(), "fusion_requests_shed_total", reason="queue_full") - before
         busy_throughout = len(statuses) == 12 and not hold.done()
         assert hold.result().status_code == 200
-        assert {future.result().status_code for future in queued} <= {200, 429}
+        assert [future.result().status_code for future in queued] == [200, 200]
     return (statuses, shed) if busy_throughout else None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from app import handoff
 from app.engine import Kind, Row
 from app.errors import ClientGone, InsufficientStorage, Overloaded, ServiceError
 from app.handoff import DeviceState, Message, ProtocolError
+from app.handoff_client import DeviceLink, RemoteBatcher
 from app.metrics import Metrics
 from app.metrics_merge import merge, monotonic_part
 from tests.app.conftest import metric, parse_metrics
@@ -150,3 +152,22 @@ def test_a_retired_front_end_leaves_its_counters_not_its_gauges() -> None:
     assert metric(samples, "fusion_requests_total", route="/predict", status="200") == 5
     assert metric(samples, "fusion_queue_depth", stage="decode") == 0
     assert metric(samples, "process_resident_memory_bytes") == 100
+
+
+def test_a_front_end_bound_leaves_room_for_a_running_batch_and_the_device_bound_holds() -> None:
+    """A front-end counts its items until answered, running ones included, so its own bound is the
+    queue bound plus a batch; the device's full queue refuses at once, whatever is counted here."""
+    link = DeviceLink(Path("unused.sock"), lambda: b"", retry_after_s=1, answer_margin_s=1.0)
+    metrics = Metrics(8)
+    batcher = RemoteBatcher(link, max_queue=3, max_running=8, metrics=metrics)
+    tickets = [batcher.admit() for _ in range(3 + 8)]
+    with pytest.raises(Overloaded, match="limit of 3 queued requests"):
+        batcher.admit()
+    tickets.pop().release()
+    link.device = DeviceState(liveness=None, readiness="ready", info=b"", queue_full=True)
+    with pytest.raises(Overloaded):
+        batcher.admit()
+    link.device = DeviceState(liveness=None, readiness="ready", info=b"")
+    tickets.append(batcher.admit())
+    assert batcher.admitted == 11
+    assert metric(parse_metrics(metrics.render().decode()), "fusion_requests_shed_total", reason="queue_full") == 2
