@@ -34,13 +34,19 @@ def machine_busy_s() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / _CLOCK_TICKS
 
 
+def _stat_fields(path: Path) -> list[str]:
+    """The fields of a /proc stat file after "pid (comm) ": field 3 of proc(5) is index 0 here.
+    The command name may hold spaces and parentheses, so the split starts after the last ')'."""
+    stat = path.read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def _cpu_of(pid: int, reaped: bool = False) -> float:
     """utime + stime of a process (with `reaped`: + cutime + cstime, its waited-for children's)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = _stat_fields(Path(f"/proc/{pid}/stat"))
     except OSError:  # exited meanwhile
         return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
     ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if reaped else 0)
     return ticks / _CLOCK_TICKS
 
@@ -50,8 +56,7 @@ def disk_reads(pid: int) -> dict[str, int]:
     such as torch's libraries, not in the page cache) and bytes read (/proc/PID/io). A start that
     found its libraries cached reads next to nothing; one after the cache dropped them reads
     hundreds of MiB, and its time to ready measures the disk more than the service."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
     io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
     return {"major_faults": int(fields[9]), "read_bytes": int(io["read_bytes"])}
 
@@ -134,18 +139,17 @@ class Server:
         children = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
-                text = stat.read_text()
+                parent = int(_stat_fields(stat)[1])
             except OSError:  # exited meanwhile
                 continue
-            if int(text[text.rindex(")") + 2 :].split()[1]) == self.pid:
+            if parent == self.pid:
                 children.append(int(stat.parent.name))
         return [self.pid, *children]
 
     def main_thread_cpu_s(self) -> float:
         """User + system CPU time of the main thread alone: the one that runs the event loop (HTTP,
         multipart, batching, responses). Near one second per second, the front end is the limit."""
-        stat = Path(f"/proc/{self.pid}/task/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
+        fields = _stat_fields(Path(f"/proc/{self.pid}/task/{self.pid}/stat"))
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
     def stop(self, timeout_s: float = 30.0) -> int:
