@@ -83,6 +83,15 @@ class Settings(BaseSettings):
             )
         ),
     ] = "fp32"
+    optimize_graph: Annotated[
+        bool,
+        Field(
+            description=(
+                "on the CPU at fp32, serve the module frozen and optimized for inference (oneDNN convolutions),"
+                " after its outputs on the golden inputs matched the module as loaded"
+            )
+        ),
+    ] = True
     threads: Annotated[
         int | None,
         Field(

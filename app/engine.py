@@ -11,6 +11,9 @@ Which method a batch runs (the serving contract, DESIGN.md):
     Kind.IMAGE  encode_image(image)    -> image_embedding   (/embed, image only)
     Kind.TEXT   encode_text(tokens)    -> text_embedding    (/embed, text only)
 
+On the CPU at fp32 the module that serves is a frozen copy optimized for inference, checked against
+the module as loaded at startup (app.graph_optimization; --no-optimize-graph: as loaded).
+
 With a reduced precision (bf16, or fp16 on CUDA) every call runs under autocast; outputs leave as
 float32 all the same. At startup the package's golden check runs at full precision first (it checks
 the archive), then the same cases through the serving path must give the same answers, and
@@ -39,6 +42,7 @@ import numpy.typing as npt
 import torch
 from prometheus_client import Counter
 
+from app import graph_optimization
 from app.config import Precision
 from app.errors import InsufficientStorage, ModelFailure
 from app.metrics import Metrics
@@ -200,7 +204,13 @@ def warm_up_sizes(max_batch_size: int) -> list[int]:
 
 
 class Engine:
-    def __init__(self, package: ModelPackage, metrics: Metrics | None = None, precision: Precision = "fp32") -> None:
+    def __init__(
+        self,
+        package: ModelPackage,
+        metrics: Metrics | None = None,
+        precision: Precision = "fp32",
+        optimize_graph: bool = True,
+    ) -> None:
         check_precision(package.device, precision)
         self.package = package
         self.precision = precision
@@ -210,7 +220,11 @@ class Engine:
         self.device = package.device
         self.num_labels = len(package.manifest.labels)
         self.dim = package.manifest.embedding_dim
-        module = package.module
+        # What serves: the module as loaded, or its frozen, optimized copy (app.graph_optimization).
+        optimize = optimize_graph and graph_optimization.applies(package.device, precision)
+        optimized = graph_optimization.optimized_module(package) if optimize else None
+        self.graph_optimized = optimized is not None
+        module = optimized if optimized is not None else package.module
         self._forward = module.forward
         self._encode_image = module.encode_image
         self._encode_text = module.encode_text
@@ -223,10 +237,15 @@ class Engine:
 
     @classmethod
     def load(
-        cls, path: Path, device: torch.device, metrics: Metrics | None = None, precision: Precision = "fp32"
+        cls,
+        path: Path,
+        device: torch.device,
+        metrics: Metrics | None = None,
+        precision: Precision = "fp32",
+        optimize_graph: bool = True,
     ) -> Engine:
         """Load and verify the package files (sha256, methods); the golden check runs later, after warm-up."""
-        return cls(load_package(path, device, check_golden=False), metrics, precision)
+        return cls(load_package(path, device, check_golden=False), metrics, precision, optimize_graph)
 
     # -- serving ---------------------------------------------------------------------------------
 

@@ -138,7 +138,7 @@ async def _phases(state: AppState, device: torch.device) -> None:
     begin = time.perf_counter()
 
     state.manifest = await _on_worker(state, read_manifest, settings.model)  # the version header, from now on
-    load = _on_worker(state, Engine.load, settings.model, device, metrics, settings.precision)
+    load = _on_worker(state, Engine.load, settings.model, device, metrics, settings.precision, settings.optimize_graph)
     engine = await _timed(state, "load", load)
     state.engine, state.manifest = engine, engine.manifest
     manifest = engine.manifest

@@ -105,6 +105,9 @@ class InfoResponse(BaseModel):
     threads: int = Field(description="intra-op threads of the inference thread")
     switch_interval_ms: float = Field(description="the Python thread switch interval in force (--switch-interval-ms)")
     precision: Precision = Field(description="fp32, or the autocast precision of every forward pass (bf16, fp16)")
+    graph_optimized: bool = Field(
+        description="the module serves frozen and optimized for inference (--optimize-graph; CPU at fp32 only)"
+    )
     batching: BatchingInfo
     limits: LimitsInfo
 

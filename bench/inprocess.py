@@ -12,7 +12,9 @@
   staging, the engine's output handling, JSON): where a request's CPU time goes without HTTP.
 
 Everything runs on the calling thread with `torch.set_num_threads(threads)`: the service runs
-every forward pass on one inference thread with that many intra-op threads.
+every forward pass on one inference thread with that many intra-op threads. The module is the one
+the service serves: frozen and optimized for inference unless `--no-optimize-graph`
+(app.graph_optimization).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -72,9 +74,14 @@ class Ceilings:
         return statistics.median(self.pipeline_rate[batch])
 
 
-def load(model: Path, threads: int) -> ModelPackage:
+def load(model: Path, threads: int, optimize_graph: bool) -> tuple[ModelPackage, bool]:
+    """The package, its module the one the service would serve; and whether that is the optimized one."""
+    from app.graph_optimization import optimized_module
+
     torch.set_num_threads(threads)
-    return load_package(model, "cpu", check_golden=False)
+    package = load_package(model, "cpu", check_golden=False)
+    optimized = optimized_module(package) if optimize_graph else None
+    return (package, False) if optimized is None else (replace(package, module=optimized), True)
 
 
 def median_time(action: Callable[[], object], repeats: int, idle_s: float = 0.0) -> float:
@@ -152,7 +159,7 @@ def call_costs(package: ModelPackage, max_batch: int) -> dict[str, float]:
     from app.engine import Engine, Kind
     from app.lifespan import call_cost_rows, warmup_text_lengths
 
-    engine = Engine(package)
+    engine = Engine(package, optimize_graph=False)  # the package's module already is the served one
     lengths = warmup_text_lengths(package.manifest.max_text_length)
     rows = call_cost_rows(package.device, max_batch)
     costs = {kind.value: math.inf for kind in Kind}
@@ -311,7 +318,7 @@ def service_stages(package: ModelPackage, payloads: Sequence[Payload], batch: in
     from app.routes.predict import predict_body
 
     decoder = Decoder(Settings(), package.manifest)
-    engine = Engine(package)
+    engine = Engine(package, optimize_graph=False)  # the package's module already is the served one
     boundary = BOUNDARY.encode()
     bodies = [payload.request().split(b"\r\n\r\n", 1)[1] for payload in payloads]
 

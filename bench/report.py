@@ -571,6 +571,7 @@ def write_report(results: Results, out: Path) -> Path:
         f"- model config: `{json.dumps(model['config'], sort_keys=True)}`",
         f"- service: `python -m app {' '.join(settings['server_args'])}` → {settings['threads']} intra-op "
         f"thread(s), {settings['decode_workers']} decode workers at nice +{settings.get('decode_nice', 0)}, "
+        f"graph {'frozen and optimized' if settings.get('graph_optimized') else 'as loaded'}, "
         f"max batch {settings['max_batch_size']}, max wait "
         f"{settings['max_wait_ms']} ms, max queue {settings['max_queue']}; baseline adds "
         f"`{' '.join(settings['unbatched_args'])}`",

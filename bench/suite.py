@@ -486,7 +486,10 @@ def run(
     previous_threads = torch.get_num_threads()
     ceilings: dict[str, inprocess.Ceilings] = {}
     try:
-        package = inprocess.load(model_dir, threads)
+        from app.graph_optimization import applies
+
+        optimize = settings.optimize_graph and applies(torch.device("cpu"), settings.precision)
+        package, graph_optimized = inprocess.load(model_dir, threads, optimize)
         for name, workload in workloads.items():
             ceilings[name] = inprocess.measure(
                 package,
@@ -592,6 +595,7 @@ def run(
             "threads": threads,
             "decode_workers": settings.decode_threads(),
             "decode_nice": decode_nice_in_force(settings),
+            "graph_optimized": graph_optimized,
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
             "max_queue": settings.max_queue,

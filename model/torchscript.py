@@ -40,6 +40,16 @@ def save(module: torch.jit.ScriptModule, target: str | Path | IO[bytes]) -> None
         torch.jit.save(module, target if not isinstance(target, Path) else str(target))
 
 
+def optimize_for_inference(module: torch.jit.ScriptModule, other_methods: list[str]) -> torch.jit.ScriptModule:
+    """A frozen copy of an eval-mode module, with torch's inference rewrites; `other_methods` are
+    kept besides forward."""
+    with _expected_deprecation():
+        frozen = torch.jit.freeze(module, preserved_attrs=other_methods)
+        optimized = torch.jit.optimize_for_inference(frozen, other_methods=other_methods)
+    assert isinstance(optimized, torch.jit.ScriptModule)
+    return optimized
+
+
 def load(source: str | Path | io.BytesIO, map_location: torch.device | str = "cpu") -> torch.jit.ScriptModule:
     with _expected_deprecation():
         module = torch.jit.load(  # type: ignore[no-untyped-call]

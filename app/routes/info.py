@@ -63,6 +63,7 @@ def build_info(state: AppState) -> InfoResponse | None:
         threads=settings.intra_op_threads(on_cuda=engine.device.type == "cuda"),
         switch_interval_ms=round(sys.getswitchinterval() * 1000, 6),
         precision=engine.precision,
+        graph_optimized=engine.graph_optimized,
         # Each field is the setting of the same name: one list of limits, in the schema.
         batching=BatchingInfo(
             **settings.model_dump(include=set(BatchingInfo.model_fields) - _COMPUTED_BATCHING_FIELDS),

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import torch
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,12 +34,11 @@ from tests.conftest import TEST_LABELS
 T = TypeVar("T")
 
 
-@pytest.fixture(scope="session")
-def probe_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("packages") / "probe"
+def export_test_model(model: torch.nn.Module, out: Path, name: str, version: str) -> Path:
+    """A package of a small hand-written model: 32x32 images, texts up to 64 bytes, embeddings of 16."""
     info = PackageInfo(
-        name="probe",
-        version="1.2.3-probe",
+        name=name,
+        version=version,
         task="test",
         labels=TEST_LABELS,
         image_size=(32, 32),
@@ -47,8 +47,15 @@ def probe_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
         metrics={},
         model_config={},
     )
-    export_package(ProbeModel(len(TEST_LABELS)), info, synthetic_golden_inputs(), out)
+    export_package(model, info, synthetic_golden_inputs(), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def probe_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_test_model(
+        ProbeModel(len(TEST_LABELS)), tmp_path_factory.mktemp("packages") / "probe", "probe", "1.2.3-probe"
+    )
 
 
 def run(coro: Coroutine[Any, Any, T], timeout_s: float = 60) -> T:

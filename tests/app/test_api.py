@@ -137,6 +137,7 @@ def test_bf16_gives_the_same_answers_as_fp32_within_its_precision(tiny_package: 
     async def body() -> None:
         (full, full_info), (half, half_info) = await answers("fp32"), await answers("bf16")
         assert (full_info["precision"], half_info["precision"]) == ("fp32", "bf16")
+        assert (full_info["graph_optimized"], half_info["graph_optimized"]) == (True, False)  # fp32 only
         for exact, reduced in zip(full[:3], half[:3], strict=True):
             for name in ("image_embedding", "text_embedding"):
                 np.testing.assert_allclose(reduced[name], exact[name], atol=2e-2)
@@ -297,6 +298,7 @@ def test_info_describes_model_device_and_batching(probe_package: Path) -> None:
         assert info["model"]["labels"] == list(TEST_LABELS)
         assert info["model"]["image_size"] == [32, 32]
         assert info["device"] == "cpu" and info["threads"] == 1
+        assert info["graph_optimized"] is True  # the default on the CPU at fp32
         assert info["batching"]["max_batch_size"] == 8
         assert info["batching"]["max_wait_ms"] == 2
         assert info["batching"]["max_queue"] == 99

@@ -75,6 +75,8 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
     assert [s["server"] for s in results["starts"]] == ["batched", "unbatched"]  # no extra starts in a short run
     assert all(s["ready_s"] > 0 and s["major_faults"] >= 0 and s["read_bytes"] >= 0 for s in results["starts"])
     assert "| major page faults | read from storage (MiB) |" in text
+    # The ceilings ran the module the service serves: the tiny model's graph, frozen and optimized.
+    assert results["settings"]["graph_optimized"] is True and "graph frozen and optimized" in text
 
 
 @pytest.mark.slow

@@ -1,0 +1,63 @@
+"""The module frozen and optimized for inference (app.graph_optimization): what it changes in the
+graph, that it answers as the module as loaded does, and that a module the passes refuse serves as
+loaded."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.engine import Engine, Kind, Row
+from app.graph_optimization import largest_difference, optimized_module
+from model.export import export_random_package
+from model.package import GOLDEN_ATOL, load_package
+from tests.app.conftest import export_test_model
+from tests.app.keyed_head_model import KeyedHeadModel
+from tests.conftest import TEST_LABELS, tiny_config
+
+
+def test_the_optimized_graph_folds_batch_norms_and_answers_as_the_module_as_loaded(tiny_package: Path) -> None:
+    package = load_package(tiny_package)
+    optimized = optimized_module(package)
+    assert optimized is not None
+    before, after = str(package.module.encode_image.inlined_graph), str(optimized.encode_image.graph)
+    assert before.count("aten::batch_norm") > 0 and after.count("aten::batch_norm") == 0  # folded
+    assert before.count("aten::conv2d") == after.count("prim::mkldnn_convolution") == 7  # on oneDNN
+    assert largest_difference(package, optimized) <= GOLDEN_ATOL
+
+    served, as_loaded = Engine(package), Engine(package, optimize_graph=False)
+    assert (served.graph_optimized, as_loaded.graph_optimized) == (True, False)
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=generator).numpy()
+    tokens = torch.randint(2, 120, (5, 12), dtype=torch.int64, generator=generator).numpy()
+    for kind in Kind:
+        answers = served.execute(kind, images, tokens), as_loaded.execute(kind, images, tokens)
+        for fast, slow in zip(*answers, strict=True):
+            assert isinstance(fast, Row) and isinstance(slow, Row)
+            for name in ("probs", "image_embedding", "text_embedding"):
+                if getattr(slow, name) is not None:
+                    np.testing.assert_allclose(getattr(fast, name), getattr(slow, name), atol=1e-4)
+
+
+def test_a_module_from_another_package_is_told_apart(tiny_package: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    export_random_package(other, tiny_config(), TEST_LABELS, seed=1, name="other")
+    package = load_package(tiny_package)
+    assert largest_difference(package, package.module) == 0.0
+    assert largest_difference(package, load_package(other).module) > GOLDEN_ATOL
+
+
+def test_a_module_that_freezing_refuses_serves_as_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    package = load_package(export_test_model(KeyedHeadModel(len(TEST_LABELS)), tmp_path / "keyed", "keyed", "1.0.0"))
+    with caplog.at_level(logging.WARNING, logger="app.graph_optimization"):
+        engine = Engine(package)
+    assert engine.graph_optimized is False
+    assert caplog.messages == [
+        "serving the module as loaded: optimizing its graph failed"
+        " (RuntimeError: Freezing modules containing prim::ModuleContainerIndex is not supported)"
+    ]
+    engine.self_check()  # it serves, and serves the golden answers
