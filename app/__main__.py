@@ -23,7 +23,7 @@ from app.lifespan import remove_link_folder
 from app.main import create_app
 from app.server import build_server
 from app.state import AppState
-from model.package import PackageError, read_manifest
+from model.manifest import PackageError, read_manifest
 
 log = logging.getLogger("app")
 

@@ -39,8 +39,8 @@ from enum import IntEnum
 from functools import partial
 from typing import Final
 
-from app.engine import ByteArray, Kind, Row, RowResult, TokenArray
 from app.errors import ClientGone, DeadlineExceeded, ModelFailure, NotReady, Overloaded, ServiceError
+from app.items import ByteArray, Kind, Row, RowResult, TokenArray
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -15,10 +15,10 @@ from typing import Final
 import numpy as np
 
 from app.config import Settings
-from app.engine import ByteArray, TokenArray
 from app.errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.forms import FieldLimit, Part, parse_form
-from model.package import Manifest
+from app.items import ByteArray, TokenArray
+from model.manifest import Manifest
 from model.preprocess import ImageDecodeError, decode_image, tokenize
 
 DEFAULT_TOP_K: Final = 5
@@ -80,13 +80,13 @@ class Decoder:
                 raise DecodeElsewhere
 
         try:
-            tensor = decode_image(part.data, self.image_size, self.limits, within)
+            pixels = decode_image(part.data, self.image_size, self.limits, within)
         except ImageDecodeError as exc:
             error: type[ServiceError] = UnsupportedMediaType if exc.code == "unsupported_format" else InvalidInput
             raise error(str(exc), code=exc.code) from exc
         # [3, H, W] view of Pillow's [H, W, 3]: made contiguous here, before it queues, so that
         # staging it into a batch on the event loop is one plain copy.
-        return np.ascontiguousarray(tensor.numpy())
+        return np.ascontiguousarray(pixels)
 
     def _text(self, part: Part) -> TokenArray:
         charset = part.charset
@@ -109,8 +109,7 @@ class Decoder:
         if tokens.truncated:
             # Refused, not cut: an answer to half a question is a wrong answer that looks right.
             raise self._text_too_long(self.max_length)
-        ids: TokenArray = tokens.ids.numpy()
-        return ids
+        return tokens.ids
 
     def _top_k(self, part: Part) -> int:
         text = part.data.decode("ascii", errors="replace").strip()

@@ -26,7 +26,6 @@ out of memory even alone); a row with a non-finite output fails alone too, and n
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import statistics
@@ -45,46 +44,19 @@ from prometheus_client import Counter
 from app import graph_optimization
 from app.config import Precision
 from app.errors import InsufficientStorage, ModelFailure
+from app.items import ByteArray, FloatArray, Kind, Row, RowResult, TokenArray
 from app.metrics import Metrics
 from app.text_groups import Timing, fit_call_cost, group_by_length
-from model.package import GOLDEN_ATOL, Manifest, ModelPackage, golden_inputs, load_package, verify_golden
+from model.manifest import Manifest
+from model.package import GOLDEN_ATOL, ModelPackage, golden_inputs, load_package, verify_golden
 
 log = logging.getLogger(__name__)
 
-FloatArray = npt.NDArray[np.float32]
-ByteArray = npt.NDArray[np.uint8]
-TokenArray = npt.NDArray[np.int64]
 
 _AUTOCAST_DTYPES: Final[dict[str, torch.dtype]] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # bf16 keeps 8 bits of mantissa: unit-norm embeddings of this size moved by up to ~2e-3 on the
 # shipped model (fp32 golden tolerance: GOLDEN_ATOL); ten times that still catches a broken path.
 REDUCED_PRECISION_ATOL: Final = 2e-2
-
-
-class Kind(enum.StrEnum):
-    FUSE = "fuse"
-    IMAGE = "image"
-    TEXT = "text"
-
-    @property
-    def needs_image(self) -> bool:
-        return self is not Kind.TEXT
-
-    @property
-    def needs_text(self) -> bool:
-        return self is not Kind.IMAGE
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One item's outputs; which fields are set depends on the Kind that ran it."""
-
-    probs: FloatArray | None = None  # [C] softmax over the labels
-    image_embedding: FloatArray | None = None  # [D]
-    text_embedding: FloatArray | None = None  # [D]
-
-
-RowResult = Row | ModelFailure
 
 
 @dataclass(frozen=True, slots=True)

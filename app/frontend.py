@@ -24,7 +24,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Final
 
-import torch
 from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import CliApp
@@ -38,7 +37,7 @@ from app.main import create_app
 from app.schemas import InfoResponse
 from app.server import build_server
 from app.state import AppState, Phase
-from model.package import Manifest, PackageError, read_manifest
+from model.manifest import Manifest, PackageError, read_manifest
 
 log = logging.getLogger("app.frontend")
 
@@ -124,7 +123,6 @@ def main() -> int:
         format=f"%(asctime)s %(levelname)s %(name)s[front-end {index}]: %(message)s",
         force=True,
     )
-    torch.set_num_threads(1)  # no model here: tensors are only wrapped, never computed on
     if (reason := asyncio.run(_wait_for_device(link_path, settings))) is not None:
         log.error("this front-end cannot serve: %s", reason)
         return 1

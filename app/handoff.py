@@ -33,7 +33,6 @@ from typing import Final, TypeVar
 
 import numpy as np
 
-from app.engine import ByteArray, FloatArray, Kind, Row, TokenArray
 from app.errors import (
     ClientGone,
     DeadlineExceeded,
@@ -49,6 +48,7 @@ from app.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from app.items import ByteArray, FloatArray, Kind, Row, TokenArray
 
 MAX_FRAME: Final = 64 << 20  # far above any item (a 1024x1024 model input is 3 MB); a corrupt length stops here
 HEARTBEAT_S: Final = 1.0  # the device's state goes out at least this often ...

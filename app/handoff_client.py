@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Final
 
 from app import handoff
-from app.engine import ByteArray, Kind, Row, TokenArray
 from app.errors import ClientGone, DeadlineExceeded, NotReady, Overloaded, ServiceError
 from app.handoff import SILENCE_S, DeviceState, Message, ProtocolError, settle
+from app.items import ByteArray, Kind, Row, TokenArray
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -27,21 +27,20 @@ from fastapi import FastAPI
 from app.batching import MicroBatcher, StageBuffers
 from app.decode_pool import start_decode_pool
 from app.decoding import Decoder
-from app.engine import Engine, Kind, WarmUp, resolve_device
+from app.engine import Engine, WarmUp, resolve_device
 from app.frontends import FrontendSupervisor
 from app.handoff_server import HandoffServer
 from app.health import HealthMonitor
+from app.items import Kind
 from app.routes.info import info_body
 from app.state import AppState, Phase
 from app.worker import InferenceWorker
-from model.package import read_manifest
+from model.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 
 def warmup_text_lengths(max_length: int) -> list[int]:

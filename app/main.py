@@ -6,12 +6,14 @@ build one per configuration. Serve it with `python -m app` (see app.__main__).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
 from fastapi import FastAPI
 
 from app import handlers
 from app.auth import HEALTH_PATHS, ApiKeyMiddleware, load_api_keys
 from app.config import Settings, get_settings
-from app.lifespan import Lifespan, lifespan
 from app.metrics import Metrics
 from app.middleware import RequestContextMiddleware
 from app.routes import INFERENCE_PATHS, api_router
@@ -34,9 +36,16 @@ Image+text fusion model serving with dynamic micro-batching.
 """
 
 
-def create_app(settings: Settings | None = None, lifespan: Lifespan = lifespan) -> FastAPI:
-    """Raises ApiKeyError when API keys are configured but unusable. `lifespan`: a front-end
-    process's (app.frontend) instead of the device process's."""
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+def create_app(settings: Settings | None = None, lifespan: Lifespan | None = None) -> FastAPI:
+    """Raises ApiKeyError when API keys are configured but unusable. `lifespan`: the device
+    process's (app.lifespan) unless given, as a front-end process (app.frontend) gives its own."""
+    if lifespan is None:
+        # Imported here, not at the top: it loads the model, and imports torch to do so, which
+        # would cost a front-end process 280 MB and over a second for nothing.
+        from app.lifespan import lifespan
     settings = settings or get_settings()
     keys = load_api_keys(settings)
     state = AppState(settings=settings, metrics=Metrics(settings.max_batch_size))

@@ -19,17 +19,18 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from app.config import Settings
 from app.decoding import Decoder
-from app.engine import ByteArray, Engine, Kind, Row, TokenArray
 from app.errors import NotReady, ServiceError
-from app.health import HealthMonitor
+from app.items import ByteArray, Kind, Row, TokenArray
 from app.metrics import Metrics
-from app.worker import InferenceWorker
-from model.package import Manifest
+from model.manifest import Manifest
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the model's side imports torch, which a front-end process never loads
+    from app.engine import Engine
     from app.frontends import FrontendPlan, FrontendSupervisor
     from app.handoff_client import DeviceLink
     from app.handoff_server import HandoffServer
+    from app.health import HealthMonitor
+    from app.worker import InferenceWorker
 
 TicketT = TypeVar("TicketT")
 

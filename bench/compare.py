@@ -21,7 +21,7 @@ from bench.payloads import MixSpec, build_mix, build_pictures, write_requests
 from bench.server import ROOT, start_server
 from bench.suite import resolve_model
 from bench.wrk import run_wrk, wrk_path
-from model.package import read_manifest
+from model.manifest import read_manifest
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -45,15 +46,8 @@ from bench import loadgen
 from bench.inprocess import KINDS, median_time, run_lane
 from bench.payloads import MixSpec, Payload, build_mix
 from model.config import FusionConfig, ImageTowerConfig, TextTowerConfig
-from model.package import (
-    GOLDEN_ATOL,
-    ModelPackage,
-    PackageError,
-    golden_inputs,
-    load_package,
-    read_manifest,
-    verify_golden,
-)
+from model.manifest import PackageError, read_manifest
+from model.package import GOLDEN_ATOL, ModelPackage, golden_inputs, load_package, verify_golden
 from model.preprocess import decode_image, pad_tokens, tokenize
 
 SERVICE_PACKAGES = ("fastapi", "starlette", "uvicorn", "python_multipart", "pydantic_settings", "prometheus_client")
@@ -149,9 +143,9 @@ def parity_batches(package: ModelPackage, payloads: Sequence[Payload]) -> list[t
     manifest = package.manifest
     batches = [golden_inputs(package.path, manifest)]
     fused = [p for p in payloads if p.kind == "fuse"][:16]
-    images = torch.stack([decode_image(p.image, manifest.image_size) for p in fused])  # type: ignore[arg-type]
+    images = np.stack([decode_image(p.image, manifest.image_size) for p in fused])  # type: ignore[arg-type]
     tokens = pad_tokens([tokenize(p.text, manifest.max_text_length).ids for p in fused])  # type: ignore[arg-type]
-    batches.append((images, tokens))
+    batches.append((torch.from_numpy(images), torch.from_numpy(tokens)))
     return batches
 
 
@@ -179,12 +173,12 @@ def forward_rates(
         for size in sizes:
             chosen = [items[i % len(items)] for i in range(size)]
             images = (
-                torch.stack([decode_image(p.image, manifest.image_size) for p in chosen])  # type: ignore[arg-type]
+                torch.from_numpy(np.stack([decode_image(p.image, manifest.image_size) for p in chosen]))  # type: ignore[arg-type]
                 if kind != "text"
                 else None
             )
             tokens = (
-                pad_tokens([tokenize(p.text, manifest.max_text_length).ids for p in chosen])  # type: ignore[arg-type]
+                torch.from_numpy(pad_tokens([tokenize(p.text, manifest.max_text_length).ids for p in chosen]))  # type: ignore[arg-type]
                 if kind != "image"
                 else None
             )

@@ -30,10 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.items import ByteArray
 from app.text_groups import group_by_length
 from bench.payloads import BOUNDARY, Payload
-from model.package import Manifest, ModelPackage, load_package
-from model.preprocess import decode_image, pad_tokens, tokenize
+from model.manifest import Manifest
+from model.package import ModelPackage, load_package
+from model.preprocess import TokenIds, decode_image, pad_tokens, tokenize
 
 KINDS = ("fuse", "image", "text")
 # About what a lone client's round trip leaves the inference thread asleep between two requests.
@@ -43,8 +45,8 @@ IDLE_GAP_S = 0.002
 @dataclass
 class Prepared:
     payload: Payload
-    image: torch.Tensor | None  # uint8 [3, H, W], contiguous
-    tokens: torch.Tensor | None  # int64 [L]
+    image: ByteArray | None  # uint8 [3, H, W], contiguous
+    tokens: TokenIds | None  # int64 [L]
     preprocess_s: float  # median over repeats of decode_image + tokenize
 
 
@@ -100,8 +102,8 @@ def prepare(payloads: Sequence[Payload], manifest: Manifest, repeats: int) -> li
     prepared = []
     size, max_length = manifest.image_size, manifest.max_text_length
 
-    def preprocess(payload: Payload) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        image = decode_image(payload.image, size).contiguous() if payload.image is not None else None
+    def preprocess(payload: Payload) -> tuple[ByteArray | None, TokenIds | None]:
+        image = np.ascontiguousarray(decode_image(payload.image, size)) if payload.image is not None else None
         tokens = tokenize(payload.text, max_length).ids if payload.text is not None else None
         return image, tokens
 
@@ -114,9 +116,13 @@ def prepare(payloads: Sequence[Payload], manifest: Manifest, repeats: int) -> li
 
 def _batch(items: Sequence[Prepared], size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     chosen = [items[i % len(items)] for i in range(size)]
-    images = torch.stack([p.image for p in chosen]) if chosen[0].image is not None else None  # type: ignore[misc]
+    images = np.stack([p.image for p in chosen]) if chosen[0].image is not None else None  # type: ignore[misc]
     tokens = pad_tokens([p.tokens for p in chosen]) if chosen[0].tokens is not None else None  # type: ignore[misc]
-    return images, tokens
+    return _tensor(images), _tensor(tokens)
+
+
+def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
+    return torch.from_numpy(array) if array is not None else None
 
 
 def run_lane(
@@ -156,7 +162,8 @@ def _call_lane(
 def call_costs(package: ModelPackage, max_batch: int) -> dict[str, float]:
     """Each lane's call cost in padded tokens, measured as the service measures it at startup (the
     same lengths, rows and fit), so the ceilings split batches as the service does."""
-    from app.engine import Engine, Kind
+    from app.engine import Engine
+    from app.items import Kind
     from app.lifespan import call_cost_rows, warmup_text_lengths
 
     engine = Engine(package, optimize_graph=False)  # the package's module already is the served one
@@ -221,7 +228,7 @@ def pipeline_rate(
 ) -> float:
     """Measured serial ceiling: preprocess each request, run a lane when it holds `batch` items; items/s."""
     size, max_length = manifest.image_size, manifest.max_text_length
-    lanes: dict[str, list[tuple[torch.Tensor | None, torch.Tensor | None]]] = {kind: [] for kind in KINDS}
+    lanes: dict[str, list[tuple[ByteArray | None, TokenIds | None]]] = {kind: [] for kind in KINDS}
     done = 0
     index = 0
     began = time.perf_counter()
@@ -234,9 +241,10 @@ def pipeline_rate(
         lane = lanes[payload.kind]
         lane.append((image, tokens))
         if len(lane) == batch:
-            images = torch.stack([i for i, _ in lane]) if lane[0][0] is not None else None  # type: ignore[misc]
+            images = np.stack([i for i, _ in lane]) if lane[0][0] is not None else None  # type: ignore[misc]
             texts = pad_tokens([t for _, t in lane]) if lane[0][1] is not None else None  # type: ignore[misc]
-            run_lane(module, payload.kind, images, texts, (call_costs or {}).get(payload.kind, math.inf))
+            cost = (call_costs or {}).get(payload.kind, math.inf)
+            run_lane(module, payload.kind, _tensor(images), _tensor(texts), cost)
             done += batch
             lane.clear()
     return done / (time.perf_counter() - began)
@@ -311,8 +319,9 @@ def service_stages(package: ModelPackage, payloads: Sequence[Payload], batch: in
     """Mean seconds per request of each step the service runs for it, outside HTTP, one at a time."""
     from app.config import Settings
     from app.decoding import Decoder
-    from app.engine import Engine, Kind, Row
+    from app.engine import Engine
     from app.forms import parse_form
+    from app.items import Kind, Row
     from app.routes.common import json_response
     from app.routes.embed import embed_body
     from app.routes.predict import predict_body

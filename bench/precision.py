@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.engine import Engine, Kind, Row
+from app.engine import Engine
+from app.items import Kind, Row
 from bench.inprocess import median_time
 from model.package import load_package
-from model.preprocess import decode_image, pad_tokens, tokenize
+from model.preprocess import TokenIds, decode_image, pad_tokens, tokenize
 
 warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
 
@@ -41,20 +42,20 @@ def read_rows(path: Path, limit: int) -> list[dict[str, object]]:
     return rows
 
 
-def inputs(rows: Sequence[dict[str, object]], folder: Path, engine: Engine) -> tuple[np.ndarray, list[torch.Tensor]]:
+def inputs(rows: Sequence[dict[str, object]], folder: Path, engine: Engine) -> tuple[np.ndarray, list[TokenIds]]:
     """Images [N,3,H,W] and each row's token ids (padded per batch, as the service pads them)."""
     manifest = engine.manifest
     images = [
         decode_image((folder / str(row.get("image", row.get("img")))).read_bytes(), manifest.image_size) for row in rows
     ]
     tokens = [tokenize(str(row["text"]), manifest.max_text_length).ids for row in rows]
-    return torch.stack(images).numpy(), tokens
+    return np.stack(images), tokens
 
 
-def run_all(engine: Engine, images: np.ndarray, tokens: list[torch.Tensor], batch: int) -> list[Row]:
+def run_all(engine: Engine, images: np.ndarray, tokens: list[TokenIds], batch: int) -> list[Row]:
     rows: list[Row] = []
     for start in range(0, len(images), batch):
-        chunk = pad_tokens(tokens[start : start + batch]).numpy()
+        chunk = pad_tokens(tokens[start : start + batch])
         for result in engine.execute(Kind.FUSE, np.ascontiguousarray(images[start : start + batch]), chunk):
             if not isinstance(result, Row):
                 raise SystemExit(f"a row failed: {result}")
@@ -108,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"\n| batch | fp32 ms | {args.precision} ms | speed-up |\n|---|---|---|---|")
     for size in (int(b) for b in args.batch_sizes.split(",")):
-        batch_images, batch_tokens = np.ascontiguousarray(images[:size]), pad_tokens(tokens[:size]).numpy()
+        batch_images, batch_tokens = np.ascontiguousarray(images[:size]), pad_tokens(tokens[:size])
         times: dict[str, list[float]] = {"fp32": [], args.precision: []}
         for engine in (full, reduced):  # the first calls at a new shape profile and optimize the graph
             for _ in range(3):

@@ -77,14 +77,14 @@ def in_process(package: Path, threads: int, max_batch: int, image: bytes) -> dic
     module = loaded.module
 
     def preprocess() -> tuple[torch.Tensor, torch.Tensor]:
-        return decode_image(image, size), tokenize(QUESTION, max_length).ids
+        return torch.from_numpy(decode_image(image, size)), torch.from_numpy(tokenize(QUESTION, max_length).ids)
 
     pixels, ids = preprocess()
     results = {"preprocess": median_time(preprocess, 200)}
     with torch.inference_mode():
         for batch in sorted({1, 2, 4, 8, 16, max_batch}):
             images = pixels.unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
-            tokens = pad_tokens([ids] * batch)
+            tokens = torch.from_numpy(pad_tokens([ids.numpy()] * batch))
             for _ in range(3):
                 module(images, tokens)
             results[f"forward_{batch}"] = median_time(lambda: module(images, tokens), max(5, 64 // batch))  # noqa: B023

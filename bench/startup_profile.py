@@ -43,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    from app.engine import Engine, Kind, WarmUp
+    from app.engine import Engine, WarmUp
+    from app.items import Kind
     from app.lifespan import call_cost_rows, warmup_text_lengths
 
     torch.set_num_threads(args.threads)

@@ -46,7 +46,7 @@ from bench.loadgen import Latencies
 from bench.payloads import MixSpec, Payload, build_mix, build_pictures, describe, memory_rotation, write_requests
 from bench.server import ROOT, Server, diff, machine_busy_s, start_server
 from bench.wrk import run_wrk, wrk_path, wrk_version
-from model.package import read_manifest
+from model.manifest import read_manifest
 
 DEFAULT_BUDGET_S = 420.0
 DEFAULT_CONCURRENCY = (1, 8, 32, 64)
@@ -230,7 +230,8 @@ def resolve_model(model: Path | None) -> tuple[Path, str]:
 
     from model.config import FusionConfig
     from model.export import export_random_package
-    from model.package import PackageError, load_package
+    from model.manifest import PackageError
+    from model.package import load_package
     from trainer.shapesqa import LABELS
 
     config = FusionConfig(num_labels=len(LABELS))

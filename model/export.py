@@ -22,17 +22,8 @@ from PIL import Image
 from torch import nn
 
 from model import torchscript
-from model.package import (
-    ARCHIVE_NAME,
-    GOLDEN_DIR,
-    MANIFEST_NAME,
-    GoldenCase,
-    Manifest,
-    PackageError,
-    preprocess_golden,
-    run_forward,
-    sha256_file,
-)
+from model.manifest import MANIFEST_NAME, GoldenCase, Manifest, PackageError
+from model.package import ARCHIVE_NAME, GOLDEN_DIR, preprocess_golden, run_forward, sha256_file
 from model.preprocess import TOKENIZER
 
 PARITY_ATOL: Final = 1e-4

@@ -1,9 +1,12 @@
-"""The one preprocessing module: image bytes -> uint8 [3,H,W], text -> token ids.
+"""The one preprocessing module: image bytes -> uint8 [3,H,W], text -> token ids, as numpy arrays.
 
 The trainer and the service both call these functions and nothing else, so the pixels and token
 ids a model was trained on are exactly the ones it is served (training-serving skew is the classic
 bug of this kind of system). Normalization (mean/std) lives inside the model, so the tensors here
-stay uint8: a quarter of the bytes of float32 to move to the device.
+stay uint8: a quarter of the bytes of float32 to move to the device. Numpy, not torch: a process
+that never runs a model (a front-end of `--frontends N`) preprocesses without importing torch (280
+MB and over a second per process); where a tensor is needed, `torch.from_numpy` wraps the array
+without a copy.
 
 Image pipeline, cheapest first:
 1. open with an allowlist of decoders (only these formats are ever parsed);
@@ -21,12 +24,12 @@ from __future__ import annotations
 import io
 import unicodedata
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
 import numpy as np
-import torch
+import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 ALLOWED_FORMATS: Final[tuple[str, ...]] = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
@@ -66,8 +69,8 @@ def decode_image(
     size: tuple[int, int],
     limits: ImageLimits = DEFAULT_LIMITS,
     before_decoding: Callable[[tuple[int, int]], None] | None = None,
-) -> torch.Tensor:
-    """Decode image bytes into a uint8 tensor [3, H, W] of the given (H, W).
+) -> npt.NDArray[np.uint8]:
+    """Decode image bytes into a uint8 array [3, H, W] of the given (H, W).
 
     Raises ImageDecodeError with a client-safe message for anything that is not an allowed,
     intact image within the limits. `before_decoding` gets the (width, height) the header
@@ -95,7 +98,7 @@ def decode_image(
     if rgb.size != (width, height):
         rgb = rgb.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
     array = np.array(rgb)  # [H, W, 3] uint8, writable (torch refuses to share a read-only buffer)
-    return torch.from_numpy(array).permute(2, 0, 1)  # [3, H, W] view; collation makes it contiguous
+    return array.transpose(2, 0, 1)  # [3, H, W] view; collation makes it contiguous
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -168,9 +171,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK (Adobe-inverted handled by the JPEG plugin), YCbCr
 
 
+TokenIds = npt.NDArray[np.int64]
+
+
 @dataclass(frozen=True)
 class Tokens:
-    ids: torch.Tensor  # int64 [L], values 1..256
+    ids: TokenIds  # [L], values 1..256
     truncated: bool  # the text was longer than max_length bytes and was cut at a character boundary
 
 
@@ -180,7 +186,7 @@ def tokenize(text: str, max_length: int) -> Tokens:
     truncated = len(encoded) > max_length
     if truncated:
         encoded = _cut_at_char_boundary(encoded, max_length)
-    ids = torch.from_numpy(np.frombuffer(encoded, dtype=np.uint8).astype(np.int64) + 1)
+    ids = np.frombuffer(encoded, dtype=np.uint8).astype(np.int64) + 1
     return Tokens(ids=ids, truncated=truncated)
 
 
@@ -192,11 +198,11 @@ def _cut_at_char_boundary(encoded: bytes, limit: int) -> bytes:
     return encoded[:end]
 
 
-def pad_tokens(sequences: list[torch.Tensor], length: int | None = None) -> torch.Tensor:
-    """Right-pad token id tensors with PAD_ID to the longest (or to `length`): int64 [B, L]."""
-    longest = max((int(s.numel()) for s in sequences), default=1)
+def pad_tokens(sequences: Sequence[TokenIds], length: int | None = None) -> TokenIds:
+    """Right-pad token id arrays with PAD_ID to the longest (or to `length`): int64 [B, L]."""
+    longest = max((len(s) for s in sequences), default=1)
     width = max(longest, 1) if length is None else length
-    batch = torch.full((len(sequences), width), PAD_ID, dtype=torch.int64)
+    batch = np.full((len(sequences), width), PAD_ID, dtype=np.int64)
     for row, ids in enumerate(sequences):
-        batch[row, : ids.numel()] = ids
+        batch[row, : len(ids)] = ids
     return batch

@@ -28,19 +28,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
 import torch
 
 from model import torchscript
 from model.export import PackageInfo, record_golden, stage_golden, synthetic_golden_inputs, write_atomically
-from model.package import (
-    ARCHIVE_NAME,
-    GOLDEN_ATOL,
-    REQUIRED_METHODS,
-    Manifest,
-    PackageError,
-    load_package,
-)
-from model.preprocess import decode_image, pad_tokens, tokenize
+from model.manifest import Manifest, PackageError
+from model.package import ARCHIVE_NAME, GOLDEN_ATOL, REQUIRED_METHODS, load_package
+from model.preprocess import TokenIds, decode_image, pad_tokens, tokenize
 
 OUTPUT_KEYS: Final = ("logits", "image_embedding", "text_embedding")
 # Unit norm to this tolerance: float32 normalization is exact to ~1e-6; anything looser means the
@@ -68,7 +63,7 @@ def wrap_archive(
         raise PackageError(f"labels must be distinct and at least one: {list(labels)}")
     module = _load(archive)
     golden = synthetic_golden_inputs()
-    images = torch.stack([decode_image(case.image, image_size) for case in golden])
+    images = torch.from_numpy(np.stack([decode_image(case.image, image_size) for case in golden]))
     texts = [tokenize(case.text, max_text_length).ids for case in golden]
     try:
         embedding_dim = probe_contract(module, images, texts, num_labels=len(labels), max_text_length=max_text_length)
@@ -115,13 +110,13 @@ def _load(archive: Path) -> torch.jit.ScriptModule:
 def probe_contract(
     module: torch.jit.ScriptModule,
     images: torch.Tensor,
-    texts: Sequence[torch.Tensor],
+    texts: Sequence[TokenIds],
     *,
     num_labels: int,
     max_text_length: int,
 ) -> int:
     """Run every method on real inputs and check the contract's shapes; return the embedding dim."""
-    tokens = pad_tokens(list(texts))
+    tokens = torch.from_numpy(pad_tokens(texts))
     batch = len(images)
     outputs = _call(module.forward, "forward", images, tokens)
     if not isinstance(outputs, dict) or not set(OUTPUT_KEYS) <= set(outputs):

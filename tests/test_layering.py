@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,13 @@ def test_model_does_not_need_serving_or_training_libraries() -> None:
     heavy = {"fastapi", "starlette", "uvicorn", "matplotlib", "tqdm"}
     for path in sorted((ROOT / "model").rglob("*.py")):
         assert not imported_packages(path) & heavy, path
+
+
+def test_a_front_end_process_imports_no_torch() -> None:
+    """A front-end of `--frontends N` parses, decodes and answers without the model's runtime:
+    torch would cost each one about 280 MB and over a second of its start. The device process's
+    modules (engine, lifespan, worker) stay out of its imports, and preprocessing is numpy."""
+    check = "import sys, app.frontend; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.preprocess import decode_image, pad_tokens, tokenize
+from model.preprocess import TokenIds, decode_image, pad_tokens, tokenize
 
 
 class DatasetError(ValueError):
@@ -105,7 +105,7 @@ def infer_labels(path: Path) -> tuple[str, ...]:
 def _decode_one(job: tuple[str, tuple[int, int]]) -> np.ndarray:
     # numpy, not a tensor: torch would pass each tensor back through a shared-memory file descriptor.
     path, size = job
-    return decode_image(Path(path).read_bytes(), size).contiguous().numpy()
+    return np.ascontiguousarray(decode_image(Path(path).read_bytes(), size))
 
 
 def decode_images(paths: Sequence[str], size: tuple[int, int], workers: int | None = None) -> torch.Tensor:
@@ -129,15 +129,15 @@ class TensorDataset:
 
     images: torch.Tensor  # uint8 [N_images, 3, H, W]
     image_index: torch.Tensor  # int64 [N_records]
-    tokens: list[torch.Tensor]  # per record int64 [L]
-    captions: list[torch.Tensor | None]  # per unique image
+    tokens: list[TokenIds]  # per record int64 [L]
+    captions: list[TokenIds | None]  # per unique image
     labels: torch.Tensor  # int64 [N_records]
     records: list[Record]
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def caption_tokens(self, image_ids: list[int]) -> list[torch.Tensor]:
+    def caption_tokens(self, image_ids: list[int]) -> list[TokenIds]:
         """Caption token ids of these images (each must have a caption)."""
         found = [self.captions[i] for i in image_ids]
         missing = [i for i, caption in zip(image_ids, found, strict=True) if caption is None]
@@ -158,12 +158,18 @@ class TensorDataset:
         image ids [B]) for the given record rows: an image asked about twice is there once."""
         ids = self.image_index[rows]
         distinct, position = torch.unique(ids, return_inverse=True)
-        return self.images[distinct], position, pad_tokens([self.tokens[int(r)] for r in rows]), self.labels[rows], ids
+        tokens = torch.from_numpy(pad_tokens([self.tokens[int(r)] for r in rows]))
+        return self.images[distinct], position, tokens, self.labels[rows], ids
 
     def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(images [B,3,H,W], tokens [B,L], labels [B], image ids [B]) for the given record rows."""
         ids = self.image_index[rows]
-        return self.images[ids], pad_tokens([self.tokens[int(r)] for r in rows]), self.labels[rows], ids
+        return (
+            self.images[ids],
+            torch.from_numpy(pad_tokens([self.tokens[int(r)] for r in rows])),
+            self.labels[rows],
+            ids,
+        )
 
 
 def load_dataset(
@@ -173,7 +179,7 @@ def load_dataset(
     unique: dict[str, int] = {}
     for record in records:
         unique.setdefault(record.image, len(unique))
-    captions: list[torch.Tensor | None] = [None] * len(unique)
+    captions: list[TokenIds | None] = [None] * len(unique)
     for record in records:
         if record.caption:
             captions[unique[record.image]] = tokenize(record.caption, max_length).ids

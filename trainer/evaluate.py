@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import torch
 
-from model.package import MANIFEST_NAME, load_package
+from model.manifest import MANIFEST_NAME
+from model.package import load_package
 from model.preprocess import pad_tokens
 from trainer.data import TensorDataset, load_dataset
 
@@ -86,7 +87,7 @@ def retrieval_recall(model: ServingModel, data: TensorDataset, ks: Sequence[int]
     total = 0
     for pool in pools:
         images = model.encode_image(data.images[pool])  # (P, D)
-        texts = model.encode_text(pad_tokens(data.caption_tokens(pool)))
+        texts = model.encode_text(torch.from_numpy(pad_tokens(data.caption_tokens(pool))))
         similarity = texts @ images.t()  # (P captions, P images)
         rank = (similarity > similarity.diagonal().unsqueeze(1)).sum(dim=1)  # images scored above the true one
         for k in ks:

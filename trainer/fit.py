@@ -176,7 +176,7 @@ class Trainer:
                 dtype=torch.int64,
             )
             if config.contrastive_weight > 0 and len(firsts) > 1:
-                captions = pad_tokens(self.train.caption_tokens(ids[firsts].tolist()))
+                captions = torch.from_numpy(pad_tokens(self.train.caption_tokens(ids[firsts].tolist())))
                 text_embedding = self.model.encode_text(captions.to(self.device))
                 align = contrastive_loss(
                     out["image_embedding"][firsts.to(self.device)].float(),

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from model.package import Manifest
+from model.manifest import Manifest
 from trainer.params import TrainConfig
 
 

@@ -23,11 +23,11 @@ from starlette.responses import Response
 
 from app.config import Settings
 from app.decoding import Decoded, DecodeElsewhere
-from app.engine import Kind, Row
 from app.errors import ClientGone, InvalidInput, MalformedRequest, PayloadTooLarge, RequestTimeout
 from app.forms import multipart_boundary
+from app.items import Kind, Row
 from app.state import Serving
-from model.package import Manifest
+from model.manifest import Manifest
 
 TIMEOUT_HEADER: Final = "x-request-timeout-ms"
 

@@ -10,10 +10,10 @@ from starlette.responses import Response
 
 from app.decoding import Decoded
 from app.deps import ServingDep
-from app.engine import FloatArray, Kind, Row
+from app.items import FloatArray, Kind, Row
 from app.routes.common import infer, json_response, model_ref
 from app.schemas import IMAGE_FIELD, TEXT_FIELD, EmbedResponse, error_responses, multipart_body
-from model.package import Manifest
+from model.manifest import Manifest
 
 router = APIRouter(tags=["inference"])
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine import Kind
 from app.errors import STATUS
+from app.items import Kind
 from model.package import load_package
 from model.preprocess import decode_image, tokenize
 from tests.app.conftest import form, metric, picture, run, serve, settings_for, until
@@ -37,8 +37,8 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
 def expected_outputs(package: Path, image: bytes, text: str) -> dict[str, torch.Tensor]:
     """What the model itself says for one input, computed outside the service."""
     loaded = load_package(package)
-    pixels = decode_image(image, loaded.manifest.image_size).unsqueeze(0)
-    tokens = tokenize(text, loaded.manifest.max_text_length).ids.unsqueeze(0)
+    pixels = torch.from_numpy(decode_image(image, loaded.manifest.image_size)).unsqueeze(0)
+    tokens = torch.from_numpy(tokenize(text, loaded.manifest.max_text_length).ids).unsqueeze(0)
     with torch.inference_mode():
         outputs: dict[str, torch.Tensor] = loaded.module(pixels, tokens)
         outputs["probs"] = torch.softmax(outputs["logits"], dim=-1)

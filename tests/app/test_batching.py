@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 
 from app.batching import _Item, _Stage
-from app.engine import Kind
+from app.items import Kind
 from tests.app.conftest import Running, form, gather, metric, picture, run, serve, settings_for, until
 
 SLOW = "#" * 60  # the probe model busy-loops per '#': this batch holds the device for a while

@@ -13,9 +13,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from app.engine import Engine, Kind, Row, is_out_of_memory
+from app.engine import Engine, is_out_of_memory
 from app.errors import InsufficientStorage, ModelFailure, NotReady
-from model.package import ModelPackage, read_manifest
+from app.items import Kind, Row
+from model.manifest import read_manifest
+from model.package import ModelPackage
 from tests.app.conftest import Running, form, metric, picture, run, serve, settings_for, until
 from tests.app.test_batching import assert_same_prediction, hold_the_device, post
 

@@ -123,6 +123,16 @@ def test_the_replica_answers_as_one_process_does_and_counts_as_one(single: Serve
         assert metric(samples, "fusion_ready") == 1
     # The front-ends did serve: what they handed over ran on the device (the 415s never reach it).
     assert metric(samples, "fusion_handoff_items_total") > 0
+    # ... and they did so without the model's runtime: torch is mapped in the device process only
+    # (importing it would cost each front-end about 280 MB and over a second of its start).
+    assert torch_libraries(replica.process.pid)
+    assert [torch_libraries(pid) for pid in frontend_pids(replica).values()] == [set(), set()]
+
+
+def torch_libraries(pid: int) -> set[str]:
+    """The shared libraries of torch that a process has mapped."""
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {line.split()[-1] for line in maps if "/torch/lib/" in line}
 
 
 def test_a_killed_front_end_is_started_again_and_the_replica_keeps_serving(replica: Server) -> None:

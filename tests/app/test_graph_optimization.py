@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine import Engine, Kind, Row
+from app.engine import Engine
 from app.graph_optimization import largest_difference, optimized_module
+from app.items import Kind, Row
 from model.export import export_random_package
 from model.package import GOLDEN_ATOL, load_package
 from tests.app.conftest import export_test_model

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from app import handoff
-from app.engine import Kind, Row
 from app.errors import ClientGone, InsufficientStorage, Overloaded, ServiceError
 from app.handoff import DeviceState, Message, ProtocolError
 from app.handoff_client import DeviceLink, RemoteBatcher
+from app.items import Kind, Row
 from app.metrics import Metrics
 from app.metrics_merge import merge, monotonic_part
 from tests.app.conftest import metric, parse_metrics

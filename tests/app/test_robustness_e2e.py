@@ -76,8 +76,8 @@ def model(probe_package: Path) -> ModelPackage:
 
 def model_answer(model: ModelPackage, image: bytes, text: str) -> list[tuple[str, float]]:
     """The top 5 (label, probability) the model itself gives, without the service."""
-    pixels = decode_image(image, model.manifest.image_size).unsqueeze(0)  # [1, 3, H, W]
-    tokens = tokenize(text, model.manifest.max_text_length).ids.unsqueeze(0)  # [1, L]
+    pixels = torch.from_numpy(decode_image(image, model.manifest.image_size)).unsqueeze(0)  # [1, 3, H, W]
+    tokens = torch.from_numpy(tokenize(text, model.manifest.max_text_length).ids).unsqueeze(0)  # [1, L]
     with torch.inference_mode():
         probs = torch.softmax(model.module(pixels, tokens)["logits"][0], dim=-1)
     order = torch.argsort(probs, descending=True, stable=True)[:5].tolist()

@@ -20,6 +20,7 @@ import torch
 
 import app.engine as engine_module
 from app.__main__ import main
+from app.items import Kind
 from tests.app.servers import broken_copy
 
 FAST = ["--port", "0", "--max-batch-size", "2", "--threads", "1", "--drain-delay-s", "0", "--log-level", "info"]
@@ -136,15 +137,15 @@ def test_a_cpu_warms_the_powers_of_two_and_the_largest_batch_a_gpu_every_size(ti
     assert engine_module.warm_up_sizes(12) == [1, 2, 4, 8, 12]
     assert engine_module.warm_up_sizes(1) == [1]
     engine = engine_module.Engine.load(tiny_package, torch.device("cpu"))
-    kinds = list(engine_module.Kind)
+    kinds = list(Kind)
 
-    def shapes(plan: list[engine_module.WarmUp], kind: engine_module.Kind) -> list[tuple[int, int]]:
+    def shapes(plan: list[engine_module.WarmUp], kind: Kind) -> list[tuple[int, int]]:
         return [(step.size, step.length) for step in plan if step.kind is kind]
 
     plan = engine.warm_up_plan(kinds, 12, [4, 9, 20])
     # Every text length at the smallest and largest batch, one in between, in turn by position.
     expected = [(1, 4), (1, 9), (1, 20), (2, 9), (4, 20), (8, 4), (12, 4), (12, 9), (12, 20)]
-    assert shapes(plan, engine_module.Kind.TEXT) == shapes(plan, engine_module.Kind.FUSE) == expected
-    assert shapes(plan, engine_module.Kind.IMAGE) == [(1, 4), (2, 9), (4, 20), (8, 4), (12, 4)]
+    assert shapes(plan, Kind.TEXT) == shapes(plan, Kind.FUSE) == expected
+    assert shapes(plan, Kind.IMAGE) == [(1, 4), (2, 9), (4, 20), (8, 4), (12, 4)]
     every = engine.warm_up_plan(kinds, 12, [4, 9, 20], every_size=True)
-    assert [size for size, _ in shapes(every, engine_module.Kind.IMAGE)] == list(range(1, 13))
+    assert [size for size, _ in shapes(every, Kind.IMAGE)] == list(range(1, 13))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,8 +29,8 @@ def test_precision_report_compares_answers_accuracy_and_speed(
 
     # What the model itself answers, at full precision, without the engine.
     package = load_package(tiny_package)
-    images = torch.stack([decode_image(png_bytes(color=c), package.manifest.image_size) for c in colors])
-    tokens = pad_tokens([tokenize(row["text"], package.manifest.max_text_length).ids for row in rows])
+    images = torch.from_numpy(np.stack([decode_image(png_bytes(color=c), package.manifest.image_size) for c in colors]))
+    tokens = torch.from_numpy(pad_tokens([tokenize(row["text"], package.manifest.max_text_length).ids for row in rows]))
     with torch.inference_mode():
         picked = package.module(images, tokens)["logits"].argmax(dim=1).tolist()
     correct = sum(TEST_LABELS[p] == row["label"] for p, row in zip(picked, rows, strict=True))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from model.export import export_random_package
-from model.package import ARCHIVE_NAME, MANIFEST_NAME, PackageError, load_package, sha256_file
+from model.manifest import MANIFEST_NAME, PackageError
+from model.package import ARCHIVE_NAME, load_package, sha256_file
 from tests.conftest import TEST_LABELS, tiny_config
 
 

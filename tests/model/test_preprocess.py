@@ -8,8 +8,8 @@ import struct
 import zlib
 
 import numpy as np
+import numpy.typing as npt
 import pytest
-import torch
 from PIL import Image
 
 from model.preprocess import (
@@ -35,16 +35,16 @@ def solid(color: tuple[int, ...], mode: str = "RGB", size: tuple[int, int] = (16
     return Image.new(mode, size, color)
 
 
-def pixels(data: bytes, size: tuple[int, int] = SIZE) -> torch.Tensor:
+def pixels(data: bytes, size: tuple[int, int] = SIZE) -> npt.NDArray[np.uint8]:
     out = decode_image(data, size)
-    assert out.dtype == torch.uint8
+    assert out.dtype == np.uint8
     assert out.shape == (3, *size)
     return out
 
 
-def assert_solid(out: torch.Tensor, color: tuple[int, int, int], tolerance: int = 0) -> None:
-    expected = torch.tensor(color, dtype=torch.int16).view(3, 1, 1)
-    worst = int((out.to(torch.int16) - expected).abs().max())
+def assert_solid(out: npt.NDArray[np.uint8], color: tuple[int, int, int], tolerance: int = 0) -> None:
+    expected = np.array(color, dtype=np.int16).reshape(3, 1, 1)
+    worst = int(np.abs(out.astype(np.int16) - expected).max())
     assert worst <= tolerance, f"off by {worst} from {color}"
 
 
@@ -218,7 +218,7 @@ def test_truncated_png_is_corrupt() -> None:
 def test_tokenize_ascii_is_bytes_plus_one() -> None:
     tokens = tokenize("Hi!", 16)
     assert tokens.ids.tolist() == [73, 106, 34]
-    assert tokens.ids.dtype == torch.int64
+    assert tokens.ids.dtype == np.int64
     assert not tokens.truncated
 
 
@@ -242,5 +242,5 @@ def test_truncation_is_reported_and_never_splits_a_character() -> None:
 
 
 def test_pad_tokens_pads_to_the_longest_with_zero() -> None:
-    batch = pad_tokens([torch.tensor([5, 6, 7]), torch.tensor([9])])
+    batch = pad_tokens([np.array([5, 6, 7], dtype=np.int64), np.array([9], dtype=np.int64)])
     assert batch.tolist() == [[5, 6, 7], [9, 0, 0]]

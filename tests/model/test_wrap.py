@@ -13,7 +13,8 @@ from torch import nn
 from model import torchscript
 from model.export import script_module
 from model.fusion import FusionModel
-from model.package import PackageError, load_package
+from model.manifest import PackageError
+from model.package import load_package
 from model.wrap import main, wrap_archive
 from tests.conftest import TEST_LABELS, tiny_config
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,7 +141,7 @@ def test_answer_on_repeated_regions_equals_the_forward_on_repeated_images() -> N
     model = FusionModel(cfg).eval()
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     position = torch.tensor([2, 0, 0, 1, 2])
-    tokens = torch.stack([tokenize(f"question {i}", 32).ids[:12] for i in range(5)])
+    tokens = torch.from_numpy(np.stack([tokenize(f"question {i}", 32).ids[:12] for i in range(5)]))
     with torch.no_grad():
         shared = model.answer(model.image_encoder(images)[position], tokens)
         repeated = model(images[position], tokens)
