@@ -66,6 +66,7 @@ async def frontend_lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.manifest = manifest
     state.decoder = Decoder(state.settings, manifest)
     state.batcher = RemoteBatcher(link, state.settings.max_queue, state.settings.max_batch_size, state.metrics)
+    link.announce_serving()
     state.phase = Phase.READY
     log.info("serving %s %s through the device process", manifest.name, manifest.version)
     try:

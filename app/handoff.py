@@ -19,6 +19,7 @@ Every frame: u32 length of what follows, u8 message type, the body. Little-endia
     METRICS   id (asks for the replica's    METRICS    id, the replica's exposition text
               merged exposition text)       PULL       id (asks for this process's own metrics)
     SNAPSHOT  id, this process's own text
+    SERVING   0 (this link serves requests; a front-end's check before it listens never says so)
 
 Token ids are UTF-8 bytes + 1 (model.preprocess), so a token travels as one byte: id - 1.
 """
@@ -61,6 +62,7 @@ class Message(enum.IntEnum):
     CANCEL = 2
     METRICS = 3
     SNAPSHOT = 4
+    SERVING = 5
     ROW = 10
     ERROR = 11
     STATE = 12

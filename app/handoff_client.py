@@ -147,6 +147,10 @@ class DeviceLink:
         finally:
             self._metrics.pop(request_id, None)
 
+    def announce_serving(self) -> None:
+        """Tell the device process that this link serves requests: from now on it counts as a front-end."""
+        self._send(handoff.encode_id(Message.SERVING, 0))
+
     def _send(self, buffers: list[bytes | memoryview]) -> None:
         if self._writer is not None and not self._writer.is_closing():
             self._writer.writelines(buffers)

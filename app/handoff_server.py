@@ -40,6 +40,7 @@ class _Link:
     gone: dict[int, asyncio.Future[None]] = field(default_factory=dict)  # items not answered yet
     pulls: dict[int, asyncio.Future[str]] = field(default_factory=dict)
     snapshot: str = ""  # the front-end's own exposition, as last pulled
+    serving: bool = False  # said SERVING: a front-end's link, not its check before it listens
 
     def send(self, buffers: list[bytes | memoryview]) -> None:
         if not self.writer.is_closing():
@@ -83,7 +84,6 @@ class HandoffServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         link = _Link(writer)
         self._links.add(link)
-        self._state.metrics.frontends.set(len(self._links))
         link.send(handoff.encode_state(self._current))
         try:
             while (got := await handoff.read_frame(reader)) is not None:
@@ -94,7 +94,7 @@ class HandoffServer:
             pass
         finally:
             self._links.discard(link)
-            self._state.metrics.frontends.set(len(self._links))
+            self._count_serving()
             for gone in link.gone.values():  # nobody reads the answers now: drop what has not run
                 handoff.settle(gone, None)
             self._retire(link.snapshot)
@@ -113,12 +113,18 @@ class HandoffServer:
         elif kind is Message.METRICS:
             request_id, _ = handoff.decode_id(body)
             self._spawn(self._answer_metrics(link, request_id))
+        elif kind is Message.SERVING:
+            link.serving = True
+            self._count_serving()
         elif kind is Message.SNAPSHOT:
             pull_id, text = handoff.decode_id(body)
             link.snapshot = text.decode()
             handoff.settle(link.pulls.pop(pull_id, None), link.snapshot)  # id 0: unasked, on its way out
         else:
             raise ProtocolError(f"a front-end sent {kind.name}")
+
+    def _count_serving(self) -> None:
+        self._state.metrics.frontends.set(sum(link.serving for link in self._links))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

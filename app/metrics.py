@@ -167,7 +167,7 @@ class Metrics:
         self.alive = Gauge("fusion_alive", "1 when /healthz answers 200", registry=r)
         self.frontends = Gauge(
             "fusion_frontends_connected",
-            "Front-end processes linked to the device process (--frontends N: N-1 when all are up)",
+            "Front-end processes serving through the device process (--frontends N: N-1 when all are up)",
             registry=r,
         )
         self.handoff_items = Counter(

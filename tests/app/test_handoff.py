@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 
 from app import handoff
+from app.config import Settings
 from app.errors import ClientGone, InsufficientStorage, Overloaded, ServiceError
 from app.handoff import DeviceState, Message, ProtocolError
 from app.handoff_client import DeviceLink, RemoteBatcher
+from app.handoff_server import HandoffServer
 from app.items import Kind, Row
 from app.metrics import Metrics
 from app.metrics_merge import merge, monotonic_part
-from tests.app.conftest import metric, parse_metrics
+from app.state import AppState
+from tests.app.conftest import metric, parse_metrics, run, until
 
 
 def _body(buffers: list[bytes | memoryview]) -> tuple[Message, memoryview]:
@@ -171,3 +174,37 @@ def test_a_front_end_bound_leaves_room_for_a_running_batch_and_the_device_bound_
     tickets.append(batcher.admit())
     assert batcher.admitted == 11
     assert metric(parse_metrics(metrics.render().decode()), "fusion_requests_shed_total", reason="queue_full") == 2
+
+
+def test_a_link_counts_as_a_front_end_once_it_says_it_serves(tmp_path: Path) -> None:
+    """A front-end links twice: once to check the device serves its package before it listens (it
+    never says SERVING on that link), then for good. Only the second counts."""
+
+    async def body() -> None:
+        state = AppState(settings=Settings(), metrics=Metrics(8))
+        server = HandoffServer(state, tmp_path / "link.sock", lambda: b"")
+        await server.start()
+
+        def connected() -> float:
+            return metric(parse_metrics(state.metrics.render().decode()), "fusion_frontends_connected")
+
+        links = [DeviceLink(tmp_path / "link.sock", lambda: b"", retry_after_s=1, answer_margin_s=1.0) for _ in "ab"]
+        check, serving = links
+        try:
+            for link in links:
+                await link.connect(5)
+            await until(lambda: all(link.device.readiness == "loading" for link in links))  # both linked
+            assert connected() == 0
+            serving.announce_serving()
+            await until(lambda: connected() == 1)
+            await check.close()
+            await asyncio.sleep(0.05)
+            assert connected() == 1  # the check leaving changes nothing
+            await serving.close()
+            await until(lambda: connected() == 0)
+        finally:
+            for link in links:
+                await link.close()
+            await server.close()
+
+    run(body())
