@@ -2,7 +2,8 @@
 
     python -m bench.startup_profile [--model DIR] [--max-batch-size 32]
 
-1. the interpreter's start and the service's imports (`python -c "import app.main"`, median of 3);
+1. the interpreter's start and the device process's imports (`python -c "import app.__main__,
+   app.lifespan"`: the app, torch and the model's side; median of 3);
 2. the service's own warm-up plan on the CPU (app.engine.Engine.warm_up_plan: the powers of two and
    the largest batch), every call timed, summed by lane;
 3. in the same module: every batch size that warm-up left out, called for the first time, against
@@ -27,12 +28,16 @@ import torch
 from bench.server import ROOT
 from bench.suite import resolve_model
 
+# What `python -m app` imports before it serves: app.main alone does not import torch (a front-end
+# process builds its app without the model's side), so the device process's lifespan is named too.
+IMPORTS = "import app.__main__, app.lifespan"
+
 
 def import_seconds(repeats: int = 3) -> float:
     samples = []
     for _ in range(repeats):
         began = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import app.main"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-c", IMPORTS], cwd=ROOT, check=True)
         samples.append(time.perf_counter() - began)
     return statistics.median(samples)
 
@@ -50,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, source = resolve_model(args.model)
     print(f"model {model} ({source}); {args.threads} intra-op thread(s)")
-    print(f"interpreter + imports (python -c 'import app.main'): {import_seconds():.2f} s")
+    print(f"interpreter + imports (python -c '{IMPORTS}'): {import_seconds():.2f} s")
 
     began = time.perf_counter()
     engine = Engine.load(model, torch.device("cpu"))
