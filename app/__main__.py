@@ -14,12 +14,14 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 from pydantic_settings import CliApp
+from uvicorn.config import STARTUP_FAILURE
 
 from app.auth import ApiKeyError
 from app.config import Settings
 from app.engine import DeviceUnavailable, PrecisionUnsupported, check_precision, resolve_device
 from app.frontends import FrontendPlan
 from app.lifespan import remove_link_folder
+from app.listeners import bind_listeners
 from app.main import create_app
 from app.server import build_server
 from app.state import AppState
@@ -49,13 +51,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.frontends == 1:
         server.run()
         return server.exit_code
-    # Bound here, before the lifespan, so that every front-end inherits the one listening socket
-    # and the kernel hands each new connection to whichever process accepts first.
-    listener = server.config.bind_socket()
-    state: AppState = app.state.fusion
-    state.frontend_plan = FrontendPlan(settings.frontends - 1, tuple(args), listener.fileno())
+    # Bound here, before the lifespan, so that every front-end inherits the listening sockets and
+    # the kernel hands each new connection to whichever process accepts first.
     try:
-        server.run(sockets=[listener])
+        listeners = bind_listeners(settings.host, settings.port)
+    except OSError as exc:
+        log.error("cannot listen on %s port %d: %s", settings.host, settings.port, exc)
+        return STARTUP_FAILURE
+    state: AppState = app.state.fusion
+    state.frontend_plan = FrontendPlan(settings.frontends - 1, tuple(args), tuple(s.fileno() for s in listeners))
+    try:
+        server.run(sockets=listeners)
     finally:
         # A second signal skips the lifespan's shutdown: no front-end and no link folder outlives us.
         if state.frontends is not None:

@@ -31,7 +31,7 @@ from pydantic_settings import CliApp
 from app.config import Settings
 from app.decode_pool import start_decode_pool
 from app.decoding import Decoder
-from app.frontends import INDEX_ENV, LINK_ENV, LISTEN_FD_ENV
+from app.frontends import INDEX_ENV, LINK_ENV, LISTEN_FDS_ENV
 from app.handoff_client import DEVICE_GONE, DeviceLink, RemoteBatcher
 from app.main import create_app
 from app.schemas import InfoResponse
@@ -113,7 +113,8 @@ async def _stop(state: AppState, link: DeviceLink) -> None:
 
 
 def main() -> int:
-    link_path, listen_fd, index = Path(os.environ[LINK_ENV]), int(os.environ[LISTEN_FD_ENV]), os.environ[INDEX_ENV]
+    link_path, index = Path(os.environ[LINK_ENV]), os.environ[INDEX_ENV]
+    listen_fds = [int(fd) for fd in os.environ[LISTEN_FDS_ENV].split(",")]
     try:
         settings = CliApp.run(Settings, cli_args=sys.argv[1:])
     except ValidationError as exc:
@@ -133,7 +134,7 @@ def main() -> int:
     link.on_lost = lambda: state.fail("the device process has gone")
     state.link = link
     server = build_server(app, settings)
-    server.run(sockets=[socket.socket(fileno=listen_fd)])
+    server.run(sockets=[socket.socket(fileno=fd) for fd in listen_fds])
     return server.exit_code
 
 

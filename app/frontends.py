@@ -32,7 +32,7 @@ from app.metrics import Metrics
 log = logging.getLogger(__name__)
 
 LINK_ENV: Final = "FUSIONSERVE_LINK"  # not FUSION_: the front-end's wiring, not a setting
-LISTEN_FD_ENV: Final = "FUSIONSERVE_LISTEN_FD"
+LISTEN_FDS_ENV: Final = "FUSIONSERVE_LISTEN_FDS"
 INDEX_ENV: Final = "FUSIONSERVE_FRONTEND"
 
 WATCH_S: Final = 0.2
@@ -50,7 +50,7 @@ class FrontendPlan:
 
     count: int  # front-end processes besides the device process
     argv: tuple[str, ...]  # the command line's settings, passed on unchanged
-    listen_fd: int
+    listen_fds: tuple[int, ...]  # the replica's listening sockets (app.listeners)
 
 
 @dataclass(eq=False)
@@ -126,7 +126,7 @@ class FrontendSupervisor:
         env = {
             **os.environ,
             LINK_ENV: str(self._link_path),
-            LISTEN_FD_ENV: str(self._plan.listen_fd),
+            LISTEN_FDS_ENV: ",".join(str(fd) for fd in self._plan.listen_fds),
             INDEX_ENV: str(slot.index),
         }
         slot.started = time.monotonic()
@@ -134,7 +134,7 @@ class FrontendSupervisor:
             slot.process = subprocess.Popen(
                 [sys.executable, "-m", "app.frontend", *self._plan.argv],
                 env=env,
-                pass_fds=(self._plan.listen_fd,),
+                pass_fds=self._plan.listen_fds,
                 # Its own session: a terminal's Ctrl+C reaches the device process only, which passes
                 # it on once (a second signal would make a front-end stop without draining).
                 start_new_session=True,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -149,3 +150,17 @@ def test_a_cpu_warms_the_powers_of_two_and_the_largest_batch_a_gpu_every_size(ti
     assert shapes(plan, Kind.IMAGE) == [(1, 4), (2, 9), (4, 20), (8, 4), (12, 4)]
     every = engine.warm_up_plan(kinds, 12, [4, 9, 20], every_size=True)
     assert [size for size, _ in shapes(every, Kind.IMAGE)] == list(range(1, 13))
+
+
+def test_a_taken_port_with_front_ends_is_one_clear_line(
+    probe_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        flags = ["--host", "127.0.0.1", "--port", str(port), "--frontends", "2"]
+        assert main(["--model", str(probe_package), *FAST, *flags]) == 3  # uvicorn's own code for it
+    output = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1 port {port}: [Errno 98] Address already in use" in output, output
+    assert "Traceback" not in output and "front-end 1 started" not in output
