@@ -1,7 +1,7 @@
 """A front-end process of `--frontends N`: started by the device process, never by hand.
 
 It runs the same app as the device process (routes, limits, API keys, parsing, decoding, errors)
-on the inherited listening socket, with no model: its batcher hands decoded items to the device
+on the inherited listening sockets, with no model: its batcher hands decoded items to the device
 process (app.handoff_client). It reads the package's manifest itself (labels, input size) and
 starts accepting connections only once the device process has loaded that very archive (same
 sha256): until then the device process alone answers, /readyz 503 while it loads.

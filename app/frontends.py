@@ -2,8 +2,8 @@
 
 One Python process answers HTTP at about 1,000 requests/s at most, whatever the cores: the
 framework, the multipart parser and the answers hold the GIL. A GPU runs this kind of model
-many times faster than that. So with `--frontends N` the replica is N processes on one
-listening socket: the device process (the model, the batcher, the inference thread, and HTTP
+many times faster than that. So with `--frontends N` the replica is N processes on the same
+listening sockets (app.listeners): the device process (the model, the batcher, the inference thread, and HTTP
 like any front-end) and N-1 front-end processes that parse, decode and answer, and hand their
 decoded items to the device process (app.handoff). The device batches across all of them.
 

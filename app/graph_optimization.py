@@ -28,6 +28,7 @@ import torch
 
 from app.config import Precision
 from model import torchscript
+from model.manifest import PackageError
 from model.package import GOLDEN_ATOL, REQUIRED_METHODS, ModelPackage, golden_inputs, run_forward
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,13 @@ def applies(device: torch.device, precision: Precision) -> bool:
 def optimized_module(package: ModelPackage) -> torch.jit.ScriptModule | None:
     """The package's module frozen and optimized for inference, or None (logged) when a pass
     fails or the result differs from the module as loaded on the golden inputs."""
+    if not package.manifest.golden:
+        return None  # nothing to check a rewrite against (and the package's own check refuses it)
     try:
         optimized = torchscript.optimize_for_inference(package.module, _OTHER_METHODS)
         difference = largest_difference(package, optimized)
+    except PackageError:
+        raise  # a golden image missing or unreadable: the package's fault, said as such
     except Exception as exc:  # torch raises RuntimeError, torch.jit.Error or its own types
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
         log.warning("serving the module as loaded: optimizing its graph failed (%s: %s)", type(exc).__name__, reason)

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.config import Settings  # noqa: E402
+from app.graph_optimization import optimized_module  # noqa: E402
 from bench.inprocess import median_time  # noqa: E402
 from model.config import FusionConfig  # noqa: E402
 from model.export import export_random_package  # noqa: E402
@@ -74,7 +75,8 @@ def in_process(package: Path, threads: int, max_batch: int, image: bytes) -> dic
     torch.set_num_threads(threads)
     loaded = load_package(package, check_golden=False)
     size, max_length = loaded.manifest.image_size, loaded.manifest.max_text_length
-    module = loaded.module
+    # The module the served process runs on this CPU: frozen and optimized (app.graph_optimization).
+    module = optimized_module(loaded) or loaded.module
 
     def preprocess() -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(decode_image(image, size)), torch.from_numpy(tokenize(QUESTION, max_length).ids)

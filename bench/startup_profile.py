@@ -28,9 +28,9 @@ import torch
 from bench.server import ROOT
 from bench.suite import resolve_model
 
-# What `python -m app` imports before it serves: app.main alone does not import torch (a front-end
-# process builds its app without the model's side), so the device process's lifespan is named too.
-IMPORTS = "import app.__main__, app.lifespan"
+# What `python -m app` imports before it serves (app.main alone does not import torch: a front-end
+# process builds its app without the model's side).
+IMPORTS = "import app.__main__"
 
 
 def import_seconds(repeats: int = 3) -> float:

@@ -36,6 +36,11 @@ ALLOWED_FORMATS: Final[tuple[str, ...]] = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 TOKENIZER: Final[str] = "utf8-bytes"
 PAD_ID: Final[int] = 0  # token ids are UTF-8 bytes + 1 (1..256); 0 is padding
 
+# Our own limits (ImageLimits) are stricter and give a clear message; Pillow's warning is noise.
+# Filtered for the process, not with catch_warnings() around each open: that swaps the process's
+# one filter list, which races with the other decoding threads (see model/torchscript.py).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 ImageErrorCode = Literal["empty_image", "unsupported_format", "corrupt_image", "image_dimensions"]
 
 
@@ -103,10 +108,7 @@ def decode_image(
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            # Our own limits below are stricter and give a clear message; Pillow's warning is noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError as exc:
         if sniff_format(data) is not None:  # an allowed format's signature, but no valid header after it
             raise ImageDecodeError("corrupt_image", "the image header is corrupt or truncated") from exc

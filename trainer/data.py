@@ -103,9 +103,8 @@ def infer_labels(path: Path) -> tuple[str, ...]:
 
 
 def _decode_one(job: tuple[str, tuple[int, int]]) -> np.ndarray:
-    # numpy, not a tensor: torch would pass each tensor back through a shared-memory file descriptor.
     path, size = job
-    return np.ascontiguousarray(decode_image(Path(path).read_bytes(), size))
+    return decode_image(Path(path).read_bytes(), size)
 
 
 def decode_images(paths: Sequence[str], size: tuple[int, int], workers: int | None = None) -> torch.Tensor:

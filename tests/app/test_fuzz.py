@@ -156,10 +156,10 @@ def test_text_is_tokenized_or_refused_with_a_reason(decoder: Decoder, text: str)
 @given(signature=st.sampled_from([b"", *SIGNATURES]), data=st.binary(max_size=3000))
 def test_decoding_random_bytes_raises_only_image_errors(signature: bytes, data: bytes) -> None:
     try:
-        tensor = decode_image(signature + data, (32, 32))
+        pixels = decode_image(signature + data, (32, 32))
     except ImageDecodeError:
         return
-    assert tuple(tensor.shape) == (3, 32, 32)
+    assert tuple(pixels.shape) == (3, 32, 32)
 
 
 MODES = {
@@ -206,10 +206,10 @@ def test_damaged_images_raise_only_image_errors(
     for where, value in flips:
         data[min(int(where * len(data)), len(data) - 1)] = value
     try:
-        tensor = decode_image(bytes(data), (32, 32))
+        pixels = decode_image(bytes(data), (32, 32))
     except ImageDecodeError:
         return
-    assert tuple(tensor.shape) == (3, 32, 32)
+    assert tuple(pixels.shape) == (3, 32, 32)
 
 
 def test_only_the_allowed_formats_are_ever_opened() -> None:

@@ -9,6 +9,18 @@ import pytest
 from app.listeners import bind_listeners
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no IPv6 loopback")
+
+
 def test_one_address_gives_one_inheritable_socket_that_listens_only_when_told() -> None:
     [sock] = bind_listeners("127.0.0.1", 0)
     with sock:
@@ -20,6 +32,7 @@ def test_one_address_gives_one_inheritable_socket_that_listens_only_when_told() 
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+@needs_ipv6
 def test_every_interface_gets_a_socket_per_family_on_one_port() -> None:
     listeners = bind_listeners("", 0)
     try:
@@ -34,6 +47,7 @@ def test_every_interface_gets_a_socket_per_family_on_one_port() -> None:
             sock.close()
 
 
+@needs_ipv6
 def test_a_taken_port_raises_and_leaves_nothing_bound() -> None:
     # Every interface binds 0.0.0.0 first, then ::, which ::1 already holds: the first is let go.
     taken = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
