@@ -571,8 +571,7 @@ def write_report(results: Results, out: Path) -> Path:
         f"- model config: `{json.dumps(model['config'], sort_keys=True)}`",
         f"- service: `python -m app {' '.join(settings['server_args'])}` → {settings['threads']} intra-op "
         f"thread(s), {settings['decode_workers']} decode workers at nice +{settings.get('decode_nice', 0)}, "
-        f"graph {'frozen and optimized' if settings.get('graph_optimized') else 'as loaded'}, "
-        f"max batch {settings['max_batch_size']}, max wait "
+        f"graph {graph_description(settings)}, max batch {settings['max_batch_size']}, max wait "
         f"{settings['max_wait_ms']} ms, max queue {settings['max_queue']}; baseline adds "
         f"`{' '.join(settings['unbatched_args'])}`",
         f"- plan: budget {plan['budget_s']:.0f} s; closed loop {plan['run_s']:.1f} s per run x {plan['repeats']} "
@@ -777,3 +776,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def graph_description(settings: dict[str, Any]) -> str:
+    """Which graph the service ran, and the in-process ceilings' where it differs (a CUDA host
+    serves the module as loaded, while the ceilings run on the CPU)."""
+    served = settings.get("graph_optimized", False)
+    ceilings = settings.get("ceiling_graph_optimized", served)
+    name = {True: "frozen and optimized", False: "as loaded"}
+    return name[served] + (f" (in-process ceilings: {name[ceilings]})" if ceilings != served else "")

@@ -8,6 +8,7 @@ phases the service times itself (those are read from `fusion_startup_seconds`).
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -98,6 +100,13 @@ class Server:
         if status != 200:
             raise RuntimeError(f"{self.name}: /metrics answered {status}")
         return parse_metrics(body.decode("utf-8"))
+
+    def info(self) -> dict[str, Any]:
+        status, body = http_get(self.port, "/info")
+        if status != 200:
+            raise RuntimeError(f"{self.name}: /info answered {status}")
+        info: dict[str, Any] = json.loads(body)
+        return info
 
     def wait_idle(self, timeout_s: float = 10.0) -> None:
         """Until nothing is queued or decoding and no request finishes between two looks: requests a

@@ -512,6 +512,7 @@ def run(
     starts: list[dict[str, Any]] = []
     batched = start_server("batched", model_dir, list(server_args), out)
     starts.append(start_record("batched", batched))
+    served_graph_optimized = bool(batched.info()["graph_optimized"])  # on a CUDA host: as loaded
     unbatched = start_server("unbatched", model_dir, unbatched_args, out)
     starts.append(start_record("unbatched", unbatched))
     rss_ready = {"batched": batched.rss_bytes(), "unbatched": unbatched.rss_bytes()}
@@ -596,7 +597,8 @@ def run(
             "threads": threads,
             "decode_workers": settings.decode_threads(),
             "decode_nice": decode_nice_in_force(settings),
-            "graph_optimized": graph_optimized,
+            "graph_optimized": served_graph_optimized,
+            "ceiling_graph_optimized": graph_optimized,
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
             "max_queue": settings.max_queue,

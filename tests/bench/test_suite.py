@@ -12,6 +12,7 @@ import pytest
 
 from bench import suite
 from bench.payloads import MixSpec, build_mix, memory_rotation
+from bench.report import graph_description
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MIX = MixSpec(slots=40, scenes_per_side=1, photo=(800, 600))
@@ -77,6 +78,15 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
     assert "| major page faults | read from storage (MiB) |" in text
     # The ceilings ran the module the service serves: the tiny model's graph, frozen and optimized.
     assert results["settings"]["graph_optimized"] is True and "graph frozen and optimized" in text
+    assert results["settings"]["ceiling_graph_optimized"] is True  # from the served /info, and in-process
+
+
+def test_the_report_says_when_the_ceilings_ran_another_graph() -> None:
+    # A CUDA host serves the module as loaded; the in-process ceilings run on the CPU, optimized.
+    cuda = {"graph_optimized": False, "ceiling_graph_optimized": True}
+    assert graph_description(cuda) == "as loaded (in-process ceilings: frozen and optimized)"
+    assert graph_description({"graph_optimized": True, "ceiling_graph_optimized": True}) == "frozen and optimized"
+    assert graph_description({}) == "as loaded"  # results from before the setting existed
 
 
 @pytest.mark.slow
