@@ -1,9 +1,9 @@
 """`python -m app --model weights/shapesqa --host 127.0.0.1 --port 8000` (flags = FUSION_* variables).
 
 This process loads the model and serves; with `--frontends N` it also starts N-1 front-end
-processes on the same listening sockets (app.frontends, app.listeners). Shutdown on SIGTERM: see app.server.
-A replica that cannot start (bad package, absent device, unusable API keys) exits 1 with one
-clear line; invalid settings exit 2.
+processes on the same listening sockets (app.frontends, app.listeners). Shutdown on SIGTERM: see
+app.server. A replica that cannot start (bad package, absent device, unusable API keys) exits 1
+with one clear line; invalid settings exit 2; an address it cannot bind, 3 (uvicorn's code).
 """
 
 from __future__ import annotations

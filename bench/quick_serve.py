@@ -76,7 +76,8 @@ def in_process(package: Path, threads: int, max_batch: int, image: bytes) -> dic
     loaded = load_package(package, check_golden=False)
     size, max_length = loaded.manifest.image_size, loaded.manifest.max_text_length
     # The module the served process runs on this CPU: frozen and optimized (app.graph_optimization).
-    module = optimized_module(loaded) or loaded.module
+    optimized = optimized_module(loaded)
+    module = optimized if optimized is not None else loaded.module
 
     def preprocess() -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(decode_image(image, size)), torch.from_numpy(tokenize(QUESTION, max_length).ids)
