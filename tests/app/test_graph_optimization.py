@@ -52,6 +52,36 @@ def test_a_module_from_another_package_is_told_apart(tiny_package: Path, tmp_pat
     assert largest_difference(package, load_package(other).module) > GOLDEN_ATOL
 
 
+class OffAtBatchOne(torch.nn.Module):
+    """Answers as `inner` does, except for a batch of one: what a rewrite whose kernel is wrong at
+    one shape only would do."""
+
+    def __init__(self, inner: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs: dict[str, torch.Tensor] = self.inner(images, tokens)
+        if images.size(0) == 1:
+            outputs["image_embedding"] = outputs["image_embedding"] + 0.125
+        return outputs
+
+    @torch.jit.export
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode_image(images)  # type: ignore[no-any-return]
+
+    @torch.jit.export
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode_text(tokens)  # type: ignore[no-any-return]
+
+
+def test_a_module_wrong_at_batch_one_only_is_told_apart(tiny_package: Path) -> None:
+    package = load_package(tiny_package)
+    assert len(package.manifest.golden) > 1  # the golden batch itself is not a batch of one
+    wrong_alone = torch.jit.script(OffAtBatchOne(package.module))
+    assert largest_difference(package, wrong_alone) == pytest.approx(0.125, abs=1e-6)
+
+
 def test_a_module_that_freezing_refuses_serves_as_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     package = load_package(export_test_model(KeyedHeadModel(len(TEST_LABELS)), tmp_path / "keyed", "keyed", "1.0.0"))
     with caplog.at_level(logging.WARNING, logger="app.graph_optimization"):
