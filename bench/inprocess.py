@@ -61,10 +61,14 @@ class Ceilings:
     shares: dict[str, float]  # lane -> fraction of requests
     best_batch: int  # the candidate batch size with the highest measured pipeline rate
     predicted_per_item_s: dict[int, float]  # batch size -> preprocessing + share-weighted forward / B
-    batch1_cost_median_s: float  # median over the mix of preprocessing + forward at batch 1
+    # Median over the mix of preprocessing + forward at batch 1, each request with its own input; with
+    # rechecks (`recheck`), the median of their medians, and each measurement's own in `..._medians_s`.
+    batch1_cost_median_s: float
     batch1_cost_mean_s: float
-    # The batch-1 cost again, each forward after idle_gap_s asleep (see forward_table).
+    # The batch-1 cost again, each forward after idle_gap_s asleep (see batch1_costs).
     batch1_idle_cost_median_s: float = 0.0
+    batch1_cost_medians_s: list[float] = field(default_factory=list)
+    rechecks: int = 0  # measurements of the best batch's pipeline and the batch-1 cost between served runs
     idle_gap_s: float = IDLE_GAP_S
     pipeline_rate: dict[int, list[float]] = field(default_factory=dict)  # batch size -> items/s per repeat
     stages_s: dict[str, float] = field(default_factory=dict)  # the service's own steps, mean per request
@@ -181,13 +185,9 @@ def forward_table(
     prepared: Sequence[Prepared],
     sizes: Sequence[int],
     repeats: int,
-    idle_s: float = 0.0,
     call_costs: Mapping[str, float] | None = None,
 ) -> dict[str, dict[int, float]]:
-    """Median seconds per batch, per lane and batch size. With `idle_s`, every timed call follows
-    that long asleep: back to back, a forward finds the weights in cache and the core at speed; at
-    concurrency 1 the inference thread sleeps while a request travels, so its forward starts cold,
-    a cost no server code can remove."""
+    """Median seconds per batch, per lane and batch size, on batches of the lane's first items."""
     table: dict[str, dict[int, float]] = {}
     for kind in KINDS:
         items = [p for p in prepared if p.payload.kind == kind]
@@ -200,8 +200,33 @@ def forward_table(
             for _ in range(2):  # first calls pay for graph optimization and allocator growth
                 run_lane(module, kind, images, tokens, cost)
             call = partial(run_lane, module, kind, images, tokens, cost)
-            table[kind][size] = median_time(call, repeats, idle_s)
+            table[kind][size] = median_time(call, repeats)
     return table
+
+
+@torch.inference_mode()
+def batch1_costs(
+    module: torch.jit.ScriptModule,
+    prepared: Sequence[Prepared],
+    repeats: int,
+    idle_s: float = 0.0,
+    call_costs: Mapping[str, float] | None = None,
+) -> list[float]:
+    """Each request's own batch-1 cost: its preprocessing plus the median of `repeats` forward calls
+    on its own image and text (a text's length sets what the text encoder and the fusion cost, so
+    one item per lane would stand for every length). With `idle_s`, every timed call follows that
+    long asleep: back to back, a forward finds the weights in cache and the core at speed; at
+    concurrency 1 the inference thread sleeps while a request travels, so its forward starts cold,
+    a cost no server code can remove."""
+    costs = []
+    for item in prepared:
+        kind = item.payload.kind
+        images = _tensor(item.image[None]) if item.image is not None else None
+        tokens = _tensor(item.tokens[None]) if item.tokens is not None else None
+        call = partial(run_lane, module, kind, images, tokens, (call_costs or {}).get(kind, math.inf))
+        call()  # a text length's first call at this shape is not what a request pays
+        costs.append(item.preprocess_s + median_time(call, repeats, idle_s))
+    return costs
 
 
 def interpolate(table: dict[int, float], size: int) -> float:
@@ -252,7 +277,7 @@ def pipeline_rate(
 
 def measure(
     package: ModelPackage,
-    payloads: Sequence[Payload],
+    prepared: Sequence[Prepared],
     *,
     threads: int,
     max_batch: int,
@@ -264,7 +289,7 @@ def measure(
 ) -> Ceilings:
     module = package.module
     manifest = package.manifest
-    prepared = prepare(payloads, manifest, repeats)
+    payloads = [item.payload for item in prepared]
     powers = sorted({1, max_batch, *(2**k for k in range(1, 11) if 2**k < max_batch)})
     sizes = list(range(1, max_batch + 1)) if all_sizes else powers
     costs = call_costs(package, max_batch)
@@ -276,9 +301,8 @@ def measure(
         for size in range(1, max_batch + 1)
     }
     best = min(predicted, key=predicted.__getitem__)
-    batch1 = [p.preprocess_s + forward[p.payload.kind][1] for p in prepared]
-    idle = forward_table(module, prepared, [1], repeats, idle_s=IDLE_GAP_S, call_costs=costs)
-    batch1_idle = [p.preprocess_s + idle[p.payload.kind][1] for p in prepared]
+    batch1 = batch1_costs(module, prepared, repeats, call_costs=costs)
+    batch1_idle = batch1_costs(module, prepared, repeats, idle_s=IDLE_GAP_S, call_costs=costs)
     pictures: dict[str, list[float]] = {}
     for p in prepared:
         if p.payload.image is not None:
@@ -296,6 +320,7 @@ def measure(
         batch1_cost_median_s=statistics.median(batch1),
         batch1_cost_mean_s=statistics.fmean(batch1),
         batch1_idle_cost_median_s=statistics.median(batch1_idle),
+        batch1_cost_medians_s=[statistics.median(batch1)],
         call_cost_tokens={lane: cost for lane, cost in costs.items() if not math.isinf(cost)},
     )
     # The prediction's batches are fixed item sets (their text lengths decide the padding), so it
@@ -313,6 +338,29 @@ def measure(
     if stages:
         ceilings.stages_s = service_stages(package, payloads, measured_best, repeats)
     return ceilings
+
+
+def recheck(
+    package: ModelPackage,
+    prepared: Sequence[Prepared],
+    ceilings: Ceilings,
+    *,
+    repeats: int,
+    pipeline_seconds: float,
+) -> None:
+    """Measure the in-process sides of the targets once more, between served runs: the pipeline at
+    the best batch size, and the batch-1 cost. A machine whose speed drifts during a run (a
+    neighbour on the host, a busy disk) then weighs on both sides of each ratio alike, rather than
+    on whichever side ran at the slow moment. The ceiling and the batch-1 cost become the medians
+    over all measurements."""
+    module, manifest = package.module, package.manifest
+    costs = {lane: ceilings.call_cost_tokens.get(lane, math.inf) for lane in KINDS}
+    payloads = [item.payload for item in prepared]
+    best = ceilings.best_batch
+    ceilings.pipeline_rate[best].append(pipeline_rate(module, payloads, manifest, best, pipeline_seconds, costs))
+    ceilings.batch1_cost_medians_s.append(statistics.median(batch1_costs(module, prepared, repeats, call_costs=costs)))
+    ceilings.batch1_cost_median_s = statistics.median(ceilings.batch1_cost_medians_s)
+    ceilings.rechecks += 1
 
 
 def service_stages(package: ModelPackage, payloads: Sequence[Payload], batch: int, repeats: int) -> dict[str, float]:

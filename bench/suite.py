@@ -38,7 +38,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench import inprocess, loadgen
 from bench.analysis import batch_histogram, stage_breakdown
@@ -47,6 +47,9 @@ from bench.payloads import MixSpec, Payload, build_mix, build_pictures, describe
 from bench.server import ROOT, Server, diff, machine_busy_s, start_server
 from bench.wrk import run_wrk, wrk_path, wrk_version
 from model.manifest import read_manifest
+
+if TYPE_CHECKING:
+    from model.package import ModelPackage  # imports torch: the suite imports it when it measures
 
 DEFAULT_BUDGET_S = 420.0
 DEFAULT_CONCURRENCY = (1, 8, 32, 64)
@@ -397,6 +400,40 @@ def memory_run(server: Server, rotation: Sequence[tuple[bytes, int]], plan: Plan
     }
 
 
+def recheck_ceilings(
+    package: ModelPackage,
+    prepared: dict[str, list[inprocess.Prepared]],
+    ceilings: dict[str, inprocess.Ceilings],
+    threads: int,
+    plan: Plan,
+    servers: Sequence[Server],
+) -> None:
+    """Before each closed-loop repeat, the in-process sides of the targets again (inprocess.recheck),
+    with the services idle: both sides of each ratio are then spread over the same minutes."""
+    import torch
+
+    for server in servers:
+        server.wait_idle()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name, ceiling in ceilings.items():
+            inprocess.recheck(
+                package,
+                prepared[name],
+                ceiling,
+                repeats=min(3, plan.inprocess_repeats),
+                pipeline_seconds=plan.pipeline_s,
+            )
+            log(
+                f"in-process recheck {name}: best batch {ceiling.best_batch} "
+                f"{ceiling.pipeline_rate[ceiling.best_batch][-1]:.0f} items/s, "
+                f"batch-1 cost {ceiling.batch1_cost_medians_s[-1] * 1e3:.2f} ms"
+            )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
 def median_cells(runs: Sequence[ClosedRun]) -> dict[str, dict[str, float]]:
     """Per "server/workload/concurrency": medians over the repeats of throughput and latency percentiles."""
     cells: dict[str, list[ClosedRun]] = {}
@@ -491,10 +528,14 @@ def run(
 
         optimize = settings.optimize_graph and applies(torch.device("cpu"), settings.precision)
         package, graph_optimized = inprocess.load(model_dir, threads, optimize)
-        for name, workload in workloads.items():
+        prepared = {
+            name: inprocess.prepare(workload.payloads, package.manifest, plan.inprocess_repeats)
+            for name, workload in workloads.items()
+        }
+        for name in workloads:
             ceilings[name] = inprocess.measure(
                 package,
-                workload.payloads,
+                prepared[name],
                 threads=threads,
                 max_batch=settings.max_batch_size,
                 repeats=plan.inprocess_repeats,
@@ -503,7 +544,6 @@ def run(
                 all_sizes=plan.all_sizes,
                 stages=name == "mixed",
             )
-        del package
     finally:
         torch.set_num_threads(previous_threads)  # the caller's own setting (a test run's, say)
 
@@ -535,6 +575,7 @@ def run(
             f"{floor.server_cpu_s / max(1, floor.requests) * 1e3:.3f} ms of server CPU each"
         )
         for repeat in range(plan.repeats):
+            recheck_ceilings(package, prepared, ceilings, threads, plan, (batched, unbatched))
             for concurrency in plan.concurrencies:
                 cells = [(batched, mixed), (unbatched, mixed)]
                 if concurrency in scenes_at:
@@ -548,6 +589,7 @@ def run(
                         f"p99 {run_.p99_s * 1e3:6.1f} ms, non-2xx {run_.non_2xx}"
                     )
         unbatched.stop()
+        del package, prepared
         cells_ = median_cells(closed)
         saturation = max(cells_[f"batched/mixed/{c}"]["throughput"] for c in plan.concurrencies)
         for fraction in plan.open_fractions:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -60,12 +61,18 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
     for workload in ("mixed", "scenes"):
         assert results["ceilings"][workload]["pipeline_rate"]["1"][0] > 0
         assert results["ceilings"][workload]["batch1_idle_cost_median_s"] > 0
+        # Measured again before the one closed-loop repeat: the targets use the medians over both.
+        ceiling = results["ceilings"][workload]
+        assert ceiling["rechecks"] == 1 and len(ceiling["batch1_cost_medians_s"]) == 2
+        assert ceiling["batch1_cost_median_s"] == statistics.median(ceiling["batch1_cost_medians_s"])
+        assert len(ceiling["pipeline_rate"][str(ceiling["best_batch"])]) == 2
         # The ceilings split batches by text length as the service does, with the cost it would
         # measure: text lanes only, each a positive cost or left out where timing noise defeated the
         # fit (the service then does not split that lane either: `fit_call_cost` gives infinity).
         costs = results["ceilings"][workload]["call_cost_tokens"]
         assert set(costs) <= {"fuse", "text"} and all(0 < cost < math.inf for cost in costs.values())
     assert "(in-process after 2 ms idle: " in text
+    assert "again before each of the 1 closed-loop repeats" in text
     assert "tokens per call)." in text
     batched = [r for r in results["closed"] if r["server"] == "batched" and r["stages"]]
     assert batched and all(0 <= r["stages"]["padding_share"] < 1 for r in batched)
