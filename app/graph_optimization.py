@@ -31,6 +31,7 @@ from app.config import Precision
 from model import torchscript
 from model.manifest import PackageError
 from model.package import GOLDEN_ATOL, REQUIRED_METHODS, ModelPackage, golden_inputs, run_forward
+from model.preprocess import PAD_ID
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def largest_difference(package: ModelPackage, candidate: torch.jit.ScriptModule)
     only; batch 1 is what every request on an idle server runs."""
     images, tokens = golden_inputs(package.path, package.manifest)
     images, tokens = images.to(package.device), tokens.to(package.device)
-    lengths = (tokens != 0).sum(dim=1).tolist()  # ids are >= 1, padding is 0
+    lengths = (tokens != PAD_ID).sum(dim=1).tolist()  # padding is on the right
     shapes = [(images, tokens)]
     shapes += [(images[i : i + 1], tokens[i : i + 1, : max(length, 1)]) for i, length in enumerate(lengths)]
     return max(_difference(package.module, candidate, *shape) for shape in shapes)

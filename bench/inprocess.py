@@ -8,6 +8,9 @@
 - the measured serial pipeline, preprocessing plus forward, one thread, at batch 1 and at the best
   batch size: requests are taken from the rotation, preprocessed, collected per lane, and a lane
   runs when it holds a full batch. This is the ceiling the served throughput is compared with;
+- each request's batch-1 cost, its preprocessing plus a forward pass on its own image and text:
+  what the served latency at concurrency 1 is compared with. `recheck` measures the best batch's
+  pipeline and the batch-1 cost again between served runs;
 - the service's own per-request steps, timed one by one (multipart parsing, validation, decoding,
   staging, the engine's output handling, JSON): where a request's CPU time goes without HTTP.
 
@@ -222,7 +225,7 @@ def batch1_costs(
     for item in prepared:
         kind = item.payload.kind
         images = _tensor(item.image[None]) if item.image is not None else None
-        tokens = _tensor(item.tokens[None]) if item.tokens is not None else None
+        tokens = _tensor(pad_tokens([item.tokens])) if item.tokens is not None else None  # [1, L], L >= 1
         call = partial(run_lane, module, kind, images, tokens, (call_costs or {}).get(kind, math.inf))
         call()  # a text length's first call at this shape is not what a request pays
         costs.append(item.preprocess_s + median_time(call, repeats, idle_s))
@@ -358,6 +361,7 @@ def recheck(
     payloads = [item.payload for item in prepared]
     best = ceilings.best_batch
     ceilings.pipeline_rate[best].append(pipeline_rate(module, payloads, manifest, best, pipeline_seconds, costs))
+    # The forward passes re-timed; each request's preprocessing time is the first measurement's.
     ceilings.batch1_cost_medians_s.append(statistics.median(batch1_costs(module, prepared, repeats, call_costs=costs)))
     ceilings.batch1_cost_median_s = statistics.median(ceilings.batch1_cost_medians_s)
     ceilings.rechecks += 1

@@ -10,7 +10,9 @@ initialized package of the default FusionConfig, which costs the same as a train
 3. closed loop at each concurrency, on both services with the mix and on the batched one with the
    uniform workload, interleaved (batched c=1, unbatched c=1, uniform c=1, batched c=8, ...),
    repeated; medians over the repeats. wrk posts the pre-built requests when it is installed, else
-   the raw-socket generator (bench.loadgen) does;
+   the raw-socket generator (bench.loadgen) does. Before each repeat, with the services idle, the
+   best batch size's pipeline and the batch-1 cost are measured again in-process (about 10 s), and
+   the targets use the medians over all measurements of both sides;
 4. open loop on the batched service: Poisson arrivals at fractions of the measured saturation
    throughput, latency from the intended send time;
 5. resident memory of the batched service over 20,000 requests, one in four of them bad;
@@ -422,7 +424,7 @@ def recheck_ceilings(
                 package,
                 prepared[name],
                 ceiling,
-                repeats=min(3, plan.inprocess_repeats),
+                repeats=plan.inprocess_repeats,
                 pipeline_seconds=plan.pipeline_s,
             )
             log(

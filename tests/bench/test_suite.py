@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,8 +72,8 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
         # fit (the service then does not split that lane either: `fit_call_cost` gives infinity).
         costs = results["ceilings"][workload]["call_cost_tokens"]
         assert set(costs) <= {"fuse", "text"} and all(0 < cost < math.inf for cost in costs.values())
-    assert "(in-process after 2 ms idle: " in text
-    assert "again before each of the 1 closed-loop repeats" in text
+    assert "(in-process after 2 ms idle, first measurement: " in text
+    assert "measured again before the closed-loop repeat," in text
     assert "tokens per call)." in text
     batched = [r for r in results["closed"] if r["server"] == "batched" and r["stages"]]
     assert batched and all(0 <= r["stages"]["padding_share"] < 1 for r in batched)
@@ -97,6 +98,18 @@ def test_the_report_says_when_the_ceilings_ran_another_graph() -> None:
 
 
 @pytest.mark.slow
+def test_the_report_rebuilds_from_results_json_on_the_command_line(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "bench" / "results" / "example" / "results.json", tmp_path / "results.json")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.report", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "## Targets" in text and "graph frozen and optimized" in text
+    assert "measured again before each of the 3 closed-loop repeats" in text  # the example's rechecks
+    assert (tmp_path / "throughput.png").stat().st_size > 1000
+
+
 def test_gpu_check_dry_run() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench.gpu_check", "--dry-run"],
