@@ -171,6 +171,16 @@ class Settings(BaseSettings):
         int,
         Field(ge=0, description="most pixels (by the image's header) of an image decoded on the event loop"),
     ] = 512 * 512  # a 512x512 PNG decodes and resizes in 2-3 ms here; a small body can hold a huge PNG
+    inline_decode_under_load: Annotated[
+        bool,
+        Field(
+            description=(
+                "decode a request within the two --inline-decode limits on the event loop even while others"
+                " are in the server, not only when it is alone: a tighter tail on a workload of small images,"
+                " slower decoding of the large ones in the pool (README)"
+            )
+        ),
+    ] = False
     max_queue: Annotated[
         int,
         Field(ge=1, description="requests admitted but not yet running (decoding + queued); beyond it: 429"),

@@ -81,6 +81,9 @@ class BatchingInfo(BaseModel):
     )
     inline_decode_bytes: int = Field(description="largest body decoded on the event loop when alone in the server")
     inline_decode_pixels: int = Field(description="most pixels of an image decoded on the event loop")
+    inline_decode_under_load: bool = Field(
+        description="the inline limits apply under load too, not only to a request alone in the server"
+    )
     request_timeout_ms: int = Field(description="default deadline (X-Request-Timeout-Ms overrides it)")
     max_request_timeout_ms: int
 

@@ -105,9 +105,10 @@ def test_a_lone_cheap_request_decodes_on_the_loop_with_the_same_answer(tiny_pack
     run(body())
 
 
-def test_a_request_arriving_while_another_runs_decodes_in_the_pool(probe_package: Path) -> None:
+@pytest.mark.parametrize("under_load", [False, True])
+def test_a_request_arriving_while_another_runs_decodes_in_the_pool(probe_package: Path, under_load: bool) -> None:
     async def body() -> None:
-        async with serve(settings_for(probe_package)) as served:
+        async with serve(settings_for(probe_package, inline_decode_under_load=under_load)) as served:
             batcher = served.batcher
             assert batcher is not None
             slow = asyncio.ensure_future(served.client.post("/predict", **form(picture(), "#" * 60)))
@@ -115,8 +116,12 @@ def test_a_request_arriving_while_another_runs_decodes_in_the_pool(probe_package
             beside = await served.client.post("/predict", **form(picture(), "q"))  # sent while it runs
             assert beside.status_code == 200 and (await slow).status_code == 200
             samples = await served.metrics()
-        assert metric(samples, "fusion_decoded_on_loop_total", route="/predict") == 1  # the slow one, alone
+            info = (await served.client.get("/info")).json()
+        # The slow one decoded alone, on the loop; the one beside it in the pool, unless the inline
+        # limits apply under load too.
+        assert metric(samples, "fusion_decoded_on_loop_total", route="/predict") == (2 if under_load else 1)
         assert metric(samples, "fusion_decode_duration_seconds_count", route="/predict") == 2
+        assert info["batching"]["inline_decode_under_load"] is under_load
 
     run(body())
 
