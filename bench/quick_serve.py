@@ -37,11 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.config import Settings  # noqa: E402
-from app.graph_optimization import optimized_module  # noqa: E402
-from bench.inprocess import median_time  # noqa: E402
+from bench.inprocess import load, median_time  # noqa: E402
 from model.config import FusionConfig  # noqa: E402
 from model.export import export_random_package  # noqa: E402
-from model.package import load_package  # noqa: E402
 from model.preprocess import decode_image, pad_tokens, tokenize  # noqa: E402
 
 QUESTION = "What colour is the object closest to the large red circle?"
@@ -72,12 +70,10 @@ def multipart_request(image: bytes, text: str, port: int) -> bytes:
 
 
 def in_process(package: Path, threads: int, max_batch: int, image: bytes) -> dict[str, float]:
-    torch.set_num_threads(threads)
-    loaded = load_package(package, check_golden=False)
-    size, max_length = loaded.manifest.image_size, loaded.manifest.max_text_length
     # The module the served process runs on this CPU: frozen and optimized (app.graph_optimization).
-    optimized = optimized_module(loaded)
-    module = optimized if optimized is not None else loaded.module
+    loaded, _ = load(package, threads, optimize_graph=True)
+    size, max_length = loaded.manifest.image_size, loaded.manifest.max_text_length
+    module = loaded.module
 
     def preprocess() -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(decode_image(image, size)), torch.from_numpy(tokenize(QUESTION, max_length).ids)

@@ -110,6 +110,7 @@ def test_the_report_rebuilds_from_results_json_on_the_command_line(tmp_path: Pat
     assert (tmp_path / "throughput.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench.gpu_check", "--dry-run"],
