@@ -12,7 +12,8 @@ Which method a batch runs (the serving contract, DESIGN.md):
     Kind.TEXT   encode_text(tokens)    -> text_embedding    (/embed, text only)
 
 On the CPU at fp32 the module that serves is a frozen copy optimized for inference, checked against
-the module as loaded at startup (app.graph_optimization; --no-optimize-graph: as loaded).
+the module as loaded at startup (app.graph_optimization; --no-optimize-graph: as loaded), and again
+at every shape the warm-up runs: a copy that differs there is dropped before the service is ready.
 
 With a reduced precision (bf16, or fp16 on CUDA) every call runs under autocast; outputs leave as
 float32 all the same. At startup the package's golden check runs at full precision first (it checks
@@ -57,6 +58,19 @@ _AUTOCAST_DTYPES: Final[dict[str, torch.dtype]] = {"bf16": torch.bfloat16, "fp16
 # bf16 keeps 8 bits of mantissa: unit-norm embeddings of this size moved by up to ~2e-3 on the
 # shipped model (fp32 golden tolerance: GOLDEN_ATOL); ten times that still catches a broken path.
 REDUCED_PRECISION_ATOL: Final = 2e-2
+
+
+@dataclass(frozen=True, slots=True)
+class _Methods:
+    """The three methods of the serving contract, looked up once on one module."""
+
+    forward: Any
+    encode_image: Any
+    encode_text: Any
+
+    @classmethod
+    def of(cls, module: torch.jit.ScriptModule) -> _Methods:
+        return cls(module.forward, module.encode_image, module.encode_text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,10 +210,8 @@ class Engine:
         optimize = optimize_graph and graph_optimization.applies(package.device, precision)
         optimized = graph_optimization.optimized_module(package) if optimize else None
         self.graph_optimized = optimized is not None
-        module = optimized if optimized is not None else package.module
-        self._forward = module.forward
-        self._encode_image = module.encode_image
-        self._encode_text = module.encode_text
+        self._loaded = _Methods.of(package.module)
+        self._methods = _Methods.of(optimized) if optimized is not None else self._loaded
         # One more forward call's cost in padded text tokens, per kind (infinite: batches never
         # split); measured by `measure_call_cost` at startup, or set from the settings.
         self.call_cost_tokens: dict[Kind, float] = dict.fromkeys(Kind, math.inf)
@@ -316,7 +328,7 @@ class Engine:
         image = self._to_device(images) if kind.needs_image else None
         text = self._to_device(np.ascontiguousarray(tokens)) if kind.needs_text else None
         with self._precision():
-            return self._call_model(kind, image, text, count)
+            return self._call_model(self._methods, kind, image, text, count)
 
     def _precision(self) -> AbstractContextManager[Any]:
         if self._autocast_dtype is None:
@@ -324,11 +336,11 @@ class Engine:
         return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
     def _call_model(
-        self, kind: Kind, image: torch.Tensor | None, text: torch.Tensor | None, count: int
+        self, methods: _Methods, kind: Kind, image: torch.Tensor | None, text: torch.Tensor | None, count: int
     ) -> dict[str, torch.Tensor]:
         if kind is Kind.FUSE:
             assert image is not None and text is not None
-            outputs = self._forward(image, text)
+            outputs = methods.forward(image, text)
             if not isinstance(outputs, dict):
                 raise OutputContractError(f"forward returned {type(outputs).__name__}, not a dict")
             return {  # softmax on the host copy (`_rows`): one less call that gives up the GIL
@@ -337,8 +349,8 @@ class Engine:
                 "text_embedding": self._checked(outputs.get("text_embedding"), count, self.dim, "text_embedding"),
             }
         if kind is Kind.IMAGE:
-            return {"image_embedding": self._checked(self._encode_image(image), count, self.dim, "encode_image")}
-        return {"text_embedding": self._checked(self._encode_text(text), count, self.dim, "encode_text")}
+            return {"image_embedding": self._checked(methods.encode_image(image), count, self.dim, "encode_image")}
+        return {"text_embedding": self._checked(methods.encode_text(text), count, self.dim, "encode_text")}
 
     def _to_device(self, array: npt.NDArray[np.generic] | None) -> torch.Tensor:
         assert array is not None
@@ -394,8 +406,40 @@ class Engine:
         return plan
 
     def warm_up(self, step: WarmUp) -> None:
-        """One warm-up call (the lifespan submits them one by one, so a shutdown can stop between)."""
-        self._timed_call(step.kind, *self._synthetic(step))
+        """One warm-up call (the lifespan submits them one by one, so a shutdown can stop between).
+
+        With the optimized graph serving, the module as loaded runs the same inputs and the two
+        must agree within GOLDEN_ATOL: oneDNN picks its kernels per shape, so the startup check of
+        the rewrite (the golden batch, and each case alone) vouches for those shapes only, and the
+        warm-up runs the shapes requests will form. Where they differ, the module as loaded serves
+        from here on (it has just run this shape, and runs the rest of the warm-up)."""
+        images, tokens = self._synthetic(step)
+        with torch.inference_mode():
+            served = self._call(step.kind, images, tokens, step.size)
+            if self.graph_optimized:
+                self._check_rewrite(step, images, tokens, served)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # a failure in this call surfaces here, not in a later one
+
+    def _check_rewrite(
+        self, step: WarmUp, images: ByteArray, tokens: TokenArray, served: dict[str, torch.Tensor]
+    ) -> None:
+        image = self._to_device(images) if step.kind.needs_image else None
+        text = self._to_device(tokens) if step.kind.needs_text else None
+        loaded = self._call_model(self._loaded, step.kind, image, text, step.size)
+        difference = max(float((loaded[name] - served[name]).abs().max()) for name in loaded)
+        if difference <= GOLDEN_ATOL:  # NaN fails too
+            return
+        where = f"batch {step.size}" + (f", texts of {step.length} tokens" if step.kind.needs_text else "")
+        log.warning(
+            "serving the module as loaded: its optimized graph differs in %s at %s by %.3g (more than %g)",
+            step.kind.value,
+            where,
+            difference,
+            GOLDEN_ATOL,
+        )
+        self._methods = self._loaded
+        self.graph_optimized = False
 
     def _synthetic(self, step: WarmUp) -> tuple[ByteArray, TokenArray]:
         """Random pixels and `step.size` texts of `step.length` lower-case letters (plain text, like

@@ -12,9 +12,9 @@ These passes rewrite a graph that this project did not write (any package can be
 result must earn its place: the package's golden inputs through both modules, every method of the
 serving contract, as one batch and each case alone, must agree within GOLDEN_ATOL. A pass that
 raises (freezing refuses some constructs, such as a ModuleDict looked up by a key) or changes an
-output leaves the module as loaded, with a warning that says why. Only at fp32 on the CPU: under
-autocast the rewritten convolutions keep float32, and on CUDA the passes' rewrites have not been
-measured.
+output leaves the module as loaded, with a warning that says why. The engine checks the rewrite
+again at every shape the warm-up runs (`Engine.warm_up`). Only at fp32 on the CPU: under autocast
+the rewritten convolutions keep float32, and on CUDA the passes' rewrites have not been measured.
 
 Freezing copies the module and keeps as attributes what its methods change: a tensor changed in
 place (a counter buffer) stays shared with the module as loaded, while a plain value a method sets

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from app import graph_optimization
 from app.engine import Engine
 from app.graph_optimization import largest_difference, optimized_module
 from app.items import Kind, Row
@@ -52,17 +53,18 @@ def test_a_module_from_another_package_is_told_apart(tiny_package: Path, tmp_pat
     assert largest_difference(package, load_package(other).module) > GOLDEN_ATOL
 
 
-class OffAtBatchOne(torch.nn.Module):
-    """Answers as `inner` does, except for a batch of one: what a rewrite whose kernel is wrong at
-    one shape only would do."""
+class OffAtBatch(torch.nn.Module):
+    """Answers as `inner` does, except for a batch of `size`: what a rewrite whose kernel is wrong
+    at one shape only would do."""
 
-    def __init__(self, inner: torch.jit.ScriptModule) -> None:
+    def __init__(self, inner: torch.jit.ScriptModule, size: int) -> None:
         super().__init__()
         self.inner = inner
+        self.size = size
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs: dict[str, torch.Tensor] = self.inner(images, tokens)
-        if images.size(0) == 1:
+        if images.size(0) == self.size:
             outputs["image_embedding"] = outputs["image_embedding"] + 0.125
         return outputs
 
@@ -78,8 +80,39 @@ class OffAtBatchOne(torch.nn.Module):
 def test_a_module_wrong_at_batch_one_only_is_told_apart(tiny_package: Path) -> None:
     package = load_package(tiny_package)
     assert len(package.manifest.golden) > 1  # the golden batch itself is not a batch of one
-    wrong_alone = torch.jit.script(OffAtBatchOne(package.module))
+    wrong_alone = torch.jit.script(OffAtBatch(package.module, size=1))
     assert largest_difference(package, wrong_alone) == pytest.approx(0.125, abs=1e-6)
+
+
+def test_a_rewrite_wrong_at_one_warm_up_batch_size_is_dropped_at_warm_up(
+    tiny_package: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    package = load_package(tiny_package)
+    assert len(package.manifest.golden) != 2  # the startup check never runs a batch of two
+    wrong_at_two = torch.jit.script(OffAtBatch(package.module, size=2))
+    assert largest_difference(package, wrong_at_two) == 0.0
+    monkeypatch.setattr(graph_optimization, "optimized_module", lambda _: wrong_at_two)
+    engine = Engine(package)
+    optimized_before_warm_up = engine.graph_optimized
+    plan = engine.warm_up_plan(list(Kind), 8, [8, 16])
+    assert [step.size for step in plan if step.kind is Kind.FUSE] == [1, 1, 2, 4, 8, 8]
+    with caplog.at_level(logging.WARNING, logger="app.engine"):
+        for step in plan:
+            engine.warm_up(step)
+    assert caplog.messages == [
+        "serving the module as loaded: its optimized graph differs in fuse at batch 2, texts of 16 tokens"
+        " by 0.125 (more than 0.002)"
+    ]
+    assert (optimized_before_warm_up, engine.graph_optimized) == (True, False)
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    tokens = torch.randint(2, 120, (2, 12), dtype=torch.int64, generator=generator)
+    rows = engine.execute(Kind.FUSE, images.numpy(), tokens.numpy())
+    with torch.inference_mode():
+        expected = package.module(images, tokens)["image_embedding"].numpy()
+    served = [row.image_embedding for row in rows if isinstance(row, Row) and row.image_embedding is not None]
+    assert len(served) == len(rows)
+    np.testing.assert_array_equal(np.stack(served), expected)  # the module as loaded answered
 
 
 def test_a_module_that_freezing_refuses_serves_as_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
