@@ -43,6 +43,10 @@ from model.preprocess import TokenIds, decode_image, pad_tokens, tokenize
 KINDS = ("fuse", "image", "text")
 # About what a lone client's round trip leaves the inference thread asleep between two requests.
 IDLE_GAP_S = 0.002
+# Candidate batch sizes whose first pipeline measurement came within this share of the fastest run
+# once more before one is chosen: one run each drifts by more than the sizes differ (the mix's batch
+# 28 once measured 486 items/s against 493 for 32, whose median over six was then 454).
+CONTENDER_SHARE = 0.9
 
 
 @dataclass
@@ -62,7 +66,7 @@ class Ceilings:
     preprocess_median_s: float
     preprocess_by_picture: dict[str, float]  # median seconds per picture kind
     shares: dict[str, float]  # lane -> fraction of requests
-    best_batch: int  # the candidate batch size with the highest measured pipeline rate
+    best_batch: int  # the candidate batch size with the highest median measured pipeline rate
     predicted_per_item_s: dict[int, float]  # batch size -> preprocessing + share-weighted forward / B
     # Median over the mix of preprocessing + forward at batch 1, each request with its own input; with
     # rechecks (`recheck`), the median of their medians, and each measurement's own in `..._medians_s`.
@@ -78,6 +82,10 @@ class Ceilings:
     # Per text lane, one more forward call's cost in padded tokens, as the service measures it (a lane
     # absent here never splits).
     call_cost_tokens: dict[str, float] = field(default_factory=dict)
+    # The candidates measured a second time, in turn, before the best was chosen (CONTENDER_SHARE);
+    # empty when one candidate alone came that close.
+    contenders: list[int] = field(default_factory=list)
+    contender_share: float = CONTENDER_SHARE
 
     def ceiling(self, batch: int) -> float:
         return statistics.median(self.pipeline_rate[batch])
@@ -329,18 +337,39 @@ def measure(
     # The prediction's batches are fixed item sets (their text lengths decide the padding), so it
     # only proposes candidates: the measured pipeline, over the whole rotation, picks the best.
     candidates = sorted({best, *(size for size in (4, 8, 16, max_batch) if size <= max_batch)} - {1})
+    rates = ceilings.pipeline_rate
+
+    def run(batch: int) -> None:
+        rates.setdefault(batch, []).append(pipeline_rate(module, payloads, manifest, batch, pipeline_seconds, costs))
+
     for batch in [1, *candidates]:
-        ceilings.pipeline_rate[batch] = [pipeline_rate(module, payloads, manifest, batch, pipeline_seconds, costs)]
-    measured_best = max(candidates, key=lambda size: ceilings.pipeline_rate[size][0]) if candidates else 1
+        run(batch)
+    ceilings.contenders = contenders_of({size: rates[size][0] for size in candidates})
+    for batch in ceilings.contenders:
+        run(batch)
+    measured_best = best_by_median({size: rates[size] for size in candidates}) if candidates else 1
     ceilings.best_batch = measured_best
     for batch in sorted({1, measured_best}):
-        ceilings.pipeline_rate[batch] += [
-            pipeline_rate(module, payloads, manifest, batch, pipeline_seconds, costs)
-            for _ in range(pipeline_repeats - 1)
-        ]
+        while len(rates[batch]) < pipeline_repeats:
+            run(batch)
     if stages:
         ceilings.stages_s = service_stages(package, payloads, measured_best, repeats)
     return ceilings
+
+
+def contenders_of(first: Mapping[int, float], share: float = CONTENDER_SHARE) -> list[int]:
+    """The batch sizes whose first measured rate came within `share` of the fastest, to be measured
+    once more; none when the fastest stands alone."""
+    if not first:
+        return []
+    fastest = max(first.values())
+    contenders = sorted(size for size, rate in first.items() if rate >= share * fastest)
+    return contenders if len(contenders) > 1 else []
+
+
+def best_by_median(rates: Mapping[int, Sequence[float]]) -> int:
+    """The batch size with the highest median rate (the smaller size on a tie)."""
+    return max(sorted(rates), key=lambda size: statistics.median(rates[size]))
 
 
 def recheck(

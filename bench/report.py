@@ -307,7 +307,9 @@ def write_report(results: Results, out: Path) -> Path:
         "",
         "Candidate batch sizes come from the prediction (preprocessing plus the share-weighted forward time per "
         "item of each lane, on fixed batches) and 4, 8, 16 and the maximum; each runs once over the whole "
-        "rotation, and the fastest is the ceiling's batch size, measured again with batch 1"
+        "rotation"
+        + contender_sentence(results["ceilings"])
+        + ", measured again with batch 1"
         + recheck_sentence(mixed)
         + " Batch-1 cost per request of the mix, preprocessing + forward"
         + (", each request with its own image and text" if "batch1_cost_medians_s" in mixed else "")
@@ -773,6 +775,23 @@ def _memory(results: Results, path: Path) -> None:
     axes.set_title("Resident memory under sustained load (batched service)")
     axes.grid(alpha=0.3)
     _save(figure, path)
+
+
+def contender_sentence(ceilings: dict[str, dict[str, Any]]) -> str:
+    """How the ceiling's batch size was chosen among the candidates (results.json files written
+    before the second round have no `contenders`: there the fastest single run chose)."""
+    if not any("contenders" in ceiling for ceiling in ceilings.values()):
+        return ", and the fastest is the ceiling's batch size"
+    share = f"{max(ceiling.get('contender_share', 0.0) for ceiling in ceilings.values()):.0%}".replace("%", " %")
+    rounds = "; ".join(
+        f"{name}: {', '.join(str(size) for size in ceiling['contenders'])}"
+        for name, ceiling in ceilings.items()
+        if ceiling.get("contenders")
+    )
+    return (
+        f", those within {share} of the fastest once more, in turn ({rounds or 'none'}), and the one with"
+        " the best median is the ceiling's batch size"
+    )
 
 
 def recheck_sentence(ceiling: dict[str, Any]) -> str:
