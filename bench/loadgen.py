@@ -103,12 +103,19 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
+# An open loop's idle connection older than this is closed, not reused: the server closes idle
+# keep-alive connections after 5 s (uvicorn's default), and a request written to one it is closing
+# fails as a connection error, the generator's race rather than the server's failure.
+STALE_AFTER_S = 4.0
+
+
 class _Connection:
-    __slots__ = ("reader", "writer")
+    __slots__ = ("idle_since", "reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.idle_since = 0.0  # time.perf_counter() when it last went back to the idle pool
 
     @classmethod
     async def open(cls, host: str, port: int) -> _Connection:
@@ -245,8 +252,10 @@ async def open_loop(
     max_connections: int = 512,
     drain_s: float = 10.0,
     expected: Sequence[int] | None = None,
+    stale_after_s: float = STALE_AFTER_S,
 ) -> RunResult:
-    """Poisson arrivals at `rate`/s for `duration_s`; latency from each request's intended send time."""
+    """Poisson arrivals at `rate`/s for `duration_s`; latency from each request's intended send time.
+    Idle connections are reused most recent first, and closed once idle `stale_after_s`."""
     result = RunResult("open", offered_rate=rate)
     loop = asyncio.get_running_loop()
     clock = time.perf_counter  # uvloop's loop.time() has millisecond resolution
@@ -269,8 +278,12 @@ async def open_loop(
 
     async def acquire() -> _Connection:
         nonlocal opened
-        if idle:
-            return idle.pop()
+        while idle:
+            conn = idle.pop()
+            if clock() - conn.idle_since < stale_after_s:
+                return conn
+            conn.close()  # the server may be closing it: a fresh one below instead
+            opened -= 1
         waiter: asyncio.Future[_Connection] = loop.create_future()
         if opened < max_connections:
             opened += 1
@@ -285,6 +298,7 @@ async def open_loop(
             if not waiter.done():
                 waiter.set_result(conn)
                 return
+        conn.idle_since = clock()
         idle.append(conn)
 
     def discard(conn: _Connection) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 from bench import loadgen
@@ -10,13 +11,19 @@ from bench import loadgen
 REQUEST = b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi"
 
 
-async def serve(gate: asyncio.Event | None = None, chunked: bool = False) -> tuple[asyncio.Server, int]:
-    """Answers every request 200 (or 404 for /missing); holds all answers until `gate` is set."""
+async def serve(
+    gate: asyncio.Event | None = None, chunked: bool = False, keep_alive_s: float | None = None
+) -> tuple[asyncio.Server, int]:
+    """Answers every request 200 (or 404 for /missing); holds all answers until `gate` is set;
+    closes a connection idle for `keep_alive_s`, as uvicorn does."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), keep_alive_s)
+                except TimeoutError:
+                    return
                 length = next(
                     (
                         int(line.split(b":")[1])
@@ -84,6 +91,26 @@ def test_open_loop_latency_counts_from_the_intended_send_time() -> None:
     late_enough = [latency for latency in result.latencies if latency >= 0.1]
     assert len(late_enough) >= len(early) - 1
     assert time.perf_counter() - began < 5
+
+
+def test_open_loop_does_not_reuse_a_connection_the_server_closes_as_idle() -> None:
+    """A server that closes connections idle for 0.3 s, and gaps between arrivals longer than that:
+    a generator that reused them would count connection errors the server never caused."""
+    rate, duration_s, seed = 1.5, 4.0, 1
+    schedule = loadgen.poisson_schedule(rate, duration_s, seed)
+    assert max(later - earlier for earlier, later in zip(schedule, schedule[1:], strict=False)) > 0.8
+
+    async def go(stale_after_s: float) -> loadgen.RunResult:
+        server, port = await serve(keep_alive_s=0.3)
+        async with server:
+            return await loadgen.open_loop(
+                "127.0.0.1", port, [REQUEST], rate, duration_s, seed=seed, drain_s=5, stale_after_s=stale_after_s
+            )
+
+    result = asyncio.run(go(stale_after_s=0.1))
+    assert (result.completed, result.connection_errors) == (len(schedule), 0)
+    reused = asyncio.run(go(stale_after_s=math.inf))  # what the generator did before
+    assert reused.connection_errors >= 1
 
 
 def test_percentile_is_nearest_rank() -> None:
