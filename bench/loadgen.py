@@ -58,9 +58,15 @@ class RunResult:
     send_lag: list[float] = field(default_factory=list)  # open loop: actual send - intended send
     unanswered: int = 0  # open loop: still without an answer when the drain time ran out
     connection_errors: int = 0
+    error_kinds: Counter[str] = field(default_factory=Counter)  # exception name -> count
     unexpected: int = 0  # answers whose status differed from the request's expected one
     generator_cpu_s: float = 0.0
     connections: int = 0
+
+    def count_error(self, exc: BaseException) -> None:
+        """A connection that failed (refused, reset, closed before the whole answer), by kind."""
+        self.connection_errors += 1
+        self.error_kinds[type(exc).__name__] += 1
 
     @property
     def completed(self) -> int:
@@ -204,8 +210,8 @@ async def closed_loop(
                 began = clock()
                 try:
                     status, keep = await conn.exchange(requests[index])
-                except (OSError, asyncio.IncompleteReadError, ValueError):
-                    result.connection_errors += 1
+                except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                    result.count_error(exc)
                     conn.close()
                     conn = None
                     continue
@@ -313,14 +319,14 @@ async def open_loop(
         request = requests[index % len(requests)]
         try:
             conn = await acquire()
-        except OSError:
-            result.connection_errors += 1
+        except OSError as exc:
+            result.count_error(exc)
             return
         result.send_lag.append(clock() - intended)
         try:
             status, keep = await conn.exchange(request)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
-            result.connection_errors += 1
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            result.count_error(exc)
             discard(conn)
             return
         result.latencies.append(clock() - intended)

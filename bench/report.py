@@ -386,7 +386,8 @@ def write_report(results: Results, out: Path) -> Path:
         "Saturation is the best closed-loop throughput of the batched service on the workload in this run; the "
         "mix is swept, the uniform workload runs at 80 %. "
         "Percentiles are over the 200 answers, with unanswered requests counted as infinitely late; 429s "
-        "(shed at admission) are counted, not timed. Send lag is how late the generator itself sent.",
+        "(shed at admission) are counted, not timed. Send lag is how late the generator itself sent."
+        + connection_error_sentence(results["open"]),
         "",
         f"![open loop]({plots['open']})",
         "",
@@ -775,6 +776,19 @@ def _memory(results: Results, path: Path) -> None:
     axes.set_title("Resident memory under sustained load (batched service)")
     axes.grid(alpha=0.3)
     _save(figure, path)
+
+
+def connection_error_sentence(runs: Sequence[dict[str, Any]]) -> str:
+    """What the generator's connection errors were (counted in 'other non-200'), where any happened."""
+    failed = [run for run in runs if run.get("errors")]
+    if not failed:
+        return ""
+    parts = []
+    for run in failed:
+        kinds = run.get("error_kinds") or {"unrecorded": run["errors"]}
+        described = ", ".join(f"{name} {count}" for name, count in sorted(kinds.items()))
+        parts.append(f"{run.get('workload', 'mixed')} at {run['fraction']:.2f}: {described}")
+    return " Connection errors (refused, reset or closed before the whole answer): " + "; ".join(parts) + "."
 
 
 def contender_sentence(ceilings: dict[str, dict[str, Any]]) -> str:

@@ -158,6 +158,7 @@ class OpenRun:
     generator_cpu_s: float
     server_cpu_s: float
     foreign_cpu: float = 0.0
+    error_kinds: dict[str, int] = field(default_factory=dict)  # connection errors by exception name
     stages: dict[str, float] = field(default_factory=dict)
     batches: dict[float, float] = field(default_factory=dict)
 
@@ -344,6 +345,7 @@ def open_run(server: Server, workload: Workload, fraction: float, rate: float, p
         other_status=sum(count for status, count in statuses.items() if status not in (200, 429)),
         unanswered=r.unanswered,
         errors=r.connection_errors,
+        error_kinds=dict(r.error_kinds),
         ok_per_s=statuses.get(200, 0) / plan.open_s,
         p50_s=loadgen.percentile(censored, 50),
         p90_s=loadgen.percentile(censored, 90),

@@ -111,6 +111,8 @@ def test_open_loop_does_not_reuse_a_connection_the_server_closes_as_idle() -> No
     assert (result.completed, result.connection_errors) == (len(schedule), 0)
     reused = asyncio.run(go(stale_after_s=math.inf))  # what the generator did before
     assert reused.connection_errors >= 1
+    assert sum(reused.error_kinds.values()) == reused.connection_errors
+    assert set(reused.error_kinds) <= {"IncompleteReadError", "ConnectionResetError", "BrokenPipeError"}
 
 
 def test_percentile_is_nearest_rank() -> None:

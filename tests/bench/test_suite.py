@@ -16,7 +16,7 @@ import pytest
 from bench import suite
 from bench.inprocess import best_by_median, contenders_of
 from bench.payloads import MixSpec, build_mix, memory_rotation
-from bench.report import contender_sentence, graph_description
+from bench.report import connection_error_sentence, contender_sentence, graph_description
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MIX = MixSpec(slots=40, scenes_per_side=1, photo=(800, 600))
@@ -123,6 +123,24 @@ def test_the_report_says_how_the_ceiling_batch_was_chosen() -> None:
         " median is the ceiling's batch size"
     )
     assert contender_sentence({"mixed": {}, "scenes": {}}) == ", and the fastest is the ceiling's batch size"
+
+
+def test_the_report_names_the_generators_connection_errors() -> None:
+    runs: list[dict[str, Any]] = [
+        {"workload": "mixed", "fraction": 0.5, "errors": 0, "error_kinds": {}},
+        {
+            "workload": "scenes",
+            "fraction": 0.8,
+            "errors": 2,
+            "error_kinds": {"IncompleteReadError": 1, "ConnectionResetError": 1},
+        },
+        {"fraction": 1.1, "errors": 1},  # results.json from before the kinds were recorded
+    ]
+    assert connection_error_sentence(runs) == (
+        " Connection errors (refused, reset or closed before the whole answer): scenes at 0.80:"
+        " ConnectionResetError 1, IncompleteReadError 1; mixed at 1.10: unrecorded 1."
+    )
+    assert connection_error_sentence(runs[:1]) == ""
 
 
 @pytest.mark.slow
