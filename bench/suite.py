@@ -12,7 +12,8 @@ initialized package of the default FusionConfig, which costs the same as a train
    repeated; medians over the repeats. wrk posts the pre-built requests when it is installed, else
    the raw-socket generator (bench.loadgen) does. Before each repeat, with the services idle, the
    best batch size's pipeline and the batch-1 cost are measured again in-process (about 10 s), and
-   the targets use the medians over all measurements of both sides;
+   the targets compare each repeat's served figures with them (bench.report: medians of the
+   per-repeat ratios);
 4. open loop on the batched service: Poisson arrivals at fractions of the measured saturation
    throughput, latency from the intended send time;
 5. resident memory of the batched service over 20,000 requests, one in four of them bad;

@@ -16,7 +16,7 @@ import pytest
 from bench import suite
 from bench.inprocess import best_by_median, contenders_of
 from bench.payloads import MixSpec, build_mix, memory_rotation
-from bench.report import connection_error_sentence, contender_sentence, graph_description
+from bench.report import connection_error_sentence, contender_sentence, graph_description, targets
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MIX = MixSpec(slots=40, scenes_per_side=1, photo=(800, 600))
@@ -123,6 +123,59 @@ def test_the_report_says_how_the_ceiling_batch_was_chosen() -> None:
         " median is the ceiling's batch size"
     )
     assert contender_sentence({"mixed": {}, "scenes": {}}) == ", and the fastest is the ceiling's batch size"
+
+
+def test_the_targets_pair_each_repeat_with_the_measurement_just_before_it() -> None:
+    """A ceiling that fell from 600 to 400 items/s during the run: each repeat's throughput over the
+    ceiling measured before it is 0.9, 0.95 and 1.0, where medians over the whole run gave 0.86."""
+    served, rechecked = [540.0, 475.0, 400.0], [600.0, 500.0, 400.0]
+    c1_p50, costs = [0.005, 0.0045, 0.006], [0.0031, 0.0035, 0.0052]
+
+    def run(concurrency: int, repeat: int) -> dict[str, Any]:
+        throughput = served[repeat] if concurrency == 32 else 200.0
+        p50 = c1_p50[repeat] if concurrency == 1 else 0.05
+        return {
+            "server": "batched",
+            "workload": "mixed",
+            "concurrency": concurrency,
+            "repeat": repeat,
+            "throughput": throughput,
+            "p50_s": p50,
+            "p99_s": 2 * p50,
+        }
+
+    closed = [run(c, r) for r in range(3) for c in (1, 32)]
+    medians = {
+        f"batched/mixed/{c}": run(c, 1)
+        | {
+            "throughput": statistics.median(served) if c == 32 else 200.0,
+            "p50_s": statistics.median(c1_p50) if c == 1 else 0.05,
+        }
+        for c in (1, 32)
+    }
+    results: dict[str, Any] = {
+        "closed": closed,
+        "closed_medians": medians,
+        "open": [],
+        "starts": [],
+        "memory": {},
+        "ceilings": {
+            "mixed": {
+                "best_batch": 16,
+                "pipeline_rate": {"16": [650.0, *rechecked]},
+                "rechecks": 3,
+                "batch1_cost_medians_s": [0.003, *costs],
+                "batch1_cost_median_s": 0.0033,
+            }
+        },
+    }
+    rows = {row[0].split(" (")[0]: row[1] for row in targets(results)}
+    assert rows["throughput at c=32 / in-process ceiling"] == (
+        "475 / 550 req/s; per repeat, against the ceiling measured just before it: 0.90, 0.95, 1.00 = **0.95**"
+    )
+    assert rows["median at c=1 minus the in-process batch-1 cost"] == (
+        "5.00 - 3.30 ms; per repeat, against the cost measured just before it: +1.90, +1.00, +0.80 = **+1.00 ms**"
+    )
 
 
 def test_the_report_names_the_generators_connection_errors() -> None:
