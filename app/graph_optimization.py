@@ -24,6 +24,8 @@ place (a counter buffer) stays shared with the module as loaded, while a plain v
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Iterable
 
 import torch
 
@@ -56,7 +58,7 @@ def optimized_module(package: ModelPackage) -> torch.jit.ScriptModule | None:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
         log.warning("serving the module as loaded: optimizing its graph failed (%s: %s)", type(exc).__name__, reason)
         return None
-    if not difference <= GOLDEN_ATOL:  # also catches NaN
+    if not difference <= GOLDEN_ATOL:
         log.warning(
             "serving the module as loaded: its optimized graph differs on the golden inputs by %.3g (more than %g)",
             difference,
@@ -88,9 +90,18 @@ def _difference(
     pairs = list(zip(outputs[0].values(), outputs[1].values(), strict=True))
     pairs.append((loaded.encode_image(images), rewritten.encode_image(images)))
     pairs.append((loaded.encode_text(tokens), rewritten.encode_text(tokens)))
+    return output_difference(pairs)
+
+
+def output_difference(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The largest absolute difference over (expected, actual) output pairs; infinite where shapes
+    differ or a difference is NaN (`max` would keep a NaN only where it came first)."""
     worst = 0.0
     for expected, actual in pairs:
         if expected.shape != actual.shape:
-            return float("inf")
-        worst = max(worst, float((expected.float() - actual.float()).abs().max()))
+            return math.inf
+        difference = float((expected.float() - actual.float()).abs().max())
+        if math.isnan(difference):
+            return math.inf
+        worst = max(worst, difference)
     return worst

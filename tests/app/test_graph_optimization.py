@@ -5,6 +5,7 @@ loaded."""
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -54,18 +55,19 @@ def test_a_module_from_another_package_is_told_apart(tiny_package: Path, tmp_pat
 
 
 class OffAtBatch(torch.nn.Module):
-    """Answers as `inner` does, except for a batch of `size`: what a rewrite whose kernel is wrong
-    at one shape only would do."""
+    """Answers as `inner` does, except for a batch of `size`, whose image embedding is off by
+    `offset`: what a rewrite whose kernel is wrong at one shape only would do."""
 
-    def __init__(self, inner: torch.jit.ScriptModule, size: int) -> None:
+    def __init__(self, inner: torch.jit.ScriptModule, size: int, offset: float = 0.125) -> None:
         super().__init__()
         self.inner = inner
         self.size = size
+        self.offset = offset
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs: dict[str, torch.Tensor] = self.inner(images, tokens)
         if images.size(0) == self.size:
-            outputs["image_embedding"] = outputs["image_embedding"] + 0.125
+            outputs["image_embedding"] = outputs["image_embedding"] + self.offset
         return outputs
 
     @torch.jit.export
@@ -82,14 +84,18 @@ def test_a_module_wrong_at_batch_one_only_is_told_apart(tiny_package: Path) -> N
     assert len(package.manifest.golden) > 1  # the golden batch itself is not a batch of one
     wrong_alone = torch.jit.script(OffAtBatch(package.module, size=1))
     assert largest_difference(package, wrong_alone) == pytest.approx(0.125, abs=1e-6)
+    # A NaN in an output after the first (the logits) is the largest difference of all.
+    not_a_number = torch.jit.script(OffAtBatch(package.module, size=1, offset=math.nan))
+    assert largest_difference(package, not_a_number) == math.inf
 
 
+@pytest.mark.parametrize(("offset", "told"), [(0.125, "0.125"), (math.nan, "inf")])
 def test_a_rewrite_wrong_at_one_warm_up_batch_size_is_dropped_at_warm_up(
-    tiny_package: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    offset: float, told: str, tiny_package: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     package = load_package(tiny_package)
     assert len(package.manifest.golden) != 2  # the startup check never runs a batch of two
-    wrong_at_two = torch.jit.script(OffAtBatch(package.module, size=2))
+    wrong_at_two = torch.jit.script(OffAtBatch(package.module, size=2, offset=offset))
     assert largest_difference(package, wrong_at_two) == 0.0
     monkeypatch.setattr(graph_optimization, "optimized_module", lambda _: wrong_at_two)
     engine = Engine(package)
@@ -101,7 +107,7 @@ def test_a_rewrite_wrong_at_one_warm_up_batch_size_is_dropped_at_warm_up(
             engine.warm_up(step)
     assert caplog.messages == [
         "serving the module as loaded: its optimized graph differs in fuse at batch 2, texts of 16 tokens"
-        " by 0.125 (more than 0.002)"
+        f" by {told} (more than 0.002)"
     ]
     assert (optimized_before_warm_up, engine.graph_optimized) == (True, False)
     generator = torch.Generator().manual_seed(3)
