@@ -347,7 +347,7 @@ def measure(
     ceilings.contenders = contenders_of({size: rates[size][0] for size in candidates})
     for batch in ceilings.contenders:
         run(batch)
-    measured_best = best_by_median({size: rates[size] for size in candidates}) if candidates else 1
+    measured_best = ceiling_batch({size: rates[size] for size in candidates}, ceilings.contenders) if candidates else 1
     ceilings.best_batch = measured_best
     for batch in sorted({1, measured_best}):
         while len(rates[batch]) < pipeline_repeats:
@@ -370,6 +370,12 @@ def contenders_of(first: Mapping[int, float], share: float = CONTENDER_SHARE) ->
 def best_by_median(rates: Mapping[int, Sequence[float]]) -> int:
     """The batch size with the highest median rate (the smaller size on a tie)."""
     return max(sorted(rates), key=lambda size: statistics.median(rates[size]))
+
+
+def ceiling_batch(rates: Mapping[int, Sequence[float]], contenders: Sequence[int]) -> int:
+    """The best median among the contenders, or among all candidates when there were none: a size
+    measured once, early, must not win against the contenders' two runs on a machine slowing down."""
+    return best_by_median({size: rates[size] for size in contenders} if contenders else rates)
 
 
 def recheck(

@@ -270,11 +270,16 @@ async def open_loop(
     opened = 0
 
     async def connect_for(waiter: asyncio.Future[_Connection]) -> None:
+        nonlocal opened
         try:
             conn = await _Connection.open(host, port)
         except OSError as exc:
+            opened -= 1  # the slot is free again: a refused connect must not use it up for the run
             if not waiter.done():
                 waiter.set_exception(exc)
+            elif waiting:  # this connect was for a waiter since served: try for the next one
+                opened += 1
+                loop.create_task(connect_for(waiting.popleft()))
             return
         result.connections += 1
         if waiter.done():

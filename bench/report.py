@@ -104,7 +104,9 @@ def paired_with_rechecks(results: Results, workload: str, concurrency: int) -> l
     recheck made just before its repeat (`inprocess.recheck`, one per repeat, in order); empty for
     results from before the rechecks."""
     rechecks = results["ceilings"][workload].get("rechecks", 0)
-    runs = {run["repeat"]: run for run in runs_of(results, "batched", workload, concurrency)}
+    if not rechecks:
+        return []
+    runs = {run.get("repeat"): run for run in runs_of(results, "batched", workload, concurrency)}
     return [(runs[repeat], repeat) for repeat in range(rechecks) if repeat in runs]
 
 
@@ -137,8 +139,9 @@ def _per_workload(results: Results, workload: str) -> dict[str, Check]:
         over = c1["p50_s"] - cost
         text = f"{ms(c1['p50_s'])} - {ms(cost)} ms = **{over * 1e3:+.2f} ms**"
         costs = measured.get("batch1_cost_medians_s", [])[1:]  # the first measurement precedes every repeat
-        gaps = [run["p50_s"] - costs[index] for run, index in paired_with_rechecks(results, workload, 1)]
-        if gaps and len(costs) == measured["rechecks"]:
+        pairs = paired_with_rechecks(results, workload, 1) if len(costs) == measured.get("rechecks", 0) else []
+        gaps = [run["p50_s"] - costs[index] for run, index in pairs]
+        if gaps:
             over = statistics.median(gaps)
             text = (
                 f"{ms(c1['p50_s'])} - {ms(cost)} ms; per repeat, against the cost measured just before it: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import time
 
 from bench import loadgen
@@ -94,14 +95,14 @@ def test_open_loop_latency_counts_from_the_intended_send_time() -> None:
 
 
 def test_open_loop_does_not_reuse_a_connection_the_server_closes_as_idle() -> None:
-    """A server that closes connections idle for 0.3 s, and gaps between arrivals longer than that:
+    """A server that closes connections idle for 1 s, and gaps between arrivals longer than that:
     a generator that reused them would count connection errors the server never caused."""
-    rate, duration_s, seed = 1.5, 4.0, 1
+    rate, duration_s, seed = 1.0, 5.0, 1
     schedule = loadgen.poisson_schedule(rate, duration_s, seed)
-    assert max(later - earlier for earlier, later in zip(schedule, schedule[1:], strict=False)) > 0.8
+    assert max(later - earlier for earlier, later in zip(schedule, schedule[1:], strict=False)) > 1.4
 
     async def go(stale_after_s: float) -> loadgen.RunResult:
-        server, port = await serve(keep_alive_s=0.3)
+        server, port = await serve(keep_alive_s=1.0)
         async with server:
             return await loadgen.open_loop(
                 "127.0.0.1", port, [REQUEST], rate, duration_s, seed=seed, drain_s=5, stale_after_s=stale_after_s
@@ -113,6 +114,26 @@ def test_open_loop_does_not_reuse_a_connection_the_server_closes_as_idle() -> No
     assert reused.connection_errors >= 1
     assert sum(reused.error_kinds.values()) == reused.connection_errors
     assert set(reused.error_kinds) <= {"IncompleteReadError", "ConnectionResetError", "BrokenPipeError"}
+
+
+def test_open_loop_counts_refused_connections_without_using_up_its_connections() -> None:
+    """Nothing listens: every request fails at once as refused; a refused connect must give its
+    slot back, or after `max_connections` of them the rest would wait, unanswered, to the end."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed on leaving: nothing listens there
+    rate, duration_s, seed = 40.0, 0.5, 2
+    schedule = loadgen.poisson_schedule(rate, duration_s, seed)
+    assert len(schedule) > 4
+
+    async def go() -> loadgen.RunResult:
+        return await loadgen.open_loop(
+            "127.0.0.1", port, [REQUEST], rate, duration_s, seed=seed, max_connections=2, drain_s=2
+        )
+
+    result = asyncio.run(go())
+    assert (result.connection_errors, result.unanswered, result.completed) == (len(schedule), 0, 0)
+    assert result.error_kinds == {"ConnectionRefusedError": len(schedule)}
 
 
 def test_percentile_is_nearest_rank() -> None:

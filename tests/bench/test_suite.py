@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from bench import suite
-from bench.inprocess import best_by_median, contenders_of
+from bench.inprocess import best_by_median, ceiling_batch, contenders_of
 from bench.payloads import MixSpec, build_mix, memory_rotation
 from bench.report import connection_error_sentence, contender_sentence, graph_description, targets
 
@@ -111,6 +111,10 @@ def test_the_ceiling_batch_is_chosen_by_median_among_the_close_candidates() -> N
     # 8 led the first round by a fluke: 16's median over both rounds is higher.
     assert best_by_median({4: [300.0], 8: [500.0, 400.0], 16: [460.0, 470.0], 32: [449.9]}) == 16
     assert best_by_median({8: [5.0], 16: [5.0]}) == 8  # a tie goes to the smaller batch
+    # The machine slowed between the rounds: 32, measured once in the first, is not a finalist.
+    rates = {8: [500.0, 380.0], 16: [460.0, 400.0], 32: [445.0]}
+    assert contenders_of({size: runs[0] for size, runs in rates.items()}) == [8, 16]
+    assert (ceiling_batch(rates, [8, 16]), ceiling_batch(rates, [])) == (8, 32)
 
 
 def test_the_report_says_how_the_ceiling_batch_was_chosen() -> None:
@@ -176,6 +180,10 @@ def test_the_targets_pair_each_repeat_with_the_measurement_just_before_it() -> N
     assert rows["median at c=1 minus the in-process batch-1 cost"] == (
         "5.00 - 3.30 ms; per repeat, against the cost measured just before it: +1.90, +1.00, +0.80 = **+1.00 ms**"
     )
+    results["ceilings"]["mixed"]["rechecks"] = 0  # results from before the rechecks: whole-run medians
+    rows = {row[0].split(" (")[0]: row[1] for row in targets(results)}
+    assert rows["throughput at c=32 / in-process ceiling"] == "475 / 550 req/s = **0.86**"
+    assert rows["median at c=1 minus the in-process batch-1 cost"] == "5.00 - 3.30 ms = **+1.70 ms**"
 
 
 def test_the_report_names_the_generators_connection_errors() -> None:
