@@ -325,10 +325,16 @@ class Engine:
     def _call(
         self, kind: Kind, images: ByteArray | None, tokens: TokenArray | None, count: int
     ) -> dict[str, torch.Tensor]:
-        image = self._to_device(images) if kind.needs_image else None
-        text = self._to_device(np.ascontiguousarray(tokens)) if kind.needs_text else None
+        image, text = self._inputs(kind, images, tokens)
         with self._precision():
             return self._call_model(self._methods, kind, image, text, count)
+
+    def _inputs(
+        self, kind: Kind, images: ByteArray | None, tokens: TokenArray | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        image = self._to_device(images) if kind.needs_image else None
+        text = self._to_device(np.ascontiguousarray(tokens)) if kind.needs_text else None
+        return image, text
 
     def _precision(self) -> AbstractContextManager[Any]:
         if self._autocast_dtype is None:
@@ -413,21 +419,16 @@ class Engine:
         the rewrite (the golden batch, and each case alone) vouches for those shapes only, and the
         warm-up runs the shapes requests will form. Where they differ, the module as loaded serves
         from here on (it has just run this shape, and runs the rest of the warm-up)."""
-        images, tokens = self._synthetic(step)
-        with torch.inference_mode():
-            served = self._call(step.kind, images, tokens, step.size)
+        image, text = self._inputs(step.kind, *self._synthetic(step))
+        with torch.inference_mode(), self._precision():
+            served = self._call_model(self._methods, step.kind, image, text, step.size)
             if self.graph_optimized:
-                self._check_rewrite(step, images, tokens, served)
+                loaded = self._call_model(self._loaded, step.kind, image, text, step.size)
+                self._check_rewrite(step, loaded, served)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # a failure in this call surfaces here, not in a later one
 
-    def _check_rewrite(
-        self, step: WarmUp, images: ByteArray, tokens: TokenArray, served: dict[str, torch.Tensor]
-    ) -> None:
-        image = self._to_device(images) if step.kind.needs_image else None
-        text = self._to_device(tokens) if step.kind.needs_text else None
-        with self._precision():
-            loaded = self._call_model(self._loaded, step.kind, image, text, step.size)
+    def _check_rewrite(self, step: WarmUp, loaded: dict[str, torch.Tensor], served: dict[str, torch.Tensor]) -> None:
         difference = graph_optimization.output_difference((loaded[name], served[name]) for name in loaded)
         if difference <= GOLDEN_ATOL:
             return

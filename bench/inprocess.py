@@ -389,8 +389,9 @@ def recheck(
     """Measure the in-process sides of the targets once more, between served runs: the pipeline at
     the best batch size, and the batch-1 cost. A machine whose speed drifts during a run (a
     neighbour on the host, a busy disk) then weighs on both sides of each ratio alike, rather than
-    on whichever side ran at the slow moment. The ceiling and the batch-1 cost become the medians
-    over all measurements."""
+    on whichever side ran at the slow moment. Each measurement is appended to its series
+    (`pipeline_rate[best]`, `batch1_cost_medians_s`), one per repeat, in order: bench.report pairs
+    each repeat with its own; the tables show the medians over all measurements."""
     module, manifest = package.module, package.manifest
     costs = {lane: ceilings.call_cost_tokens.get(lane, math.inf) for lane in KINDS}
     payloads = [item.payload for item in prepared]

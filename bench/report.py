@@ -99,15 +99,26 @@ def contended(results: Results) -> str | None:
 Check = tuple[str, bool | None]  # (measured text, met; None when only reported)
 
 
-def paired_with_rechecks(results: Results, workload: str, concurrency: int) -> list[tuple[dict[str, Any], int]]:
-    """The batched service's closed-loop runs at `concurrency`, each with the index of the in-process
-    recheck made just before its repeat (`inprocess.recheck`, one per repeat, in order); empty for
-    results from before the rechecks."""
+def per_repeat(
+    results: Results,
+    workload: str,
+    concurrency: int,
+    series: Sequence[float],
+    combine: Callable[[dict[str, Any], float], float],
+) -> list[float]:
+    """`combine(run, measured)` for each closed-loop repeat of the batched service at `concurrency`,
+    `measured` the in-process recheck made just before that repeat: `inprocess.recheck` appends one
+    to the end of `series` per repeat, in order. Empty for results from before the rechecks."""
     rechecks = results["ceilings"][workload].get("rechecks", 0)
-    if not rechecks:
+    if not rechecks or len(series) < rechecks:
         return []
+    rechecked = series[len(series) - rechecks :]
     runs = {run.get("repeat"): run for run in runs_of(results, "batched", workload, concurrency)}
-    return [(runs[repeat], repeat) for repeat in range(rechecks) if repeat in runs]
+    return [combine(runs[repeat], rechecked[repeat]) for repeat in range(rechecks) if repeat in runs]
+
+
+def _per_repeat_text(whole_run: str, what: str, values: Sequence[str], target: str) -> str:
+    return f"{whole_run}; per repeat, against the {what} measured just before it: {', '.join(values)} = **{target}**"
 
 
 def _per_workload(results: Results, workload: str) -> dict[str, Check]:
@@ -117,18 +128,15 @@ def _per_workload(results: Results, workload: str) -> dict[str, Check]:
     if c32:
         ceiling = ceiling_rate(results, workload)
         ratio = c32["throughput"] / ceiling
-        text = f"{c32['throughput']:.0f} / {ceiling:.0f} req/s = **{ratio:.2f}**"
+        whole_run = f"{c32['throughput']:.0f} / {ceiling:.0f} req/s"
+        text = f"{whole_run} = **{ratio:.2f}**"
         # Each repeat against the ceiling measured just before it: the machine's speed drifts within
         # a run, and a ratio's two sides measured seconds apart share the drift.
-        best_rates = measured["pipeline_rate"][str(measured["best_batch"])]
-        rates = best_rates[len(best_rates) - measured.get("rechecks", 0) :]  # the rechecks come last, in order
-        pairs = [run["throughput"] / rates[index] for run, index in paired_with_rechecks(results, workload, 32)]
+        rates = measured["pipeline_rate"][str(measured["best_batch"])]
+        pairs = per_repeat(results, workload, 32, rates, lambda run, rate: run["throughput"] / rate)
         if pairs:
             ratio = statistics.median(pairs)
-            text = (
-                f"{c32['throughput']:.0f} / {ceiling:.0f} req/s; per repeat, against the ceiling measured just"
-                f" before it: {', '.join(f'{pair:.2f}' for pair in pairs)} = **{ratio:.2f}**"
-            )
+            text = _per_repeat_text(whole_run, "ceiling", [f"{pair:.2f}" for pair in pairs], f"{ratio:.2f}")
         checks["ceiling"] = (text, ratio >= 0.95)
     for name, found in (("tail32", c32), ("tail64", c64)):
         if found:
@@ -137,16 +145,13 @@ def _per_workload(results: Results, workload: str) -> dict[str, Check]:
     if c1:
         cost = measured["batch1_cost_median_s"]
         over = c1["p50_s"] - cost
-        text = f"{ms(c1['p50_s'])} - {ms(cost)} ms = **{over * 1e3:+.2f} ms**"
-        costs = measured.get("batch1_cost_medians_s", [])[1:]  # the first measurement precedes every repeat
-        pairs = paired_with_rechecks(results, workload, 1) if len(costs) == measured.get("rechecks", 0) else []
-        gaps = [run["p50_s"] - costs[index] for run, index in pairs]
+        whole_run = f"{ms(c1['p50_s'])} - {ms(cost)} ms"
+        text = f"{whole_run} = **{over * 1e3:+.2f} ms**"
+        costs = measured.get("batch1_cost_medians_s", [])
+        gaps = per_repeat(results, workload, 1, costs, lambda run, cost: run["p50_s"] - cost)
         if gaps:
             over = statistics.median(gaps)
-            text = (
-                f"{ms(c1['p50_s'])} - {ms(cost)} ms; per repeat, against the cost measured just before it: "
-                f"{', '.join(f'{gap * 1e3:+.2f}' for gap in gaps)} = **{over * 1e3:+.2f} ms**"
-            )
+            text = _per_repeat_text(whole_run, "cost", [f"{gap * 1e3:+.2f}" for gap in gaps], f"{over * 1e3:+.2f} ms")
         if measured.get("batch1_idle_cost_median_s"):  # the thread asleep before each forward, as at c=1
             idle = f"{measured['idle_gap_s'] * 1e3:.0f} ms idle"
             first = ", first measurement" if measured.get("rechecks") else ""
