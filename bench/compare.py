@@ -3,9 +3,13 @@
 
 Starts one service per variant (the same model), then runs the closed loop on them in turns
 (A, B, A, B, ...) so that a drift in the machine's load hits both alike, and prints the medians
-over the repeats with B/A ratios. For checking what a settings change gains before adopting it;
-the flags are `python -m app` flags, space-separated within one --a/--b value. `--a-root` runs
-variant A from another checkout (`git worktree add ../before REV`), to compare two versions.
+over the repeats with B/A ratios: of the medians, and the median of each repeat's own ratio (its
+A and B ran seconds apart). It also prints each variant's device busy share (the service's batch
+time over the run's wall time, from /metrics): a change to dispatch shows there plainly, while
+throughput on a 2-core machine moves by more from run to run than such a change gains. For
+checking what a settings change gains before adopting it; the flags are `python -m app` flags,
+space-separated within one --a/--b value. `--a-root` runs variant A from another checkout
+(`git worktree add ../before REV`), to compare two versions.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.payloads import MixSpec, build_mix, build_pictures, write_requests
-from bench.server import ROOT, start_server
+from bench.server import ROOT, Sample, Server, diff, start_server, total
 from bench.suite import resolve_model
 from bench.wrk import run_wrk, wrk_path
 from model.manifest import read_manifest
@@ -65,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name: start_server(name, model, flags, args.out, prelude=preludes[name], root=roots[name])
         for name, flags in variants.items()
     }
-    results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
     try:
         for name, server in servers.items():
             run_wrk(server.port, requests_file, max(concurrencies), 2)  # warm
@@ -78,25 +82,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         for repeat in range(args.repeats):
             for concurrency in concurrencies:
                 for name, server in servers.items():
+                    before = server.metrics()
                     w = run_wrk(server.port, requests_file, concurrency, args.seconds)
-                    results.setdefault((name, concurrency), []).append((w.throughput, w.p50_s, w.p99_s))
+                    busy = device_busy_share(server, before, w.elapsed_s)
+                    results.setdefault((name, concurrency), []).append((w.throughput, w.p50_s, w.p99_s, busy))
                     print(
                         f"  #{repeat} {name} c={concurrency}: {w.throughput:.1f} req/s, "
-                        f"p50 {w.p50_s * 1e3:.1f} ms, p99 {w.p99_s * 1e3:.1f} ms"
+                        f"p50 {w.p50_s * 1e3:.1f} ms, p99 {w.p99_s * 1e3:.1f} ms, device busy {busy:.1%}"
                     )
     finally:
         for server in servers.values():
             server.stop()
-    print(f"\n| c | A req/s | B req/s | B/A | A p50 | B p50 | A p99 | B p99 |  ({args.workload}, {model})")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| c | A req/s | B req/s | B/A | B/A per repeat (median) | A p50 | B p50 | A p99 | B p99 "
+        f"| A device busy | B device busy |  ({args.workload}, {model})"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for concurrency in concurrencies:
-        a = [statistics.median(v) for v in zip(*results[("A", concurrency)], strict=True)]
-        b = [statistics.median(v) for v in zip(*results[("B", concurrency)], strict=True)]
+        a_runs, b_runs = results[("A", concurrency)], results[("B", concurrency)]
+        a = [statistics.median(v) for v in zip(*a_runs, strict=True)]
+        b = [statistics.median(v) for v in zip(*b_runs, strict=True)]
+        paired = paired_ratio([run[0] for run in a_runs], [run[0] for run in b_runs])
         print(
-            f"| {concurrency} | {a[0]:.1f} | {b[0]:.1f} | {b[0] / a[0]:.2f} | {a[1] * 1e3:.1f} | {b[1] * 1e3:.1f} | "
-            f"{a[2] * 1e3:.1f} | {b[2] * 1e3:.1f} |"
+            f"| {concurrency} | {a[0]:.1f} | {b[0]:.1f} | {b[0] / a[0]:.2f} | {paired:.2f} | {a[1] * 1e3:.1f} | "
+            f"{b[1] * 1e3:.1f} | {a[2] * 1e3:.1f} | {b[2] * 1e3:.1f} | {a[3]:.1%} | {b[3]:.1%} |"
         )
     return 0
+
+
+def device_busy_share(server: Server, before: dict[Sample, float], elapsed_s: float) -> float:
+    """The share of a run's wall time the service spent running batches (its batch-time histogram)."""
+    delta = diff(server.metrics(), before)
+    return total(delta, "fusion_batch_duration_seconds_sum") / elapsed_s if elapsed_s > 0 else 0.0
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """The median over repeats of B/A, each repeat's B against its own A."""
+    return statistics.median(y / x for x, y in zip(a, b, strict=True) if x > 0)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.compare import main
+from bench.compare import main, paired_ratio
 from bench.server import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="bench.compare drives the servers with wrk")
@@ -28,7 +28,7 @@ def test_variant_b_runs_from_another_checkout(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("A: (defaults): ready in ")
     assert lines[1].startswith(f"B: (defaults) from {other}: ready in ")
-    assert lines[-1].startswith("| 1 | ")
+    assert lines[-1].startswith("| 1 | ") and lines[-1].endswith("% |")  # the device busy shares last
 
 
 def test_a_root_without_the_service_is_refused(
@@ -42,3 +42,8 @@ def test_a_root_without_the_service_is_refused(
         main(argv)
     assert exit_info.value.code == 2
     assert f"--a-root {empty} is not a checkout of the service (no app/__main__.py)" in capsys.readouterr().err
+
+
+def test_the_paired_ratio_is_the_median_of_each_repeats_own_ratio() -> None:
+    """Repeats 1.2, 0.9 and 1.0: median 1.0, where the medians' ratio says 180/200 = 0.9."""
+    assert paired_ratio([100.0, 200.0, 400.0], [120.0, 180.0, 400.0]) == 1.0
