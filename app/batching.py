@@ -7,7 +7,9 @@
     dispatcher: whenever the device is free, the lane with the oldest waiting item gives its
                 filling buffer, up to max_batch_size rows, to the inference thread; the lane's
                 other buffer starts filling at once (double buffering: the next batch is
-                collated while this one runs)
+                collated while this one runs); with `lookahead_s`, the next batch is handed to
+                the inference thread that long before the running one is expected to end, and
+                a third buffer fills meanwhile
 
 No added wait when idle (a request dispatches alone at once), full batches under load (the queue
 fills while the device is busy); `max_wait_s` optionally holds an idle device for a fuller batch.
@@ -141,11 +143,11 @@ class _Stage:
 
 @dataclass(eq=False)
 class _Lane:
-    """The queue of one Kind: the filling buffer, its spare, and what did not fit yet."""
+    """The queue of one Kind: the filling buffer, the free ones, and what did not fit yet."""
 
     kind: Kind
     filling: _Stage
-    spare: _Stage
+    free: list[_Stage]  # neither filling nor on the device: the running batch's and the next one's are out
     overflow: deque[_Item] = field(default_factory=deque)
     live: int = 0  # QUEUED items in filling + overflow
 
@@ -159,17 +161,51 @@ class _Lane:
         return math.inf
 
 
+@dataclass(eq=False, slots=True)
+class _Stamps:
+    """When a batch really ran, written by the inference thread (time.perf_counter())."""
+
+    started: float | None = None
+    ended: float | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Batch:
+    """A batch handed to the inference thread."""
+
+    lane: _Lane
+    stage: _Stage
+    future: asyncio.Future[list[RowResult]]
+    stamps: _Stamps
+    submitted: float  # time.perf_counter()
+
+
+def stages_per_kind(lookahead_s: float) -> int:
+    """Batch buffers each kind needs: one filling and one running, and the next batch's when it
+    is handed over early."""
+    return 3 if lookahead_s > 0 else 2
+
+
+def _lane(kind: Kind, buffers: Sequence[StageBuffers], early: bool) -> _Lane:
+    needed = stages_per_kind(1.0 if early else 0.0)
+    if len(buffers) < needed:
+        raise ValueError(f"{kind.value} has {len(buffers)} batch buffers, {needed} are needed")
+    first, *rest = (_Stage(*pair) for pair in buffers)
+    return _Lane(kind, first, rest)
+
+
 class MicroBatcher:
     def __init__(
         self,
         *,
         run: BatchRunner,
         executor: Executor,
-        buffers: Mapping[Kind, tuple[StageBuffers, StageBuffers]],
+        buffers: Mapping[Kind, Sequence[StageBuffers]],
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
         gather_s: float = 0.0,
+        lookahead_s: float = 0.0,
         metrics: Metrics,
         on_batch: Callable[[bool], None] | None = None,
     ) -> None:
@@ -178,15 +214,16 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.gather_s = gather_s
+        self.lookahead_s = lookahead_s
         self.max_queue = max_queue
         self.metrics = metrics
         self.on_batch = on_batch  # called after each batch: did any item get an answer?
         self.admitted = 0  # tickets held: decoding + queued
-        self._lanes = {kind: _Lane(kind, _Stage(*first), _Stage(*second)) for kind, (first, second) in buffers.items()}
+        self._lanes = {kind: _lane(kind, stages, lookahead_s > 0) for kind, stages in buffers.items()}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._running = 0  # items on the device now
-        self._running_stage: _Stage | None = None
+        self._on_device: list[_Batch] = []  # the running batch, and the next one when handed over early
+        self._durations: dict[tuple[Kind, int], float] = {}  # running estimate per kind and batch size
         self._closed = False
         self._stalled: ServiceError | None = None  # set while a hung pass holds the device (abandon)
         self._batch_seconds = 0.0  # running estimate, for Retry-After
@@ -215,12 +252,16 @@ class MicroBatcher:
 
     @property
     def running(self) -> int:
-        """Items on the device now."""
-        return self._running
+        """Items on the device now, or handed to it to run next."""
+        return sum(len(batch.stage.items) for batch in self._on_device)
+
+    def expected_seconds(self, kind: Kind, size: int) -> float | None:
+        """How long a batch of `size` items of `kind` is expected to run (None: none has run yet)."""
+        return self._durations.get((kind, size))
 
     @property
     def idle(self) -> bool:
-        return self.queued == 0 and self._running == 0
+        return self.queued == 0 and not self._on_device
 
     async def stop(self, timeout_s: float) -> None:
         """Let queued and running work finish (up to timeout_s), then stop; leftovers get 503."""
@@ -235,19 +276,26 @@ class MicroBatcher:
         for lane in self._lanes.values():
             for item in [*lane.filling.items, *lane.overflow]:
                 self._drop(item, NotReady("the server is shutting down"))
+        for batch in self._on_device:  # still running past the grace period
+            for item in batch.stage.items:
+                if not item.future.done():
+                    item.future.set_exception(NotReady("the server is shutting down"))
 
     def abandon(self, running: ServiceError, queued: ServiceError) -> None:
         """Fail the batch on the device and everything queued, at once: the inference thread is stuck.
 
         The running batch's requests are answered now; should the pass ever return, its results
-        find their requests already answered and are dropped. Queued requests would otherwise wait
+        find their requests already answered and are dropped. So are those of a batch handed over
+        early, behind it, whose requests get `queued`. Queued requests would otherwise wait
         behind it until their deadlines, and so would requests still decoding now: until `resume`,
         they get `queued` the moment they would be queued."""
         self._stalled = queued
-        if self._running_stage is not None:
-            for item in self._running_stage.items:
+        for batch in self._on_device:
+            # A batch handed over early waits behind the hung one: it never ran, so it is queued work.
+            error = running if batch.stamps.started is not None else queued
+            for item in batch.stage.items:
                 if not item.future.done():
-                    item.future.set_exception(running)
+                    item.future.set_exception(error)
         for lane in self._lanes.values():
             for item in [*lane.filling.items, *lane.overflow]:
                 self._drop(item, queued)
@@ -365,8 +413,11 @@ class MicroBatcher:
             if self.gather_s > 0:
                 await self._gather(lane)
             stage = self._take(lane)
-            if stage is not None:
-                await self._execute(lane, stage)
+            batch = self._submit(lane, stage) if stage is not None else None
+            while batch is not None:  # batches handed over before the one ahead of them ended
+                following = await self._look_ahead(batch) if self.lookahead_s > 0 else None
+                await self._finish(batch)
+                batch = following
 
     def _oldest_lane(self) -> _Lane | None:
         live = [lane for lane in self._lanes.values() if lane.live]
@@ -391,8 +442,37 @@ class MicroBatcher:
             except TimeoutError:
                 return
 
+    async def _look_ahead(self, batch: _Batch) -> _Batch | None:
+        """Hand the next batch to the inference thread lookahead_s before `batch` is expected to end.
+
+        Otherwise the device waits, between two batches, for the event loop to hear that one ended,
+        take the next and wake the inference thread. Handed over early, the next batch is already
+        in the thread's queue when this one returns. It takes what is queued when the window opens,
+        as it would take it at the end: items queued later wait for the batch after, so the window
+        is kept short. A batch size not run yet has no estimate: no early hand-over."""
+        estimate = self.expected_seconds(batch.lane.kind, len(batch.stage.items))
+        if estimate is None:
+            return None
+        while not batch.future.done():
+            started = batch.stamps.started if batch.stamps.started is not None else time.perf_counter()
+            early = started + estimate - self.lookahead_s - time.perf_counter()
+            if early > 0:
+                await asyncio.wait((batch.future,), timeout=early)
+                continue
+            lane = self._oldest_lane()
+            if lane is not None:
+                stage = self._take(lane)
+                if stage is not None:
+                    return self._submit(lane, stage)
+                continue  # every item there had expired or gone
+            self._wakeup.clear()
+            queued = asyncio.ensure_future(self._wakeup.wait())
+            await asyncio.wait((batch.future, queued), return_when=asyncio.FIRST_COMPLETED)
+            queued.cancel()
+        return None
+
     def _take(self, lane: _Lane) -> _Stage | None:
-        """The lane's next batch: live items only, topped up from the overflow; swaps the buffers."""
+        """The lane's next batch: live items only, topped up from the overflow; a free buffer fills next."""
         now = asyncio.get_running_loop().time()
         stage = lane.filling
         rows = [row for row, item in enumerate(stage.items) if self._still_wanted(item, now)]
@@ -401,13 +481,11 @@ class MicroBatcher:
         self._refill(lane, stage, now)
         if not stage.items:
             return None
-        lane.filling, lane.spare = lane.spare, stage  # the spare is free: one batch runs at a time
-        taken = time.perf_counter()
+        lane.filling = lane.free.pop()
         for item in stage.items:
             item.state = _State.RUNNING
             lane.live -= 1
             self._settle(item)
-            self.metrics.queue_wait.labels(lane.kind.value).observe(taken - item.queued_at)
         return stage
 
     def _still_wanted(self, item: _Item, now: float) -> bool:
@@ -425,32 +503,56 @@ class MicroBatcher:
             if self._still_wanted(item, now):
                 stage.add(item)
 
-    async def _execute(self, lane: _Lane, stage: _Stage) -> None:
+    def _submit(self, lane: _Lane, stage: _Stage) -> _Batch:
         loop = asyncio.get_running_loop()
-        count = len(stage.items)
         images, tokens = stage.views()
-        started = loop.time()
-        clock = time.perf_counter()
-        self._running, self._running_stage = count, stage
-        future = loop.run_in_executor(self._executor, self._run, lane.kind, images, tokens)
-        self._refill(lane, lane.filling, started)  # collate the next batch while this one runs
+        stamps = _Stamps()
+        submitted = time.perf_counter()
+        future = loop.run_in_executor(self._executor, self._run_batch, stamps, lane.kind, images, tokens)
+        batch = _Batch(lane, stage, future, stamps, submitted)
+        self._on_device.append(batch)
+        self._refill(lane, lane.filling, loop.time())  # collate the next batch while this one runs
+        return batch
+
+    def _run_batch(
+        self, stamps: _Stamps, kind: Kind, images: ByteArray | None, tokens: TokenArray | None
+    ) -> list[RowResult]:
+        """On the inference thread: the batch, stamped with when it really ran (it may have waited
+        there behind the one before it)."""
+        stamps.started = time.perf_counter()
         try:
-            results: Sequence[RowResult] = await future
+            return self._run(kind, images, tokens)
+        finally:
+            stamps.ended = time.perf_counter()
+
+    async def _finish(self, batch: _Batch) -> None:
+        lane, stage = batch.lane, batch.stage
+        count = len(stage.items)
+        try:
+            results: Sequence[RowResult] = await batch.future
         except Exception:  # the engine isolates model errors; this is the worker itself failing
             log.exception("a %s batch of %d could not run", lane.kind.value, count)
             results = [ModelFailure("the model could not run") for _ in range(count)]
-        finally:
-            self._running, self._running_stage = 0, None
-        elapsed = time.perf_counter() - clock
+        # Not in a `finally`: a dispatcher cancelled at shutdown leaves the batch listed, so that
+        # stop() answers its requests.
+        self._on_device.remove(batch)
+        started = batch.stamps.started if batch.stamps.started is not None else batch.submitted
+        elapsed = (batch.stamps.ended if batch.stamps.ended is not None else time.perf_counter()) - started
         self._batch_seconds += _EWMA * (elapsed - self._batch_seconds)
+        key = (lane.kind, count)
+        previous = self._durations.get(key, elapsed)
+        self._durations[key] = previous + _EWMA * (elapsed - previous)
         self.metrics.batch_size.labels(lane.kind.value).observe(count)
         self.metrics.batch_duration.labels(lane.kind.value).observe(elapsed)
+        for item in stage.items:  # until the batch began on the device, behind any batch ahead of it
+            self.metrics.queue_wait.labels(lane.kind.value).observe(started - item.queued_at)
         if len(results) != count:  # never guess which row belongs to whom
             log.error("a %s batch of %d returned %d results", lane.kind.value, count, len(results))
             results = [ModelFailure("the model returned the wrong number of results") for _ in range(count)]
         for item, result in zip(stage.items, results, strict=True):
             self._deliver(item, result)
         stage.items = []
+        lane.free.append(stage)
         if self.on_batch is not None:
             self.on_batch(any(isinstance(result, Row) for result in results))
 

@@ -145,6 +145,17 @@ class Settings(BaseSettings):
             ),
         ),
     ] = 0.0  # 1 ms measured no better at c=32 and c=64 on a 2-core CPU (alternating runs, within noise)
+    lookahead_ms: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=1_000,
+            description=(
+                "hand the next batch to the device this long before the running one is expected to end, so"
+                " that it starts the moment the device frees (0: at the end)"
+            ),
+        ),
+    ] = 0.0
     call_cost_tokens: Annotated[
         str,
         Field(

@@ -24,7 +24,7 @@ from typing import ParamSpec, TypeVar
 import torch
 from fastapi import FastAPI
 
-from app.batching import MicroBatcher, StageBuffers
+from app.batching import MicroBatcher, StageBuffers, stages_per_kind
 from app.decode_pool import start_decode_pool
 from app.decoding import Decoder
 from app.engine import Engine, WarmUp, resolve_device
@@ -156,7 +156,8 @@ async def _phases(state: AppState, device: torch.device) -> None:
     state.phase = Phase.SELF_CHECK
     await _timed(state, "selfcheck", _on_worker(state, engine.self_check))
 
-    buffers = await _on_worker(state, _staging_buffers, engine, settings.max_batch_size)
+    stages = stages_per_kind(settings.lookahead_ms / 1000)
+    buffers = await _on_worker(state, _staging_buffers, engine, settings.max_batch_size, stages)
     state.decoder = Decoder(settings, manifest)
     state.monitor = HealthMonitor(
         worker=_worker(state),
@@ -173,6 +174,7 @@ async def _phases(state: AppState, device: torch.device) -> None:
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_ms / 1000,
         gather_s=settings.gather_ms / 1000,
+        lookahead_s=settings.lookahead_ms / 1000,
         max_queue=settings.max_queue,
         metrics=metrics,
         on_batch=state.monitor.batch_done,
@@ -228,8 +230,9 @@ async def _call_costs(state: AppState, engine: Engine, lengths: list[int]) -> No
     )
 
 
-def _staging_buffers(engine: Engine, max_batch_size: int) -> dict[Kind, tuple[StageBuffers, StageBuffers]]:
-    """Two batch buffers per kind (one running, one filling), allocated by the engine (pinned on CUDA)."""
+def _staging_buffers(engine: Engine, max_batch_size: int, stages: int) -> dict[Kind, list[StageBuffers]]:
+    """`stages` batch buffers per kind (one filling, one running, and the next batch's when it is
+    handed over early), allocated by the engine (pinned on CUDA)."""
     shapes = MicroBatcher.buffer_shapes(max_batch_size, engine.manifest.image_size, engine.manifest.max_text_length)
 
     def pair(images: tuple[int, ...] | None, tokens: tuple[int, ...] | None) -> StageBuffers:
@@ -238,7 +241,7 @@ def _staging_buffers(engine: Engine, max_batch_size: int) -> dict[Kind, tuple[St
             engine.host_buffer(tokens, torch.int64) if tokens else None,
         )
 
-    return {kind: (pair(*shape), pair(*shape)) for kind, shape in shapes.items()}
+    return {kind: [pair(*shape) for _ in range(stages)] for kind, shape in shapes.items()}
 
 
 def _worker(state: AppState) -> InferenceWorker:

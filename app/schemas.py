@@ -69,6 +69,9 @@ class BatchingInfo(BaseModel):
     max_batch_size: int
     max_wait_ms: float = Field(description="extra wait for a fuller batch when idle (0: none)")
     gather_ms: float = Field(description="longest wait, when the device frees, for requests still decoding")
+    lookahead_ms: float = Field(
+        description="how long before the running batch is expected to end the next one is handed to the device"
+    )
     max_queue: int = Field(description="admitted requests not yet running, beyond which 429")
     decode_workers: int = Field(description="decode threads of each process that answers HTTP")
     decode_nice: int = Field(description="how much nicer the decode threads run than the rest (0: the same)")

@@ -294,7 +294,9 @@ def test_the_call_cost_is_measured_at_startup_and_reported(tiny_package: Path) -
 
 def test_info_describes_model_device_and_batching(probe_package: Path) -> None:
     async def body() -> None:
-        settings = settings_for(probe_package, max_wait_ms=2, max_queue=99, max_text_bytes=777, body_timeout_s=9.5)
+        settings = settings_for(
+            probe_package, max_wait_ms=2, lookahead_ms=1.5, max_queue=99, max_text_bytes=777, body_timeout_s=9.5
+        )
         async with serve(settings) as served:
             info = (await served.client.get("/info")).json()
         manifest = json.loads((probe_package / "manifest.json").read_text())
@@ -305,7 +307,7 @@ def test_info_describes_model_device_and_batching(probe_package: Path) -> None:
         assert info["device"] == "cpu" and info["threads"] == 1
         assert info["graph_optimized"] is True  # the default on the CPU at fp32
         assert info["batching"]["max_batch_size"] == 8
-        assert info["batching"]["max_wait_ms"] == 2
+        assert info["batching"]["max_wait_ms"] == 2 and info["batching"]["lookahead_ms"] == 1.5
         assert info["batching"]["max_queue"] == 99
         assert info["batching"]["decode_workers"] == settings.decode_threads()
         assert info["limits"]["max_text_bytes"] == 777 and info["limits"]["body_timeout_s"] == 9.5

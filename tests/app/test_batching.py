@@ -421,3 +421,40 @@ def test_gather_adds_no_wait_when_nothing_is_decoding(probe_package: Path) -> No
             assert time.perf_counter() - began < 1.0  # three 1-second gathers would take 3 s
 
     run(body())
+
+
+def test_the_next_batch_is_handed_to_the_device_before_the_running_one_ends(probe_package: Path) -> None:
+    """With lookahead_ms, a request queued behind a slow batch is handed to the inference thread
+    lookahead_ms before that batch is expected to end (here half its measured duration: not at
+    once), so that it starts the moment the device frees; from then it counts as running, and it
+    gets its own answer. Without, it waits in the queue until the slow batch has ended."""
+
+    async def most_running(lookahead_ms: float) -> tuple[int, int]:
+        async with serve(settings_for(probe_package, lookahead_ms=lookahead_ms)) as served:
+            batcher = served.batcher
+            assert batcher is not None
+            for _ in range(2):  # times slow batches of one
+                assert (await post(served, "/predict", picture(), SLOW)).status_code == 200
+            expected = batcher.expected_seconds(Kind.FUSE, 1)
+            assert expected is not None and expected > 0.1
+            if lookahead_ms:
+                batcher.lookahead_s = expected / 2
+            slow = await hold_the_device(served)
+            queued = asyncio.create_task(post(served, "/predict", picture(), "queued"))
+            await until(lambda: batcher.queued == 1 or batcher.running == 2)
+            at_first = batcher.running
+            most = at_first
+            while not slow.done():
+                most = max(most, batcher.running)
+                await asyncio.sleep(0.002)
+            responses = await gather(slow, queued)
+            assert [r.status_code for r in responses] == [200, 200]
+            alone = await post(served, "/predict", picture(), "queued")
+            assert_same_prediction(responses[1].json(), alone.json())
+            return at_first, most
+
+    async def body() -> None:
+        assert await most_running(lookahead_ms=1) == (1, 2)  # queued first, handed over before the end
+        assert await most_running(lookahead_ms=0) == (1, 1)
+
+    run(body())

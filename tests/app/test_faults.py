@@ -18,7 +18,7 @@ from app.errors import InsufficientStorage, ModelFailure, NotReady
 from app.items import Kind, Row
 from model.manifest import read_manifest
 from model.package import ModelPackage
-from tests.app.conftest import Running, form, metric, picture, run, serve, settings_for, until
+from tests.app.conftest import Running, form, gather, metric, picture, run, serve, settings_for, until
 from tests.app.test_batching import assert_same_prediction, hold_the_device, post
 
 
@@ -160,6 +160,31 @@ def test_a_hung_forward_pass_fails_its_batch_and_turns_liveness_red(probe_packag
             assert (await served.client.get("/healthz")).status_code == 200
             assert (await post(served, "/predict", picture(), "after it")).status_code == 200
             assert metric(await served.metrics(), "fusion_alive") == 1
+
+    run(body())
+
+
+def test_a_batch_handed_over_behind_a_hung_one_is_failed_as_queued(probe_package: Path) -> None:
+    """A batch handed to the inference thread early (lookahead_ms) waits there behind the pass that
+    hangs: it never ran, so its request gets 503 like the queue, not the hung batch's 500. When the
+    hung pass ends, the batch behind it runs for nobody, and the service answers again."""
+
+    async def body() -> None:
+        settings = settings_for(probe_package, forward_timeout_s=0.3, retry_after_s=1, lookahead_ms=1000)
+        async with serve(settings) as served:
+            batcher = served.batcher
+            assert batcher is not None
+            assert (await post(served, "/predict", picture(), "timed")).status_code == 200  # a batch of 1 timed
+            hung = asyncio.create_task(post(served, "/predict", picture(), "@hangs"))
+            await until(lambda: batcher.running == 1)
+            behind = asyncio.create_task(post(served, "/predict", picture(), "behind it"))
+            await until(lambda: batcher.running == 2)  # handed over at once: the window is wider than the batch
+            answers = await gather(hung, behind)
+            assert [a.status_code for a in answers] == [500, 503]
+            assert [a.json()["error"]["code"] for a in answers] == ["model_timeout", "not_ready"]
+            await until(lambda: served.state.liveness() is None, timeout_s=30)
+            await until(lambda: batcher.idle)
+            assert (await post(served, "/predict", picture(), "after it")).status_code == 200
 
     run(body())
 

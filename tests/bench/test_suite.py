@@ -230,7 +230,10 @@ def test_gpu_check_dry_run() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert any("PASS" in line for line in lines)
-    columns = "| service | concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 | cores | device loop busy |"
+    columns = (
+        "| service | concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 | cores | event loop busy "
+        "| device busy |"
+    )
     header = lines.index(columns)
     rows = [line.split(" | ") for line in lines[header + 2 : -1]]
     assert [row[:2] for row in rows] == [
@@ -238,9 +241,12 @@ def test_gpu_check_dry_run() -> None:
         ["| fp32", "4"],
         ["| bf16", "1"],
         ["| bf16", "4"],
+        ["| fp32, --lookahead-ms 2", "1"],
+        ["| fp32, --lookahead-ms 2", "4"],
         ["| fp32, 2 processes", "1"],
         ["| fp32, 2 processes", "4"],
     ]
     assert all(row[6] == "0" for row in rows)  # every request answered 200
-    assert all(0 < float(row[7]) and row[8].endswith("% |") for row in rows)
+    assert all(0 < float(row[7]) and row[8].endswith("%") for row in rows)
+    assert all(0 < float(row[9].removesuffix("% |")) <= 100 for row in rows)  # the device ran batches
     assert lines[-1].startswith("(") and lines[-1].endswith(" s)")
