@@ -224,6 +224,8 @@ class MicroBatcher:
         self._task: asyncio.Task[None] | None = None
         self._on_device: list[_Batch] = []  # the running batch, and the next one when handed over early
         self._durations: dict[tuple[Kind, int], float] = {}  # running estimate per kind and batch size
+        self._window: _Batch | None = None  # the running batch, while the next may be handed over early
+        self._window_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._stalled: ServiceError | None = None  # set while a hung pass holds the device (abandon)
         self._batch_seconds = 0.0  # running estimate, for Retry-After
@@ -270,6 +272,7 @@ class MicroBatcher:
         end = loop.time() + timeout_s
         while not self.idle and loop.time() < end:
             await asyncio.sleep(0.005)
+        self._close_window()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -353,8 +356,8 @@ class MicroBatcher:
             raise self._stalled
         length = len(tokens) if tokens is not None else 0
         item = _Item(kind, image, tokens, length, deadline, now, time.perf_counter(), loop.create_future(), ticket)
+        item.timer = loop.call_at(deadline, self._on_deadline, item)  # before: enqueueing may hand it over
         self._enqueue(item)
-        item.timer = loop.call_at(deadline, self._on_deadline, item)
         if gone is not None:
             gone.add_done_callback(partial(self._on_gone, item))
         try:
@@ -372,6 +375,8 @@ class MicroBatcher:
         lane.live += 1
         item.ticket._move("queue")
         self._wakeup.set()
+        if self._window is not None:
+            self._hand_over_early()
 
     def _on_deadline(self, item: _Item) -> None:
         if item.state is _State.QUEUED:
@@ -403,6 +408,9 @@ class MicroBatcher:
 
     async def _dispatch_forever(self) -> None:
         while True:
+            if self._on_device:  # a batch handed over early, while the one before it ran
+                await self._finish(self._on_device[0])
+                continue
             lane = self._oldest_lane()
             if lane is None:
                 self._wakeup.clear()
@@ -413,11 +421,8 @@ class MicroBatcher:
             if self.gather_s > 0:
                 await self._gather(lane)
             stage = self._take(lane)
-            batch = self._submit(lane, stage) if stage is not None else None
-            while batch is not None:  # batches handed over before the one ahead of them ended
-                following = await self._look_ahead(batch) if self.lookahead_s > 0 else None
-                await self._finish(batch)
-                batch = following
+            if stage is not None:
+                self._submit(lane, stage)
 
     def _oldest_lane(self) -> _Lane | None:
         live = [lane for lane in self._lanes.values() if lane.live]
@@ -442,34 +447,49 @@ class MicroBatcher:
             except TimeoutError:
                 return
 
-    async def _look_ahead(self, batch: _Batch) -> _Batch | None:
-        """Hand the next batch to the inference thread lookahead_s before `batch` is expected to end.
+    def _arm(self, batch: _Batch) -> None:
+        """Open the early hand-over window lookahead_s before `batch`, now running, is expected to end.
 
         Otherwise the device waits, between two batches, for the event loop to hear that one ended,
-        take the next and wake the inference thread. Handed over early, the next batch is already
-        in the thread's queue when this one returns. It takes what is queued when the window opens,
-        as it would take it at the end: items queued later wait for the batch after, so the window
-        is kept short. A batch size not run yet has no estimate: no early hand-over."""
+        take the next and wake the inference thread; and a loop busy decoding a run of requests
+        hears it late. Handed over early, the next batch is already in the inference thread's queue
+        when this one returns. It takes what is queued when the window opens, or the first request
+        queued after, as it would at the end: an item queued later waits for the batch after, so
+        the window is kept short. A batch size not run yet has no estimate: no window."""
         estimate = self.expected_seconds(batch.lane.kind, len(batch.stage.items))
         if estimate is None:
-            return None
-        while not batch.future.done():
-            started = batch.stamps.started if batch.stamps.started is not None else time.perf_counter()
-            early = started + estimate - self.lookahead_s - time.perf_counter()
-            if early > 0:
-                await asyncio.wait((batch.future,), timeout=early)
-                continue
-            lane = self._oldest_lane()
-            if lane is not None:
-                stage = self._take(lane)
-                if stage is not None:
-                    return self._submit(lane, stage)
-                continue  # every item there had expired or gone
-            self._wakeup.clear()
-            queued = asyncio.ensure_future(self._wakeup.wait())
-            await asyncio.wait((batch.future, queued), return_when=asyncio.FIRST_COMPLETED)
-            queued.cancel()
-        return None
+            return
+        started = batch.stamps.started if batch.stamps.started is not None else time.perf_counter()
+        delay = max(0.0, started + estimate - self.lookahead_s - time.perf_counter())
+        self._window_timer = asyncio.get_running_loop().call_later(delay, self._open_window, batch)
+
+    def _open_window(self, batch: _Batch) -> None:
+        self._window_timer = None
+        if self._on_device == [batch] and not batch.future.done():
+            self._window = batch
+            self._hand_over_early()
+
+    def _hand_over_early(self) -> None:
+        """The next batch to the inference thread, behind the running one (window open, work queued)."""
+        running = self._window
+        if running is None or running.future.done() or self._on_device != [running] or self._closing_down():
+            return
+        lane = self._oldest_lane()
+        if lane is None:
+            return
+        stage = self._take(lane)
+        if stage is not None:
+            self._window = None
+            self._submit(lane, stage)
+
+    def _close_window(self) -> None:
+        self._window = None
+        if self._window_timer is not None:
+            self._window_timer.cancel()
+            self._window_timer = None
+
+    def _closing_down(self) -> bool:
+        return self._task is None or self._task.done()
 
     def _take(self, lane: _Lane) -> _Stage | None:
         """The lane's next batch: live items only, topped up from the overflow; a free buffer fills next."""
@@ -512,6 +532,8 @@ class MicroBatcher:
         batch = _Batch(lane, stage, future, stamps, submitted)
         self._on_device.append(batch)
         self._refill(lane, lane.filling, loop.time())  # collate the next batch while this one runs
+        if self.lookahead_s > 0 and len(self._on_device) == 1:
+            self._arm(batch)
         return batch
 
     def _run_batch(
@@ -536,6 +558,9 @@ class MicroBatcher:
         # Not in a `finally`: a dispatcher cancelled at shutdown leaves the batch listed, so that
         # stop() answers its requests.
         self._on_device.remove(batch)
+        self._close_window()
+        if self._on_device and self.lookahead_s > 0:  # the batch handed over early runs now
+            self._arm(self._on_device[0])
         started = batch.stamps.started if batch.stamps.started is not None else batch.submitted
         elapsed = (batch.stamps.ended if batch.stamps.ended is not None else time.perf_counter()) - started
         self._batch_seconds += _EWMA * (elapsed - self._batch_seconds)

@@ -62,6 +62,8 @@ async def frontend_lifespan(app: FastAPI) -> AsyncIterator[None]:
     link = state.link
     assert link is not None
     state.decode_pool = start_decode_pool(state.settings)
+    # Front-ends are for a GPU host: their pools decode in parallel on the cores the device leaves.
+    state.inline_under_load = state.settings.decodes_inline_under_load(on_cuda=True)
     manifest = await _link_up(link, state.settings)
     state.manifest = manifest
     state.decoder = Decoder(state.settings, manifest)

@@ -66,6 +66,7 @@ def start(state: AppState) -> None:
     state.worker = InferenceWorker(settings.intra_op_threads(on_cuda=device.type == "cuda"))
     state.worker.start()
     state.decode_pool = start_decode_pool(settings)
+    state.inline_under_load = settings.decodes_inline_under_load(on_cuda=device.type == "cuda")
     state.startup_task = asyncio.create_task(_bring_up(state, device), name="startup")
 
 
@@ -156,7 +157,8 @@ async def _phases(state: AppState, device: torch.device) -> None:
     state.phase = Phase.SELF_CHECK
     await _timed(state, "selfcheck", _on_worker(state, engine.self_check))
 
-    stages = stages_per_kind(settings.lookahead_ms / 1000)
+    lookahead_s = settings.lookahead_s(on_cuda=device.type == "cuda")
+    stages = stages_per_kind(lookahead_s)
     buffers = await _on_worker(state, _staging_buffers, engine, settings.max_batch_size, stages)
     state.decoder = Decoder(settings, manifest)
     state.monitor = HealthMonitor(
@@ -174,7 +176,7 @@ async def _phases(state: AppState, device: torch.device) -> None:
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_ms / 1000,
         gather_s=settings.gather_ms / 1000,
-        lookahead_s=settings.lookahead_ms / 1000,
+        lookahead_s=lookahead_s,
         max_queue=settings.max_queue,
         metrics=metrics,
         on_batch=state.monitor.batch_done,

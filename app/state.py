@@ -77,6 +77,7 @@ class Serving(NamedTuple):
     decoder: Decoder
     batcher: Batcher[Any]
     decode_pool: ThreadPoolExecutor
+    inline_under_load: bool  # cheap requests decode on the event loop whatever else is in the server
 
 
 @dataclass(eq=False)
@@ -95,6 +96,7 @@ class AppState:
     decoder: Decoder | None = None
     batcher: Batcher[Any] | None = None
     decode_pool: ThreadPoolExecutor | None = None
+    inline_under_load: bool = False  # Settings.decodes_inline_under_load, resolved for this process
     monitor: HealthMonitor | None = None
     # --frontends N, in the device process: what to start, the started front-ends, their link.
     frontend_plan: FrontendPlan | None = None
@@ -148,7 +150,15 @@ class AppState:
         ):
             reason = self.liveness() or "the model is still loading"
             raise NotReady(f"not ready: {reason}", retry_after_s=self.settings.retry_after_s)
-        return Serving(self.settings, self.metrics, self.manifest, self.decoder, self.batcher, self.decode_pool)
+        return Serving(
+            self.settings,
+            self.metrics,
+            self.manifest,
+            self.decoder,
+            self.batcher,
+            self.decode_pool,
+            self.inline_under_load,
+        )
 
     def begin_drain(self) -> None:
         self.draining = True

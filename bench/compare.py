@@ -15,12 +15,14 @@ space-separated within one --a/--b value. `--a-root` runs variant A from another
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench import loadgen
 from bench.payloads import MixSpec, build_mix, build_pictures, write_requests
 from bench.server import ROOT, Sample, Server, diff, start_server, total
 from bench.suite import resolve_model
@@ -43,6 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--open-share",
+        type=float,
+        help="then Poisson arrivals at this share of A's best closed-loop throughput (0.8: the report's target)",
+    )
+    parser.add_argument("--open-seconds", type=float, default=8.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare")
     args = parser.parse_args(argv)
     if wrk_path() is None:
@@ -70,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, flags in variants.items()
     }
     results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
+    open_results: dict[str, list[tuple[float, float]]] = {}  # p50, p99 per repeat
     try:
         for name, server in servers.items():
             run_wrk(server.port, requests_file, max(concurrencies), 2)  # warm
@@ -90,6 +99,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"  #{repeat} {name} c={concurrency}: {w.throughput:.1f} req/s, "
                         f"p50 {w.p50_s * 1e3:.1f} ms, p99 {w.p99_s * 1e3:.1f} ms, device busy {busy:.1%}"
                     )
+        if args.open_share:
+            saturation = max(statistics.median(run[0] for run in results[("A", c)]) for c in concurrencies)
+            rate = args.open_share * saturation
+            for repeat in range(args.repeats):
+                for name, server in servers.items():
+                    opened = open_run(server, [p.request() for p in payloads], rate, args.open_seconds, repeat)
+                    open_results.setdefault(name, []).append(opened)
+                    p50, p99 = opened
+                    print(
+                        f"  #{repeat} {name} open loop at {rate:.0f}/s: p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms"
+                    )
     finally:
         for server in servers.values():
             server.stop()
@@ -107,7 +127,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"| {concurrency} | {a[0]:.1f} | {b[0]:.1f} | {b[0] / a[0]:.2f} | {paired:.2f} | {a[1] * 1e3:.1f} | "
             f"{b[1] * 1e3:.1f} | {a[2] * 1e3:.1f} | {b[2] * 1e3:.1f} | {a[3]:.1%} | {b[3]:.1%} |"
         )
+    if open_results:
+        a_p50, a_p99 = (statistics.median(v) for v in zip(*open_results["A"], strict=True))
+        b_p50, b_p99 = (statistics.median(v) for v in zip(*open_results["B"], strict=True))
+        print(
+            f"\nopen loop at {args.open_share:g} x A's best closed-loop throughput ({rate:.0f}/s), medians of "
+            f"{args.repeats}: p50 {a_p50 * 1e3:.1f} / {b_p50 * 1e3:.1f} ms, p99 {a_p99 * 1e3:.1f} / {b_p99 * 1e3:.1f} "
+            f"ms (A / B); p99 B/A {b_p99 / a_p99:.2f}"
+        )
     return 0
+
+
+def open_run(server: Server, requests: list[bytes], rate: float, seconds: float, seed: int) -> tuple[float, float]:
+    """Poisson arrivals (bench.loadgen), latency from each intended send time: p50 and p99 seconds of
+    the 200s, an unanswered request counted as infinitely late, as in the report."""
+    run = loadgen.run_async(lambda: loadgen.open_loop("127.0.0.1", server.port, requests, rate, seconds, seed=seed))
+    latencies = run.ok_latencies() + [math.inf] * run.unanswered
+    return loadgen.percentile(latencies, 50), loadgen.percentile(latencies, 99)
 
 
 def device_busy_share(server: Server, before: dict[Sample, float], elapsed_s: float) -> float:

@@ -65,12 +65,12 @@ async def decode_request(serving: Serving, route: str, decode: Decode, body: byt
     body, an image of few pixels by its header): then nobody waits on the loop meanwhile, and the
     pool's hand-off there and back costs more than such a decode (0.5 ms against 0.15-0.4 ms).
 
-    With --inline-decode-under-load, a cheap request decodes here whatever else is in the server:
-    under load the pool's queue and hand-offs took a 0.3 ms decode 5.4 ms (median), and a request
-    that misses its batch that way waits a whole batch more."""
+    Where the model runs on the CPU (Settings.decodes_inline_under_load), a cheap request decodes
+    here whatever else is in the server: under load the pool's queue and hand-offs took a 0.3 ms
+    decode 5.4 ms (median), and a request that misses its batch that way waits a whole batch more."""
     settings, batcher = serving.settings, serving.batcher
     alone = batcher.admitted == 1 and batcher.idle
-    if (alone or settings.inline_decode_under_load) and len(body) <= settings.inline_decode_bytes:
+    if (alone or serving.inline_under_load) and len(body) <= settings.inline_decode_bytes:
         here = True
         try:
             return decode(body, boundary, settings.inline_decode_pixels)

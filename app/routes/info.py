@@ -19,7 +19,9 @@ from app.schemas import BatchingInfo, InfoResponse, LimitsInfo, ModelInfo, error
 from app.state import AppState
 
 # Batching fields whose value in force is not the setting as given.
-_COMPUTED_BATCHING_FIELDS = frozenset({"decode_workers", "decode_nice", "call_cost_tokens"})
+_COMPUTED_BATCHING_FIELDS = frozenset(
+    {"decode_workers", "decode_nice", "call_cost_tokens", "inline_decode_under_load", "lookahead_ms"}
+)
 
 router = APIRouter(tags=["info"])
 
@@ -69,6 +71,8 @@ def build_info(state: AppState) -> InfoResponse | None:
             **settings.model_dump(include=set(BatchingInfo.model_fields) - _COMPUTED_BATCHING_FIELDS),
             decode_workers=settings.decode_threads(),
             decode_nice=decode_nice_in_force(settings),
+            inline_decode_under_load=state.inline_under_load,
+            lookahead_ms=settings.lookahead_s(on_cuda=engine.device.type == "cuda") * 1000,
             call_cost_tokens={
                 kind.value: None if math.isinf(cost) else round(cost, 1)
                 for kind, cost in engine.call_cost_tokens.items()

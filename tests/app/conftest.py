@@ -135,8 +135,16 @@ async def until(condition: Any, timeout_s: float = 10, interval_s: float = 0.005
 
 
 def settings_for(package: Path, **overrides: Any) -> Settings:
-    """Test settings: small batches, fast startup."""
-    values: dict[str, Any] = {"model": package, "max_batch_size": 8, "decode_workers": 2, "threads": 1}
+    """Test settings: small batches, fast startup; the next batch handed over when the device frees
+    (no --lookahead-ms), so that what is queued while a batch runs forms the next batch whatever a
+    probe batch's duration (tests of the lookahead set it)."""
+    values: dict[str, Any] = {
+        "model": package,
+        "max_batch_size": 8,
+        "decode_workers": 2,
+        "threads": 1,
+        "lookahead_ms": 0,
+    }
     values.update(overrides)
     return Settings(**values)
 

@@ -105,10 +105,14 @@ def test_a_lone_cheap_request_decodes_on_the_loop_with_the_same_answer(tiny_pack
     run(body())
 
 
-@pytest.mark.parametrize("under_load", [False, True])
-def test_a_request_arriving_while_another_runs_decodes_in_the_pool(probe_package: Path, under_load: bool) -> None:
+@pytest.mark.parametrize(("setting", "under_load"), [(False, False), (True, True), (None, True)])
+def test_a_request_arriving_while_another_runs_decodes_on_the_loop_on_a_cpu(
+    probe_package: Path, setting: bool | None, under_load: bool
+) -> None:
+    """By default (None) on the CPU, and with the setting on: on the loop; with it off: in the pool."""
+
     async def body() -> None:
-        async with serve(settings_for(probe_package, inline_decode_under_load=under_load)) as served:
+        async with serve(settings_for(probe_package, inline_decode_under_load=setting)) as served:
             batcher = served.batcher
             assert batcher is not None
             slow = asyncio.ensure_future(served.client.post("/predict", **form(picture(), "#" * 60)))

@@ -19,6 +19,23 @@ def test_defaults() -> None:
     assert settings.intra_op_threads(on_cuda=False) == max(1, available_cores() // 2)
     assert settings.intra_op_threads(on_cuda=True) == 1
     assert settings.decode_threads() == min(available_cores(), 4)
+    # Cheap requests decode on the event loop under load where the model runs on the CPU only, and
+    # there the next batch is handed over 2 ms early, so that the device does not wait on the loop.
+    assert (settings.decodes_inline_under_load(on_cuda=False), settings.decodes_inline_under_load(on_cuda=True)) == (
+        True,
+        False,
+    )
+    assert (settings.lookahead_s(on_cuda=False), settings.lookahead_s(on_cuda=True)) == (0.002, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"), [("--inline-decode-under-load", True), ("--no-inline-decode-under-load", False)]
+)
+def test_inline_decode_under_load_as_set_holds_on_either_device(flag: str, expected: bool) -> None:
+    settings = CliApp.run(Settings, cli_args=[flag])
+    assert [settings.decodes_inline_under_load(on_cuda=cuda) for cuda in (False, True)] == [expected, expected]
+    assert [settings.lookahead_s(on_cuda=cuda) for cuda in (False, True)] == [0.002 if expected else 0.0] * 2
+    assert CliApp.run(Settings, cli_args=[flag, "--lookahead-ms", "0"]).lookahead_s(on_cuda=False) == 0.0
 
 
 def test_robustness_defaults() -> None:

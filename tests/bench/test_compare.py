@@ -47,3 +47,16 @@ def test_a_root_without_the_service_is_refused(
 def test_the_paired_ratio_is_the_median_of_each_repeats_own_ratio() -> None:
     """Repeats 1.2, 0.9 and 1.0: median 1.0, where the medians' ratio says 180/200 = 0.9."""
     assert paired_ratio([100.0, 200.0, 400.0], [120.0, 180.0, 400.0]) == 1.0
+
+
+def test_the_open_loop_runs_at_a_share_of_as_best_throughput(
+    tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--model", str(tiny_package), "--b", "--lookahead-ms 2", "--out", str(tmp_path / "out"), *QUICK]
+    assert main([*argv, "--open-share", "0.5", "--open-seconds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    closed = float(lines[-3].split(" | ")[1])  # A's req/s at concurrency 1, the only one
+    assert lines[-1].startswith(
+        f"open loop at 0.5 x A's best closed-loop throughput ({0.5 * closed:.0f}/s), medians of 1:"
+    )
+    assert lines[-1].split("p99 B/A ")[1].replace(".", "").isdigit()
