@@ -621,8 +621,8 @@ def write_report(results: Results, out: Path) -> Path:
         f"- service: `python -m app {' '.join(settings['server_args'])}` → {settings['threads']} intra-op "
         f"thread(s), {settings['decode_workers']} decode workers at nice +{settings.get('decode_nice', 0)}, "
         f"graph {graph_description(settings)}, max batch {settings['max_batch_size']}, max wait "
-        f"{settings['max_wait_ms']} ms, max queue {settings['max_queue']}; baseline adds "
-        f"`{' '.join(settings['unbatched_args'])}`",
+        f"{settings['max_wait_ms']} ms, max queue {settings['max_queue']}{decode_and_lookahead(settings)}; "
+        f"baseline adds `{' '.join(settings['unbatched_args'])}`",
         f"- plan: budget {plan['budget_s']:.0f} s; closed loop {plan['run_s']:.1f} s per run x {plan['repeats']} "
         f"repeats; open loop {plan['open_s']:.1f} s per rate (+ up to {plan['drain_s']:.1f} s drain); in-process "
         f"{plan['inprocess_repeats']} repeats, pipeline {plan['pipeline_s']:.1f} s x {plan['pipeline_repeats']}",
@@ -859,6 +859,15 @@ def recheck_sentence(ceiling: dict[str, Any]) -> str:
         " before them, since the machine's speed drifts during a run: the targets are the medians of those"
         " per-repeat ratios and differences, the tables' figures medians over all measurements."
     )
+
+
+def decode_and_lookahead(settings: dict[str, Any]) -> str:
+    """Where cheap requests decode under load, and how early the next batch is handed over (results
+    from before these settings have neither)."""
+    if "inline_decode_under_load" not in settings:
+        return ""
+    where = "on the event loop" if settings["inline_decode_under_load"] else "in the pool"
+    return f", cheap requests decoded {where} under load, next batch handed over {settings['lookahead_ms']:g} ms early"
 
 
 def graph_description(settings: dict[str, Any]) -> str:

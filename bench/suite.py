@@ -557,7 +557,8 @@ def run(
     starts: list[dict[str, Any]] = []
     batched = start_server("batched", model_dir, list(server_args), out)
     starts.append(start_record("batched", batched))
-    served_graph_optimized = bool(batched.info()["graph_optimized"])  # on a CUDA host: as loaded
+    served_info = batched.info()
+    served_graph_optimized = bool(served_info["graph_optimized"])  # on a CUDA host: as loaded
     unbatched = start_server("unbatched", model_dir, unbatched_args, out)
     starts.append(start_record("unbatched", unbatched))
     rss_ready = {"batched": batched.rss_bytes(), "unbatched": unbatched.rss_bytes()}
@@ -649,6 +650,9 @@ def run(
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
             "max_queue": settings.max_queue,
+            # Their defaults depend on the device: the values the service reports it runs with.
+            "inline_decode_under_load": served_info["batching"]["inline_decode_under_load"],
+            "lookahead_ms": served_info["batching"]["lookahead_ms"],
             "generator": generator,
         },
         "plan": asdict(plan),

@@ -16,7 +16,13 @@ import pytest
 from bench import suite
 from bench.inprocess import best_by_median, ceiling_batch, contenders_of
 from bench.payloads import MixSpec, build_mix, memory_rotation
-from bench.report import connection_error_sentence, contender_sentence, graph_description, targets
+from bench.report import (
+    connection_error_sentence,
+    contender_sentence,
+    decode_and_lookahead,
+    graph_description,
+    targets,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MIX = MixSpec(slots=40, scenes_per_side=1, photo=(800, 600))
@@ -93,6 +99,18 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
     # The ceilings ran the module the service serves: the tiny model's graph, frozen and optimized.
     assert results["settings"]["graph_optimized"] is True and "graph frozen and optimized" in text
     assert results["settings"]["ceiling_graph_optimized"] is True  # from the served /info, and in-process
+    # The device-dependent defaults, as the service reports them: on this CPU, decoding on the loop.
+    assert (results["settings"]["inline_decode_under_load"], results["settings"]["lookahead_ms"]) == (True, 2.0)
+    assert "cheap requests decoded on the event loop under load, next batch handed over 2 ms early" in text
+
+
+def test_results_from_before_the_device_dependent_defaults_describe_no_decoding() -> None:
+    assert decode_and_lookahead({"max_queue": 256}) == ""
+    pool = {"inline_decode_under_load": False, "lookahead_ms": 0.0}
+    assert (
+        decode_and_lookahead(pool)
+        == ", cheap requests decoded in the pool under load, next batch handed over 0 ms early"
+    )
 
 
 def test_the_report_says_when_the_ceilings_ran_another_graph() -> None:
