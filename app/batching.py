@@ -8,8 +8,8 @@
                 filling buffer, up to max_batch_size rows, to the inference thread; the lane's
                 other buffer starts filling at once (double buffering: the next batch is
                 collated while this one runs); with `lookahead_s`, the next batch is handed to
-                the inference thread that long before the running one is expected to end, and
-                a third buffer fills meanwhile
+                the inference thread that long before the running one is expected to end (from
+                then on its items count as running), and a third buffer fills meanwhile
 
 No added wait when idle (a request dispatches alone at once), full batches under load (the queue
 fills while the device is busy); `max_wait_s` optionally holds an idle device for a fuller batch.
@@ -20,7 +20,8 @@ wait a whole batch for the next one, which is most of the tail under load. With 
 Texts are padded to the longest in their batch, never to the model's maximum.
 
 A request whose deadline passes while queued is answered 504 at its deadline and never runs; a
-request whose client disconnects is dropped the same way; both are checked once more at dispatch.
+request whose client disconnects is dropped the same way; both are checked once more when its
+batch is taken (at the end of the batch before it, or, with `lookahead_s`, just before).
 Each batch comes back as one result per row, in row order, and row i is delivered to item i.
 
 The health monitor (app.health) hears whether each batch answered anything (`on_batch`), and when
@@ -178,6 +179,15 @@ class _Batch:
     future: asyncio.Future[list[RowResult]]
     stamps: _Stamps
     submitted: float  # time.perf_counter()
+    shape: tuple[Kind, int, int]  # what its duration is estimated by (`_shape_of`)
+    abandoned: bool = False  # failed by `abandon`: its duration says nothing of the next batch's
+
+
+def _shape_of(kind: Kind, stage: _Stage) -> tuple[Kind, int, int]:
+    """Kind, batch size, and the padded text length rounded up to a power of two: a batch of long
+    texts runs several times longer than one of short texts of the same size."""
+    longest = stage.longest if kind.needs_text else 0
+    return kind, len(stage.items), 1 << (longest - 1).bit_length() if longest else 0
 
 
 def stages_per_kind(lookahead_s: float) -> int:
@@ -186,8 +196,7 @@ def stages_per_kind(lookahead_s: float) -> int:
     return 3 if lookahead_s > 0 else 2
 
 
-def _lane(kind: Kind, buffers: Sequence[StageBuffers], early: bool) -> _Lane:
-    needed = stages_per_kind(1.0 if early else 0.0)
+def _lane(kind: Kind, buffers: Sequence[StageBuffers], needed: int) -> _Lane:
     if len(buffers) < needed:
         raise ValueError(f"{kind.value} has {len(buffers)} batch buffers, {needed} are needed")
     first, *rest = (_Stage(*pair) for pair in buffers)
@@ -214,16 +223,17 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.gather_s = gather_s
-        self.lookahead_s = lookahead_s
+        self._lookahead_s = lookahead_s  # read-only: the buffer count depends on it
         self.max_queue = max_queue
         self.metrics = metrics
         self.on_batch = on_batch  # called after each batch: did any item get an answer?
         self.admitted = 0  # tickets held: decoding + queued
-        self._lanes = {kind: _lane(kind, stages, lookahead_s > 0) for kind, stages in buffers.items()}
+        needed = stages_per_kind(lookahead_s)
+        self._lanes = {kind: _lane(kind, stages, needed) for kind, stages in buffers.items()}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._on_device: list[_Batch] = []  # the running batch, and the next one when handed over early
-        self._durations: dict[tuple[Kind, int], float] = {}  # running estimate per kind and batch size
+        self._durations: dict[tuple[Kind, int, int], float] = {}  # running estimate per `_shape_of`
         self._window: _Batch | None = None  # the running batch, while the next may be handed over early
         self._window_timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -257,9 +267,14 @@ class MicroBatcher:
         """Items on the device now, or handed to it to run next."""
         return sum(len(batch.stage.items) for batch in self._on_device)
 
-    def expected_seconds(self, kind: Kind, size: int) -> float | None:
-        """How long a batch of `size` items of `kind` is expected to run (None: none has run yet)."""
-        return self._durations.get((kind, size))
+    @property
+    def lookahead_s(self) -> float:
+        return self._lookahead_s
+
+    def expected_seconds(self, kind: Kind, size: int, longest_text: int = 0) -> float | None:
+        """How long a batch of `size` items of `kind`, texts padded to `longest_text` tokens, is
+        expected to run (None: no such batch has run yet)."""
+        return self._durations.get((kind, size, 1 << (longest_text - 1).bit_length() if longest_text else 0))
 
     @property
     def idle(self) -> bool:
@@ -294,6 +309,7 @@ class MicroBatcher:
         they get `queued` the moment they would be queued."""
         self._stalled = queued
         for batch in self._on_device:
+            batch.abandoned = True
             # A batch handed over early waits behind the hung one: it never ran, so it is queued work.
             error = running if batch.stamps.started is not None else queued
             for item in batch.stage.items:
@@ -357,7 +373,14 @@ class MicroBatcher:
         length = len(tokens) if tokens is not None else 0
         item = _Item(kind, image, tokens, length, deadline, now, time.perf_counter(), loop.create_future(), ticket)
         item.timer = loop.call_at(deadline, self._on_deadline, item)  # before: enqueueing may hand it over
-        self._enqueue(item)
+        try:
+            self._enqueue(item)
+        except BaseException:
+            lane = self._lanes[kind]
+            if item.state is _State.QUEUED and item not in lane.filling.items and item not in lane.overflow:
+                item.timer.cancel()  # never queued: its deadline must not drop what was never counted
+                item.state = _State.DROPPED
+            raise
         if gone is not None:
             gone.add_done_callback(partial(self._on_gone, item))
         try:
@@ -425,7 +448,7 @@ class MicroBatcher:
                 self._submit(lane, stage)
 
     def _oldest_lane(self) -> _Lane | None:
-        live = [lane for lane in self._lanes.values() if lane.live]
+        live = [lane for lane in self._lanes.values() if lane.live > 0]
         return min(live, key=_Lane.oldest) if live else None
 
     async def _linger(self, lane: _Lane) -> None:
@@ -455,12 +478,15 @@ class MicroBatcher:
         hears it late. Handed over early, the next batch is already in the inference thread's queue
         when this one returns. It takes what is queued when the window opens, or the first request
         queued after, as it would at the end: an item queued later waits for the batch after, so
-        the window is kept short. A batch size not run yet has no estimate: no window."""
-        estimate = self.expected_seconds(batch.lane.kind, len(batch.stage.items))
+        the window is kept short. A batch shape not run yet has no estimate: no window."""
+        estimate = self._durations.get(batch.shape)
         if estimate is None:
             return
         started = batch.stamps.started if batch.stamps.started is not None else time.perf_counter()
-        delay = max(0.0, started + estimate - self.lookahead_s - time.perf_counter())
+        # Never before half the batch: a wide window on a short batch would hand over each request
+        # as it arrives, one at a time.
+        opens = started + max(estimate / 2, estimate - self.lookahead_s)
+        delay = max(0.0, opens - time.perf_counter())
         self._window_timer = asyncio.get_running_loop().call_later(delay, self._open_window, batch)
 
     def _open_window(self, batch: _Batch) -> None:
@@ -470,12 +496,16 @@ class MicroBatcher:
             self._hand_over_early()
 
     def _hand_over_early(self) -> None:
-        """The next batch to the inference thread, behind the running one (window open, work queued)."""
-        running = self._window
-        if running is None or running.future.done() or self._on_device != [running] or self._closing_down():
+        """The next batch to the inference thread, behind the running one (window open, work queued).
+        With gather_s, not while requests are still decoding (unless the batch is full): at the end
+        of the running batch the dispatcher gathers them as it would without the window."""
+        ahead = self._window
+        if ahead is None or ahead.future.done() or self._on_device != [ahead] or self._closing_down():
             return
         lane = self._oldest_lane()
         if lane is None:
+            return
+        if self.gather_s > 0 and self.decoding > 0 and lane.live < self.max_batch_size:
             return
         stage = self._take(lane)
         if stage is not None:
@@ -523,18 +553,17 @@ class MicroBatcher:
             if self._still_wanted(item, now):
                 stage.add(item)
 
-    def _submit(self, lane: _Lane, stage: _Stage) -> _Batch:
+    def _submit(self, lane: _Lane, stage: _Stage) -> None:
         loop = asyncio.get_running_loop()
         images, tokens = stage.views()
         stamps = _Stamps()
         submitted = time.perf_counter()
         future = loop.run_in_executor(self._executor, self._run_batch, stamps, lane.kind, images, tokens)
-        batch = _Batch(lane, stage, future, stamps, submitted)
+        batch = _Batch(lane, stage, future, stamps, submitted, _shape_of(lane.kind, stage))
         self._on_device.append(batch)
         self._refill(lane, lane.filling, loop.time())  # collate the next batch while this one runs
         if self.lookahead_s > 0 and len(self._on_device) == 1:
             self._arm(batch)
-        return batch
 
     def _run_batch(
         self, stamps: _Stamps, kind: Kind, images: ByteArray | None, tokens: TokenArray | None
@@ -550,11 +579,13 @@ class MicroBatcher:
     async def _finish(self, batch: _Batch) -> None:
         lane, stage = batch.lane, batch.stage
         count = len(stage.items)
+        timed = not batch.abandoned  # a hung pass's duration would hold the next windows shut
         try:
             results: Sequence[RowResult] = await batch.future
         except Exception:  # the engine isolates model errors; this is the worker itself failing
             log.exception("a %s batch of %d could not run", lane.kind.value, count)
             results = [ModelFailure("the model could not run") for _ in range(count)]
+            timed = False
         # Not in a `finally`: a dispatcher cancelled at shutdown leaves the batch listed, so that
         # stop() answers its requests.
         self._on_device.remove(batch)
@@ -564,9 +595,9 @@ class MicroBatcher:
         started = batch.stamps.started if batch.stamps.started is not None else batch.submitted
         elapsed = (batch.stamps.ended if batch.stamps.ended is not None else time.perf_counter()) - started
         self._batch_seconds += _EWMA * (elapsed - self._batch_seconds)
-        key = (lane.kind, count)
-        previous = self._durations.get(key, elapsed)
-        self._durations[key] = previous + _EWMA * (elapsed - previous)
+        if timed and not batch.abandoned:
+            previous = self._durations.get(batch.shape, elapsed)
+            self._durations[batch.shape] = previous + _EWMA * (elapsed - previous)
         self.metrics.batch_size.labels(lane.kind.value).observe(count)
         self.metrics.batch_duration.labels(lane.kind.value).observe(elapsed)
         for item in stage.items:  # until the batch began on the device, behind any batch ahead of it

@@ -339,8 +339,10 @@ class Settings(BaseSettings):
             return self.lookahead_ms / 1000
         # A loop decoding a run of requests hears late that a batch ended: the device waited behind
         # those decodes for its next batch (busy 82 % of the time against 97 % at concurrency 32).
-        # Handed over early, the next batch does not wait on the loop.
-        return LOOKAHEAD_WITH_INLINE_DECODE_MS / 1000 if self.decodes_inline_under_load(on_cuda) else 0.0
+        # Handed over early, the next batch does not wait on the loop. Not measured on a GPU yet.
+        if on_cuda or not self.decodes_inline_under_load(on_cuda):
+            return 0.0
+        return LOOKAHEAD_WITH_INLINE_DECODE_MS / 1000
 
     def decode_threads(self) -> int:
         return self.decode_workers if self.decode_workers is not None else min(available_cores(), 4)

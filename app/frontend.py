@@ -67,7 +67,9 @@ async def frontend_lifespan(app: FastAPI) -> AsyncIterator[None]:
     manifest = await _link_up(link, state.settings)
     state.manifest = manifest
     state.decoder = Decoder(state.settings, manifest)
-    state.batcher = RemoteBatcher(link, state.settings.max_queue, state.settings.max_batch_size, state.metrics)
+    # The device may run a batch and hold the next one handed over early (--lookahead-ms): two batches.
+    running = 2 * state.settings.max_batch_size
+    state.batcher = RemoteBatcher(link, state.settings.max_queue, running, state.metrics)
     link.announce_serving()
     state.phase = Phase.READY
     log.info("serving %s %s through the device process", manifest.name, manifest.version)

@@ -229,9 +229,9 @@ class RemoteBatcher:
         self._link = link
         self.max_queue = max_queue
         # This process counts its items until their answers are back, and cannot tell when one starts
-        # running on the device, where running items no longer count against the bound. At most a
-        # batch runs at once, so its own bound allows that many more: it never refuses a request the
-        # device would take. The replica's bound is the device's (`queue_full`).
+        # running on the device, where running items no longer count against the bound. Its own
+        # bound allows `max_running` more (the batches that can be on the device at once): it never
+        # refuses a request the device would take. The replica's bound is the device's (`queue_full`).
         self._local_bound = max_queue + max_running
         self.metrics = metrics
         self.admitted = 0

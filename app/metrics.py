@@ -72,7 +72,7 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "fusion_queue_wait_seconds",
-            "Time from joining the batch queue to starting on the device",
+            "Time from joining the batch queue to starting on the device (observed when the batch returns)",
             ["kind"],
             buckets=LATENCY_BUCKETS,
             registry=r,

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 
 from app.batching import _Item, _Stage
 from app.items import Kind
@@ -425,20 +426,20 @@ def test_gather_adds_no_wait_when_nothing_is_decoding(probe_package: Path) -> No
 
 def test_the_next_batch_is_handed_to_the_device_before_the_running_one_ends(probe_package: Path) -> None:
     """With lookahead_ms, a request queued behind a slow batch is handed to the inference thread
-    lookahead_ms before that batch is expected to end (here half its measured duration: not at
-    once), so that it starts the moment the device frees; from then it counts as running, and it
-    gets its own answer. Without, it waits in the queue until the slow batch has ended."""
+    lookahead_ms before that batch is expected to end, but never before half its expected duration
+    (here the lookahead is longer than the batch: the window opens halfway, not at once), so that
+    it starts the moment the device frees; from then it counts as running, and it gets its own
+    answer. Without, it waits in the queue until the slow batch has ended."""
 
     async def most_running(lookahead_ms: float) -> tuple[int, int]:
         async with serve(settings_for(probe_package, lookahead_ms=lookahead_ms)) as served:
             batcher = served.batcher
             assert batcher is not None
-            for _ in range(2):  # times slow batches of one
+            for _ in range(2):  # times slow batches of one (texts of 60 tokens)
                 assert (await post(served, "/predict", picture(), SLOW)).status_code == 200
-            expected = batcher.expected_seconds(Kind.FUSE, 1)
+            expected = batcher.expected_seconds(Kind.FUSE, 1, len(SLOW))
             assert expected is not None and expected > 0.1
-            if lookahead_ms:
-                batcher.lookahead_s = expected / 2
+            assert batcher.expected_seconds(Kind.FUSE, 1, 3) is None  # short texts: another shape
             slow = await hold_the_device(served)
             queued = asyncio.create_task(post(served, "/predict", picture(), "queued"))
             await until(lambda: batcher.queued == 1 or batcher.running == 2)
@@ -454,7 +455,30 @@ def test_the_next_batch_is_handed_to_the_device_before_the_running_one_ends(prob
             return at_first, most
 
     async def body() -> None:
-        assert await most_running(lookahead_ms=1) == (1, 2)  # queued first, handed over before the end
+        assert await most_running(lookahead_ms=1000) == (1, 2)  # queued first, handed over before the end
         assert await most_running(lookahead_ms=0) == (1, 1)
+
+    run(body())
+
+
+def test_an_item_that_cannot_be_staged_leaves_nothing_queued_past_its_deadline(probe_package: Path) -> None:
+    """A fuse item without an image fails to stage (its request gets the error); its deadline timer
+    must not then drop what was never queued, which would leave the lane's count below zero."""
+
+    async def body() -> None:
+        async with serve(settings_for(probe_package)) as served:
+            batcher = served.batcher
+            assert batcher is not None
+            ticket = batcher.admit()
+            deadline = asyncio.get_running_loop().time() + 0.05
+            try:
+                with pytest.raises(AssertionError):
+                    await batcher.run(ticket, Kind.FUSE, None, np.array([104, 105], dtype=np.int64), deadline)
+            finally:
+                ticket.release()
+            await asyncio.sleep(0.15)  # past its deadline
+            assert (batcher.queued, batcher.admitted, batcher.idle) == (0, 0, True)
+            answer = await asyncio.wait_for(post(served, "/predict", picture(), "after it"), 10)
+            assert answer.status_code == 200
 
     run(body())

@@ -34,7 +34,7 @@ def test_defaults() -> None:
 def test_inline_decode_under_load_as_set_holds_on_either_device(flag: str, expected: bool) -> None:
     settings = CliApp.run(Settings, cli_args=[flag])
     assert [settings.decodes_inline_under_load(on_cuda=cuda) for cuda in (False, True)] == [expected, expected]
-    assert [settings.lookahead_s(on_cuda=cuda) for cuda in (False, True)] == [0.002 if expected else 0.0] * 2
+    assert [settings.lookahead_s(on_cuda=cuda) for cuda in (False, True)] == [0.002 if expected else 0.0, 0.0]
     assert CliApp.run(Settings, cli_args=[flag, "--lookahead-ms", "0"]).lookahead_s(on_cuda=False) == 0.0
 
 

@@ -185,6 +185,9 @@ def test_a_batch_handed_over_behind_a_hung_one_is_failed_as_queued(probe_package
             await until(lambda: served.state.liveness() is None, timeout_s=30)
             await until(lambda: batcher.idle)
             assert (await post(served, "/predict", picture(), "after it")).status_code == 200
+            # The hung pass's 2 s did not enter the estimate that opens the next windows.
+            expected = batcher.expected_seconds(Kind.FUSE, 1, len("@hangs"))
+            assert expected is not None and expected < 0.1
 
     run(body())
 
