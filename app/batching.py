@@ -579,13 +579,13 @@ class MicroBatcher:
     async def _finish(self, batch: _Batch) -> None:
         lane, stage = batch.lane, batch.stage
         count = len(stage.items)
-        timed = not batch.abandoned  # a hung pass's duration would hold the next windows shut
+        failed = False
         try:
             results: Sequence[RowResult] = await batch.future
         except Exception:  # the engine isolates model errors; this is the worker itself failing
             log.exception("a %s batch of %d could not run", lane.kind.value, count)
             results = [ModelFailure("the model could not run") for _ in range(count)]
-            timed = False
+            failed = True
         # Not in a `finally`: a dispatcher cancelled at shutdown leaves the batch listed, so that
         # stop() answers its requests.
         self._on_device.remove(batch)
@@ -595,7 +595,7 @@ class MicroBatcher:
         started = batch.stamps.started if batch.stamps.started is not None else batch.submitted
         elapsed = (batch.stamps.ended if batch.stamps.ended is not None else time.perf_counter()) - started
         self._batch_seconds += _EWMA * (elapsed - self._batch_seconds)
-        if timed and not batch.abandoned:
+        if not (failed or batch.abandoned):  # a hung pass's time would hold the next windows shut
             previous = self._durations.get(batch.shape, elapsed)
             self._durations[batch.shape] = previous + _EWMA * (elapsed - previous)
         self.metrics.batch_size.labels(lane.kind.value).observe(count)

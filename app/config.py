@@ -22,7 +22,8 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 MiB = 1 << 20
 # --lookahead-ms where cheap requests decode on the event loop under load: measured against 0 with
-# them on (scenes, 2 cores): 1.15x the throughput at concurrency 32, open-loop p99 0.58x.
+# them on (scenes, 2 cores, two runs): 1.15x and 1.29x the throughput at concurrency 32, open-loop
+# p99 0.58x and 0.88x.
 LOOKAHEAD_WITH_INLINE_DECODE_MS = 2.0
 
 
