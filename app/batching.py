@@ -186,8 +186,11 @@ class _Batch:
 def _shape_of(kind: Kind, stage: _Stage) -> tuple[Kind, int, int]:
     """Kind, batch size, and the padded text length rounded up to a power of two: a batch of long
     texts runs several times longer than one of short texts of the same size."""
-    longest = stage.longest if kind.needs_text else 0
-    return kind, len(stage.items), 1 << (longest - 1).bit_length() if longest else 0
+    return kind, len(stage.items), _length_bucket(stage.longest if kind.needs_text else 0)
+
+
+def _length_bucket(longest: int) -> int:
+    return 1 << (longest - 1).bit_length() if longest else 0
 
 
 def stages_per_kind(lookahead_s: float) -> int:
@@ -274,7 +277,7 @@ class MicroBatcher:
     def expected_seconds(self, kind: Kind, size: int, longest_text: int = 0) -> float | None:
         """How long a batch of `size` items of `kind`, texts padded to `longest_text` tokens, is
         expected to run (None: no such batch has run yet)."""
-        return self._durations.get((kind, size, 1 << (longest_text - 1).bit_length() if longest_text else 0))
+        return self._durations.get((kind, size, _length_bucket(longest_text)))
 
     @property
     def idle(self) -> bool:

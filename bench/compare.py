@@ -62,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = MixSpec() if args.workload == "mixed" else MixSpec().scenes_only()
     payloads = build_mix(spec, manifest.max_text_length, build_pictures(spec))
     args.out.mkdir(parents=True, exist_ok=True)
-    requests_file = write_requests([p.request() for p in payloads], args.out / "requests.bin")
+    requests = [p.request() for p in payloads]
+    requests_file = write_requests(requests, args.out / "requests.bin")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     variants = {"A": shlex.split(args.a), "B": shlex.split(args.b)}
     preludes = {"A": args.a_prelude, "B": args.b_prelude}
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rate = args.open_share * saturation
             for repeat in range(args.repeats):
                 for name, server in servers.items():
-                    opened = open_run(server, [p.request() for p in payloads], rate, args.open_seconds, repeat)
+                    opened = open_run(server, requests, rate, args.open_seconds, repeat)
                     open_results.setdefault(name, []).append(opened)
                     p50, p99 = opened
                     print(

@@ -334,11 +334,12 @@ def served(
             before, cpu, loop_cpu, began = server.metrics(), server.cpu_s(), server.main_thread_cpu_s(), time.time()
             row = served_run(server.port, requests, concurrency, seconds, processes)
             wall = time.time() - began
-            row["mean_batch"] = stage_breakdown(diff(server.metrics(), before)).get("mean_batch", float("nan"))
+            delta = diff(server.metrics(), before)
+            row["mean_batch"] = stage_breakdown(delta).get("mean_batch", float("nan"))
             row["cores"] = (server.cpu_s() - cpu) / wall  # the whole service
             row["loop"] = (server.main_thread_cpu_s() - loop_cpu) / wall  # its event loop thread
             # The share of the wall time the device spent running batches: what --lookahead-ms is for.
-            row["device"] = total(diff(server.metrics(), before), "fusion_batch_duration_seconds_sum") / wall
+            row["device"] = total(delta, "fusion_batch_duration_seconds_sum") / wall
             rows.append((concurrency, row))
             say(f"served c={concurrency}: {row['throughput']:.0f} req/s, p50 {row['p50'] * 1e3:.1f} ms")
     finally:
