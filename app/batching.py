@@ -21,7 +21,10 @@ Texts are padded to the longest in their batch, never to the model's maximum.
 
 A request whose deadline passes while queued is answered 504 at its deadline and never runs; a
 request whose client disconnects is dropped the same way; both are checked once more when its
-batch is taken (at the end of the batch before it, or, with `lookahead_s`, just before).
+batch is taken (at the end of the batch before it, or, with `lookahead_s`, just before). In a batch
+handed over early, still waiting behind the running one, such a request is answered at once all
+the same; its row still runs with the others, unless no request of that batch is left, when the
+inference thread skips the batch.
 Each batch comes back as one result per row, in row order, and row i is delivered to item i.
 
 The health monitor (app.health) hears whether each batch answered anything (`on_batch`), and when
@@ -31,6 +34,7 @@ a forward pass hangs it fails the running batch and everything queued behind it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -99,6 +103,7 @@ class _Item:
     ticket: Ticket
     state: _State = _State.QUEUED
     timer: asyncio.TimerHandle | None = None
+    batch: _Batch | None = None  # once handed to the inference thread
 
 
 class _Stage:
@@ -168,6 +173,9 @@ class _Stamps:
 
     started: float | None = None
     ended: float | None = None
+    # Set by the event loop when every request of a batch that has not started was answered (their
+    # deadlines, their clients gone, a hung pass ahead, shutdown): the inference thread skips it.
+    unwanted: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -297,7 +305,11 @@ class MicroBatcher:
         for lane in self._lanes.values():
             for item in [*lane.filling.items, *lane.overflow]:
                 self._drop(item, NotReady("the server is shutting down"))
-        for batch in self._on_device:  # still running past the grace period
+        for batch in list(self._on_device):
+            if batch.future.done():  # it ended just as the grace period did: its answers stand
+                self._complete(batch)
+                continue
+            batch.stamps.unwanted = True  # still running, or queued behind a pass that never returned
             for item in batch.stage.items:
                 if not item.future.done():
                     item.future.set_exception(NotReady("the server is shutting down"))
@@ -313,7 +325,9 @@ class MicroBatcher:
         self._stalled = queued
         for batch in self._on_device:
             batch.abandoned = True
-            # A batch handed over early waits behind the hung one: it never ran, so it is queued work.
+            # A batch handed over early waits behind the hung one: it never ran, so it is queued
+            # work, and should the pass return, it is skipped.
+            batch.stamps.unwanted = batch.stamps.started is None
             error = running if batch.stamps.started is not None else queued
             for item in batch.stage.items:
                 if not item.future.done():
@@ -405,14 +419,42 @@ class MicroBatcher:
             self._hand_over_early()
 
     def _on_deadline(self, item: _Item) -> None:
+        error = DeadlineExceeded("the request's deadline passed while it waited for the model")
         if item.state is _State.QUEUED:
             self.metrics.expired.labels("queue").inc()
-            self._drop(item, DeadlineExceeded("the request's deadline passed while it waited for the model"))
+            self._drop(item, error)
+        elif self._waiting_to_start(item):
+            self.metrics.expired.labels("handed_over").inc()
+            self._answer_before_start(item, error)
 
     def _on_gone(self, item: _Item, gone: asyncio.Future[None]) -> None:
-        if not gone.cancelled() and item.state is _State.QUEUED:
+        if gone.cancelled():
+            return
+        if item.state is _State.QUEUED:
             self.metrics.cancelled.labels("client_disconnected").inc()
             self._drop(item, ClientGone("the client disconnected"))
+        elif self._waiting_to_start(item):
+            self.metrics.cancelled.labels("client_disconnected").inc()
+            self._answer_before_start(item, ClientGone("the client disconnected"))
+
+    @staticmethod
+    def _waiting_to_start(item: _Item) -> bool:
+        """In a batch handed over early that has not started yet, and not answered."""
+        return (
+            item.state is _State.RUNNING
+            and item.batch is not None
+            and item.batch.stamps.started is None
+            and not item.future.done()
+        )
+
+    @staticmethod
+    def _answer_before_start(item: _Item, error: ServiceError) -> None:
+        """Answer a request whose batch waits behind the running one; its row is already staged, so
+        it runs with the batch unless nobody in the batch is left, when the batch is skipped."""
+        item.future.set_exception(error)
+        assert item.batch is not None
+        if all(other.future.done() for other in item.batch.stage.items):
+            item.batch.stamps.unwanted = True
 
     def _drop(self, item: _Item, error: ServiceError | None) -> None:
         """Take a queued item out for good; its row is compacted away at the next dispatch."""
@@ -538,7 +580,7 @@ class MicroBatcher:
         for item in stage.items:
             item.state = _State.RUNNING
             lane.live -= 1
-            self._settle(item)
+            item.ticket.release()  # its deadline timer stays until the batch is known to start (_submit)
         return stage
 
     def _still_wanted(self, item: _Item, now: float) -> bool:
@@ -563,6 +605,11 @@ class MicroBatcher:
         submitted = time.perf_counter()
         future = loop.run_in_executor(self._executor, self._run_batch, stamps, lane.kind, images, tokens)
         batch = _Batch(lane, stage, future, stamps, submitted, _shape_of(lane.kind, stage))
+        early = bool(self._on_device)  # behind the running batch: its requests can still expire or leave
+        for item in stage.items:
+            item.batch = batch
+            if not early and item.timer is not None:
+                item.timer.cancel()
         self._on_device.append(batch)
         self._refill(lane, lane.filling, loop.time())  # collate the next batch while this one runs
         if self.lookahead_s > 0 and len(self._on_device) == 1:
@@ -573,6 +620,8 @@ class MicroBatcher:
     ) -> list[RowResult]:
         """On the inference thread: the batch, stamped with when it really ran (it may have waited
         there behind the one before it)."""
+        if stamps.unwanted:  # every request in it was answered while it waited
+            return []
         stamps.started = time.perf_counter()
         try:
             return self._run(kind, images, tokens)
@@ -580,21 +629,34 @@ class MicroBatcher:
             stamps.ended = time.perf_counter()
 
     async def _finish(self, batch: _Batch) -> None:
+        # Shielded: a dispatcher cancelled at shutdown leaves the batch listed and its future alive,
+        # so that stop() delivers a batch that ended just then, and answers one still running.
+        with contextlib.suppress(Exception):  # the outcome is read from the future itself
+            await asyncio.shield(batch.future)
+        self._complete(batch)
+
+    def _complete(self, batch: _Batch) -> None:
+        """Deliver a batch whose future is done, and free its buffer."""
         lane, stage = batch.lane, batch.stage
         count = len(stage.items)
         failed = False
-        try:
-            results: Sequence[RowResult] = await batch.future
-        except Exception:  # the engine isolates model errors; this is the worker itself failing
-            log.exception("a %s batch of %d could not run", lane.kind.value, count)
-            results = [ModelFailure("the model could not run") for _ in range(count)]
+        if (error := batch.future.exception()) is not None:  # the engine isolates model errors: the worker failed
+            log.error("a %s batch of %d could not run", lane.kind.value, count, exc_info=error)
+            results: Sequence[RowResult] = [ModelFailure("the model could not run") for _ in range(count)]
             failed = True
-        # Not in a `finally`: a dispatcher cancelled at shutdown leaves the batch listed, so that
-        # stop() answers its requests.
+        else:
+            results = batch.future.result()
         self._on_device.remove(batch)
         self._close_window()
         if self._on_device and self.lookahead_s > 0:  # the batch handed over early runs now
             self._arm(self._on_device[0])
+        for item in stage.items:
+            if item.timer is not None:
+                item.timer.cancel()
+        if batch.stamps.started is None and batch.stamps.unwanted:  # skipped: nobody was left to answer
+            stage.items = []
+            lane.free.append(stage)
+            return
         started = batch.stamps.started if batch.stamps.started is not None else batch.submitted
         elapsed = (batch.stamps.ended if batch.stamps.ended is not None else time.perf_counter()) - started
         self._batch_seconds += _EWMA * (elapsed - self._batch_seconds)

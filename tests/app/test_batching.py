@@ -461,6 +461,65 @@ def test_the_next_batch_is_handed_to_the_device_before_the_running_one_ends(prob
     run(body())
 
 
+def test_requests_in_a_batch_handed_over_early_are_answered_before_it_starts(probe_package: Path) -> None:
+    """A batch handed to the inference thread early waits behind the running one. A request in it
+    whose deadline passes there gets its 504 at the deadline, and one whose client leaves gets 499
+    at once, both while the batch ahead still runs; with nobody left in it, the batch is skipped:
+    the model sees the slow request's row only."""
+
+    async def body() -> None:
+        async with serve(settings_for(probe_package, lookahead_ms=1000)) as served:
+            batcher = served.batcher
+            for _ in range(2):  # times slow batches of one: the window opens at half their time
+                assert (await post(served, "/predict", picture(), SLOW)).status_code == 200
+            expected = batcher.expected_seconds(Kind.FUSE, 1, len(SLOW))
+            assert expected is not None and expected > 0.1
+            seen = await served.rows_seen()
+            slow = await hold_the_device(served)
+            timeout = {"X-Request-Timeout-Ms": str(round(expected * 0.7 * 1000))}  # past the window's opening
+            late = asyncio.create_task(post(served, "/predict", picture(), "short", headers=timeout))
+            gone = asyncio.Event()
+            request = httpx.Request("POST", "http://fusion.test/predict", **form(picture(), "leaves"))
+            leaving = asyncio.create_task(raw_call(served.app, request, gone))
+            await until(lambda: batcher.running == 3)  # both handed over, behind the slow one
+            answer = await late
+            assert not slow.done(), "the deadline passed while the batch waited behind the slow one"
+            assert answer.status_code == 504 and answer.json()["error"]["code"] == "deadline_exceeded"
+            gone.set()
+            messages = await leaving
+            assert not slow.done()
+            assert messages[0]["status"] == 499
+            assert (await slow).status_code == 200
+            await until(lambda: batcher.idle)
+            assert await served.rows_seen() == seen + 1  # the batch behind it was skipped
+            samples = await served.metrics()
+        assert metric(samples, "fusion_requests_expired_total", stage="handed_over") == 1
+        assert metric(samples, "fusion_requests_cancelled_total", reason="client_disconnected") == 1
+
+    run(body())
+
+
+def test_a_batch_that_ends_as_the_grace_period_does_is_delivered(probe_package: Path) -> None:
+    """Shutdown stops the dispatcher when the grace period is over. A batch whose pass had returned
+    by then, but whose answers the dispatcher had not handed out yet, is delivered, not failed 503."""
+
+    async def body() -> None:
+        async with serve(settings_for(probe_package)) as served:
+            batcher = served.batcher
+            assert (await post(served, "/predict", picture(), SLOW)).status_code == 200
+            expected = batcher.expected_seconds(Kind.FUSE, 1, len(SLOW))
+            assert expected is not None
+            slow = await hold_the_device(served)
+            # The event loop is held (no await) until the pass has surely returned: its results wait
+            # for the loop, and the grace period (0 s) is over when the loop next looks.
+            time.sleep(3 * expected + 0.5)
+            await batcher.stop(0)
+            answer = await slow
+            assert answer.status_code == 200, answer.text
+
+    run(body())
+
+
 def test_an_item_that_cannot_be_staged_leaves_nothing_queued_past_its_deadline(probe_package: Path) -> None:
     """A fuse item without an image fails to stage (its request gets the error); its deadline timer
     must not then drop what was never queued, which would leave the lane's count below zero."""

@@ -167,7 +167,7 @@ def test_a_hung_forward_pass_fails_its_batch_and_turns_liveness_red(probe_packag
 def test_a_batch_handed_over_behind_a_hung_one_is_failed_as_queued(probe_package: Path) -> None:
     """A batch handed to the inference thread early (lookahead_ms) waits there behind the pass that
     hangs: it never ran, so its request gets 503 like the queue, not the hung batch's 500. When the
-    hung pass ends, the batch behind it runs for nobody, and the service answers again."""
+    hung pass ends, the batch behind it is skipped (nobody waits for it), and the service answers again."""
 
     async def body() -> None:
         settings = settings_for(probe_package, forward_timeout_s=0.3, retry_after_s=1, lookahead_ms=1000)
@@ -175,6 +175,7 @@ def test_a_batch_handed_over_behind_a_hung_one_is_failed_as_queued(probe_package
             batcher = served.batcher
             assert batcher is not None
             assert (await post(served, "/predict", picture(), "timed")).status_code == 200  # a batch of 1 timed
+            batches = metric(await served.metrics(), "fusion_batch_size_count", kind="fuse")
             hung = asyncio.create_task(post(served, "/predict", picture(), "@hangs"))
             await until(lambda: batcher.running == 1)
             behind = asyncio.create_task(post(served, "/predict", picture(), "behind it"))
@@ -185,6 +186,8 @@ def test_a_batch_handed_over_behind_a_hung_one_is_failed_as_queued(probe_package
             await until(lambda: served.state.liveness() is None, timeout_s=30)
             await until(lambda: batcher.idle)
             assert (await post(served, "/predict", picture(), "after it")).status_code == 200
+            # The hung batch and the last one ran; the batch behind the hung one was skipped.
+            assert metric(await served.metrics(), "fusion_batch_size_count", kind="fuse") == batches + 2
             # The hung pass's 2 s did not enter the estimate that opens the next windows.
             expected = batcher.expected_seconds(Kind.FUSE, 1, len("@hangs"))
             assert expected is not None and expected < 0.1
