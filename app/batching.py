@@ -313,22 +313,25 @@ class MicroBatcher:
             for item in batch.stage.items:
                 if not item.future.done():
                     item.future.set_exception(NotReady("the server is shutting down"))
+        self._close_window()  # delivering a batch above armed one for the batch behind it
 
     def abandon(self, running: ServiceError, queued: ServiceError) -> None:
         """Fail the batch on the device and everything queued, at once: the inference thread is stuck.
 
         The running batch's requests are answered now; should the pass ever return, its results
-        find their requests already answered and are dropped. So are those of a batch handed over
-        early, behind it, whose requests get `queued`. Queued requests would otherwise wait
+        find their requests already answered and are dropped. A batch handed over early, behind
+        it, never ran: its requests get `queued`, and the batch is skipped. Queued requests would otherwise wait
         behind it until their deadlines, and so would requests still decoding now: until `resume`,
         they get `queued` the moment they would be queued."""
         self._stalled = queued
         for batch in self._on_device:
             batch.abandoned = True
             # A batch handed over early waits behind the hung one: it never ran, so it is queued
-            # work, and should the pass return, it is skipped.
-            batch.stamps.unwanted = batch.stamps.started is None
-            error = running if batch.stamps.started is not None else queued
+            # work, and should the pass return, it is skipped. `started` is read once: the pass
+            # may return between two reads.
+            never_ran = batch.stamps.started is None
+            batch.stamps.unwanted = never_ran
+            error = queued if never_ran else running
             for item in batch.stage.items:
                 if not item.future.done():
                     item.future.set_exception(error)
@@ -404,6 +407,8 @@ class MicroBatcher:
             return await item.future
         except asyncio.CancelledError:
             self._drop(item, None)  # the request itself was cancelled: never run it
+            if self._waiting_to_start(item, answered=True):
+                self._skip_if_nobody_left(item)
             raise
 
     def _enqueue(self, item: _Item) -> None:
@@ -423,7 +428,7 @@ class MicroBatcher:
         if item.state is _State.QUEUED:
             self.metrics.expired.labels("queue").inc()
             self._drop(item, error)
-        elif self._waiting_to_start(item):
+        elif self._waiting_to_start(item, answered=False):
             self.metrics.expired.labels("handed_over").inc()
             self._answer_before_start(item, error)
 
@@ -433,25 +438,29 @@ class MicroBatcher:
         if item.state is _State.QUEUED:
             self.metrics.cancelled.labels("client_disconnected").inc()
             self._drop(item, ClientGone("the client disconnected"))
-        elif self._waiting_to_start(item):
+        elif self._waiting_to_start(item, answered=False):
             self.metrics.cancelled.labels("client_disconnected").inc()
             self._answer_before_start(item, ClientGone("the client disconnected"))
 
     @staticmethod
-    def _waiting_to_start(item: _Item) -> bool:
-        """In a batch handed over early that has not started yet, and not answered."""
+    def _waiting_to_start(item: _Item, *, answered: bool) -> bool:
+        """In a batch handed over early that has not started yet; answered already, or not."""
         return (
             item.state is _State.RUNNING
             and item.batch is not None
             and item.batch.stamps.started is None
-            and not item.future.done()
+            and item.future.done() is answered
         )
 
-    @staticmethod
-    def _answer_before_start(item: _Item, error: ServiceError) -> None:
+    @classmethod
+    def _answer_before_start(cls, item: _Item, error: ServiceError) -> None:
         """Answer a request whose batch waits behind the running one; its row is already staged, so
         it runs with the batch unless nobody in the batch is left, when the batch is skipped."""
         item.future.set_exception(error)
+        cls._skip_if_nobody_left(item)
+
+    @staticmethod
+    def _skip_if_nobody_left(item: _Item) -> None:
         assert item.batch is not None
         if all(other.future.done() for other in item.batch.stage.items):
             item.batch.stamps.unwanted = True
@@ -580,7 +589,7 @@ class MicroBatcher:
         for item in stage.items:
             item.state = _State.RUNNING
             lane.live -= 1
-            item.ticket.release()  # its deadline timer stays until the batch is known to start (_submit)
+            item.ticket.release()  # its deadline timer stays while its batch may wait behind another (_submit)
         return stage
 
     def _still_wanted(self, item: _Item, now: float) -> bool:
@@ -666,7 +675,8 @@ class MicroBatcher:
         self.metrics.batch_size.labels(lane.kind.value).observe(count)
         self.metrics.batch_duration.labels(lane.kind.value).observe(elapsed)
         for item in stage.items:  # until the batch began on the device, behind any batch ahead of it
-            self.metrics.queue_wait.labels(lane.kind.value).observe(started - item.queued_at)
+            if not item.future.done():  # not answered while it waited (a deadline, a client gone)
+                self.metrics.queue_wait.labels(lane.kind.value).observe(started - item.queued_at)
         if len(results) != count:  # never guess which row belongs to whom
             log.error("a %s batch of %d returned %d results", lane.kind.value, count, len(results))
             results = [ModelFailure("the model returned the wrong number of results") for _ in range(count)]

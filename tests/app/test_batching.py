@@ -463,32 +463,41 @@ def test_the_next_batch_is_handed_to_the_device_before_the_running_one_ends(prob
 
 def test_requests_in_a_batch_handed_over_early_are_answered_before_it_starts(probe_package: Path) -> None:
     """A batch handed to the inference thread early waits behind the running one. A request in it
-    whose deadline passes there gets its 504 at the deadline, and one whose client leaves gets 499
-    at once, both while the batch ahead still runs; with nobody left in it, the batch is skipped:
-    the model sees the slow request's row only."""
+    whose deadline passes there gets its 504 at the deadline, one whose client leaves gets 499 at
+    once, and one cancelled outright leaves too, all while the batch ahead still runs; with nobody
+    left in it, the batch is skipped: the model sees the slow request's row only."""
+
+    timed, longer = "#" * 40, "#" * 64  # one estimate (texts of 33-64 tokens); the second runs 1.6 times longer
 
     async def body() -> None:
         async with serve(settings_for(probe_package, lookahead_ms=1000)) as served:
             batcher = served.batcher
-            for _ in range(2):  # times slow batches of one: the window opens at half their time
-                assert (await post(served, "/predict", picture(), SLOW)).status_code == 200
-            expected = batcher.expected_seconds(Kind.FUSE, 1, len(SLOW))
+            for _ in range(3):  # times slow batches of one: the window opens at half their time
+                assert (await post(served, "/predict", picture(), timed)).status_code == 200
+            expected = batcher.expected_seconds(Kind.FUSE, 1, len(timed))
             assert expected is not None and expected > 0.1
+            assert batcher.expected_seconds(Kind.FUSE, 1, len(longer)) == expected
             seen = await served.rows_seen()
-            slow = await hold_the_device(served)
-            timeout = {"X-Request-Timeout-Ms": str(round(expected * 0.7 * 1000))}  # past the window's opening
+            slow = asyncio.create_task(post(served, "/predict", picture(), longer))
+            await until(lambda: batcher.running > 0)
+            # The deadline passes after the window opens (half the estimate), well before the
+            # longer batch ends (1.6 times the estimate): the margins hold if one timing is off by 40 %.
+            timeout = {"X-Request-Timeout-Ms": str(round(expected * 0.9 * 1000))}
             late = asyncio.create_task(post(served, "/predict", picture(), "short", headers=timeout))
             gone = asyncio.Event()
             request = httpx.Request("POST", "http://fusion.test/predict", **form(picture(), "leaves"))
             leaving = asyncio.create_task(raw_call(served.app, request, gone))
-            await until(lambda: batcher.running == 3)  # both handed over, behind the slow one
+            cancelled = asyncio.create_task(post(served, "/predict", picture(), "cancelled"))
+            await until(lambda: batcher.running == 4)  # all three handed over, behind the slow one
             answer = await late
             assert not slow.done(), "the deadline passed while the batch waited behind the slow one"
             assert answer.status_code == 504 and answer.json()["error"]["code"] == "deadline_exceeded"
             gone.set()
             messages = await leaving
-            assert not slow.done()
             assert messages[0]["status"] == 499
+            cancelled.cancel()  # the request itself cancelled (its server task stopped): the last one
+            await asyncio.gather(cancelled, return_exceptions=True)
+            assert not slow.done()
             assert (await slow).status_code == 200
             await until(lambda: batcher.idle)
             assert await served.rows_seen() == seen + 1  # the batch behind it was skipped
