@@ -1,6 +1,7 @@
 """MicroBatcher: admission, deadlines and dynamic batching in front of the one inference thread.
 
-    route --admit()--> Ticket            bounded: beyond max_queue admitted requests, 429 at once
+    route --admit()--> Ticket            bounded: beyond max_queue admitted requests, 429 at once;
+                                          429 too when the work ahead would keep it past its deadline
           decode in the pool
           --run()--> lane[kind].filling  rows copied into a preallocated batch buffer on arrival
                                           (or into the lane's overflow when that buffer is full)
@@ -250,6 +251,7 @@ class MicroBatcher:
         self._closed = False
         self._stalled: ServiceError | None = None  # set while a hung pass holds the device (abandon)
         self._batch_seconds = 0.0  # running estimate, for Retry-After
+        self._item_seconds = 0.0  # running estimate of batch time per item, for admission by deadline
 
     @staticmethod
     def buffer_shapes(
@@ -345,8 +347,10 @@ class MicroBatcher:
 
     # -- admission and requests ------------------------------------------------------------------
 
-    def refusal(self) -> ServiceError | None:
-        """Why a request would be refused admission now (counted as shed), or None."""
+    def refusal(self, allowed_s: float | None = None) -> ServiceError | None:
+        """Why a request would be refused admission now (counted as shed), or None. `allowed_s`: the
+        request's time allowance; a request that the work admitted ahead of it would keep longer
+        is refused now, before its body is read, rather than answered 504 once it has been."""
         if self._closed:
             return NotReady("the server is shutting down", retry_after_s=1)
         if self.admitted >= self.max_queue:
@@ -354,10 +358,25 @@ class MicroBatcher:
             return Overloaded(
                 f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=self.retry_after_s()
             )
+        if allowed_s is not None and (wait := self.expected_wait_s()) > allowed_s:
+            self.metrics.shed.labels("deadline").inc()
+            return Overloaded(
+                f"the server cannot answer within the request's deadline: about {wait * 1000:.0f} ms of work is"
+                " queued ahead of it",
+                retry_after_s=self.retry_after_s(),
+            )
         return None
 
-    def admit(self) -> Ticket:
-        if (error := self.refusal()) is not None:
+    def expected_wait_s(self) -> float:
+        """How long a request admitted now waits for its answer: the items on the device, those
+        admitted ahead of it and its own, at the running estimate of batch time per item. Per item,
+        not per batch: when a burst begins, the batches just run were small, and so many as fit
+        would be admitted before the estimate caught up, to wait past their deadlines. Small
+        batches cost more per item, so the estimate errs on the side of refusing then."""
+        return (self.running + self.admitted + 1) * self._item_seconds
+
+    def admit(self, allowed_s: float | None = None) -> Ticket:
+        if (error := self.refusal(allowed_s)) is not None:
             raise error
         self.admitted += 1
         self.metrics.queue_depth.labels("decode").inc()
@@ -576,15 +595,22 @@ class MicroBatcher:
         return self._task is None or self._task.done()
 
     def _take(self, lane: _Lane) -> _Stage | None:
-        """The lane's next batch: live items only, topped up from the overflow; a free buffer fills next."""
+        """The lane's next batch: live items only, topped up from the overflow; a free buffer fills next.
+
+        An item whose deadline would pass before this batch ends (by the running estimate for its
+        shape, from when the device frees) is answered 504 now rather than run: its answer would
+        come too late to be of use, and its place goes to an item that can still make it."""
         now = asyncio.get_running_loop().time()
         stage = lane.filling
-        rows = [row for row, item in enumerate(stage.items) if self._still_wanted(item, now)]
-        if len(rows) != len(stage.items):
-            stage.keep(rows)
-        self._refill(lane, stage, now)
+        self._keep_wanted(lane, stage, now, 0.0)
         if not stage.items:
             return None
+        estimate = self._durations.get(_shape_of(lane.kind, stage))
+        if estimate is not None:
+            # Fewer items than estimated for only make the batch shorter.
+            self._keep_wanted(lane, stage, now, self._device_frees_in() + estimate)
+            if not stage.items:
+                return None
         lane.filling = lane.free.pop()
         for item in stage.items:
             item.state = _State.RUNNING
@@ -592,20 +618,42 @@ class MicroBatcher:
             item.ticket.release()  # its deadline timer stays while its batch may wait behind another (_submit)
         return stage
 
-    def _still_wanted(self, item: _Item, now: float) -> bool:
+    def _keep_wanted(self, lane: _Lane, stage: _Stage, now: float, needed_s: float) -> None:
+        rows = [row for row, item in enumerate(stage.items) if self._still_wanted(item, now, needed_s)]
+        if len(rows) != len(stage.items):
+            stage.keep(rows)
+        self._refill(lane, stage, now, needed_s)
+
+    def _still_wanted(self, item: _Item, now: float, needed_s: float = 0.0) -> bool:
+        """Queued, and at least `needed_s` from its deadline (else answered 504 now)."""
         if item.state is not _State.QUEUED:
             return False
         if item.deadline <= now:  # its timer has not fired yet: the deadline still wins
             self.metrics.expired.labels("dispatch").inc()
             self._drop(item, DeadlineExceeded("the request's deadline passed while it waited for the model"))
             return False
+        if item.deadline - now < needed_s:
+            self.metrics.expired.labels("cannot_finish").inc()
+            self._drop(item, DeadlineExceeded("the request's deadline would pass before the model could answer it"))
+            return False
         return True
 
-    def _refill(self, lane: _Lane, stage: _Stage, now: float) -> None:
+    def _refill(self, lane: _Lane, stage: _Stage, now: float, needed_s: float = 0.0) -> None:
         while lane.overflow and len(stage.items) < self.max_batch_size:
             item = lane.overflow.popleft()
-            if self._still_wanted(item, now):
+            if self._still_wanted(item, now, needed_s):
                 stage.add(item)
+
+    def _device_frees_in(self) -> float:
+        """Seconds until the batch on the device is expected to end (0: none, or no estimate)."""
+        if not self._on_device:
+            return 0.0
+        running = self._on_device[-1]
+        estimate = self._durations.get(running.shape)
+        if estimate is None:
+            return 0.0
+        began = running.stamps.started if running.stamps.started is not None else time.perf_counter()
+        return max(0.0, began + estimate - time.perf_counter())
 
     def _submit(self, lane: _Lane, stage: _Stage) -> None:
         loop = asyncio.get_running_loop()
@@ -669,6 +717,9 @@ class MicroBatcher:
         started = batch.stamps.started if batch.stamps.started is not None else batch.submitted
         elapsed = (batch.stamps.ended if batch.stamps.ended is not None else time.perf_counter()) - started
         self._batch_seconds += _EWMA * (elapsed - self._batch_seconds)
+        if count and not (failed or batch.abandoned):
+            per_item = elapsed / count
+            self._item_seconds += (_EWMA if self._item_seconds else 1.0) * (per_item - self._item_seconds)
         if not (failed or batch.abandoned):  # a hung pass's time would hold the next windows shut
             previous = self._durations.get(batch.shape, elapsed)
             self._durations[batch.shape] = previous + _EWMA * (elapsed - previous)

@@ -242,9 +242,11 @@ class RemoteBatcher:
         """Nothing of this front-end's on the device (for decoding a lone request on the loop)."""
         return self._link.in_flight == 0
 
-    def refusal(self) -> ServiceError | None:
+    def refusal(self, allowed_s: float | None = None) -> ServiceError | None:
         """Refused before the body is read: at this process's bound, or at the replica's, which the
-        device process reports (an item over it would be refused there, after its body and decode)."""
+        device process reports (an item over it would be refused there, after its body and decode).
+        A request's deadline is weighed against the queue where the queue is: in the device
+        process, when the item arrives (`allowed_s` is not used here)."""
         if self._closed or self._link.lost:
             return NotReady("the server is shutting down" if self._closed else DEVICE_GONE, retry_after_s=1)
         device = self._link.device
@@ -255,8 +257,8 @@ class RemoteBatcher:
             )
         return None
 
-    def admit(self) -> RemoteTicket:
-        if (error := self.refusal()) is not None:
+    def admit(self, allowed_s: float | None = None) -> RemoteTicket:
+        if (error := self.refusal(allowed_s)) is not None:
             raise error
         self.admitted += 1
         self.metrics.queue_depth.labels("decode").inc()

@@ -135,7 +135,8 @@ class HandoffServer:
         loop = asyncio.get_running_loop()
         try:
             serving = self._state.serving()  # 503 while loading, or dead
-            ticket = serving.batcher.admit()  # 429 at the replica's one bound, 503 while stopping
+            # 429 at the replica's one bound or past the item's deadline, 503 while stopping
+            ticket = serving.batcher.admit(item.deadline - time.monotonic())
         except ServiceError as exc:
             link.gone.pop(item.id, None)
             link.send(handoff.encode_error(item.id, exc))

@@ -12,10 +12,13 @@ while there is room.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.errors import InvalidInput
 from app.handlers import request_id_of, service_error_response
+from app.request_timeout import TIMEOUT_HEADER, allowed_seconds
 from app.state import AppState
 
 
@@ -28,9 +31,20 @@ class ShedMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         batcher = self.state.batcher
         shed = scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths
-        error = batcher.refusal() if shed and batcher is not None else None
+        error = batcher.refusal(self._allowed_s(scope)) if shed and batcher is not None else None
         if error is None:
             await self.app(scope, receive, send)
             return
         scope.setdefault("state", {})["route"] = scope["path"]  # the metrics label the router would have set
         await service_error_response(error, request_id_of(scope.get("state")))(scope, receive, send)
+
+    def _allowed_s(self, scope: Scope) -> float | None:
+        """The request's time allowance; None for an invalid header, which the route refuses (422)."""
+        raw = next((value for name, value in scope["headers"] if name == _TIMEOUT_HEADER), None)
+        try:
+            return allowed_seconds(raw.decode("latin-1") if raw is not None else None, self.state.settings)
+        except InvalidInput:
+            return None
+
+
+_TIMEOUT_HEADER: Final = TIMEOUT_HEADER.encode()

@@ -9,7 +9,10 @@ time over the run's wall time, from /metrics): a change to dispatch shows there 
 throughput on a 2-core machine moves by more from run to run than such a change gains. For
 checking what a settings change gains before adopting it; the flags are `python -m app` flags,
 space-separated within one --a/--b value. `--a-root` runs variant A from another checkout
-(`git worktree add ../before REV`), to compare two versions.
+(`git worktree add ../before REV`), to compare two versions. `--deadline-ms N` sends every request
+with that X-Request-Timeout-Ms; with `--open-share` above 1 it measures goodput under overload:
+answers within their deadlines per second (the service's own count), since work done for a
+request whose deadline has passed is work lost.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import loadgen
-from bench.payloads import MixSpec, build_mix, build_pictures, write_requests
+from bench.payloads import MixSpec, build_mix, build_pictures, with_header, write_requests
 from bench.server import ROOT, Sample, Server, diff, start_server, total
 from bench.suite import resolve_model
 from bench.wrk import run_wrk, wrk_path
@@ -51,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="then Poisson arrivals at this share of A's best closed-loop throughput (0.8: the report's target)",
     )
     parser.add_argument("--open-seconds", type=float, default=8.0)
+    parser.add_argument("--deadline-ms", type=int, help="X-Request-Timeout-Ms on every request; reports goodput")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare")
     args = parser.parse_args(argv)
     if wrk_path() is None:
@@ -63,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     payloads = build_mix(spec, manifest.max_text_length, build_pictures(spec))
     args.out.mkdir(parents=True, exist_ok=True)
     requests = [p.request() for p in payloads]
+    if args.deadline_ms:
+        requests = [with_header(r, "X-Request-Timeout-Ms", str(args.deadline_ms)) for r in requests]
     requests_file = write_requests(requests, args.out / "requests.bin")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     variants = {"A": shlex.split(args.a), "B": shlex.split(args.b)}
@@ -80,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
     open_results: dict[str, list[tuple[float, float]]] = {}  # p50, p99 per repeat
+    goodput: dict[str, list[float]] = {}  # answers within their deadline per second, per repeat
     try:
         for name, server in servers.items():
             run_wrk(server.port, requests_file, max(concurrencies), 2)  # warm
@@ -105,11 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             rate = args.open_share * saturation
             for repeat in range(args.repeats):
                 for name, server in servers.items():
+                    before = server.metrics()
                     opened = open_run(server, requests, rate, args.open_seconds, repeat)
+                    within = total(diff(server.metrics(), before), "fusion_requests_within_deadline_total")
                     open_results.setdefault(name, []).append(opened)
+                    goodput.setdefault(name, []).append(within / args.open_seconds)
                     p50, p99 = opened
                     print(
-                        f"  #{repeat} {name} open loop at {rate:.0f}/s: p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms"
+                        f"  #{repeat} {name} open loop at {rate:.0f}/s: p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms,"
+                        f" {within / args.open_seconds:.0f}/s answered within their deadlines"
                     )
     finally:
         for server in servers.values():
@@ -136,6 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.repeats}: p50 {a_p50 * 1e3:.1f} / {b_p50 * 1e3:.1f} ms, p99 {a_p99 * 1e3:.1f} / {b_p99 * 1e3:.1f} "
             f"ms (A / B); p99 B/A {b_p99 / a_p99:.2f}"
         )
+        if args.deadline_ms:
+            a_good, b_good = (statistics.median(goodput[name]) for name in ("A", "B"))
+            print(
+                f"goodput with {args.deadline_ms} ms deadlines, answers within them per second, medians of "
+                f"{args.repeats}: {a_good:.0f} / {b_good:.0f} (A / B)"
+            )
     return 0
 
 

@@ -73,6 +73,12 @@ class Payload:
         return http_request(self.route, multipart_body(fields))
 
 
+def with_header(request: bytes, name: str, value: str) -> bytes:
+    """The request with one more header, after its request line."""
+    line_end = request.index(b"\r\n") + 2
+    return request[:line_end] + f"{name}: {value}\r\n".encode("ascii") + request[line_end:]
+
+
 def multipart_body(fields: Sequence[tuple[str, bytes, str | None]], *, close: bool = True) -> bytes:
     """multipart/form-data; a field with a content type is sent as a file."""
     out = io.BytesIO()

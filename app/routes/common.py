@@ -16,20 +16,18 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from app.config import Settings
 from app.decoding import Decoded, DecodeElsewhere
-from app.errors import ClientGone, InvalidInput, MalformedRequest, PayloadTooLarge, RequestTimeout
+from app.errors import ClientGone, MalformedRequest, PayloadTooLarge, RequestTimeout
 from app.forms import multipart_boundary
 from app.items import Kind, Row
+from app.request_timeout import TIMEOUT_HEADER, allowed_seconds, is_small_number
 from app.state import Serving
 from model.manifest import Manifest
-
-TIMEOUT_HEADER: Final = "x-request-timeout-ms"
 
 Decode = Callable[[bytes, bytes, int | None], Decoded]  # body, boundary, max pixels to decode here
 
@@ -38,10 +36,11 @@ async def infer(
     request: Request, serving: Serving, route: str, decode: Decode, kind_of: Callable[[Decoded], Kind]
 ) -> tuple[Decoded, Row]:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s(request, serving.settings)
+    allowed = allowed_seconds(request.headers.get(TIMEOUT_HEADER), serving.settings)
+    deadline = loop.time() + allowed
     boundary = multipart_boundary(request.headers.get("content-type"))
     check_content_length(request, serving.settings.max_body_bytes)
-    ticket = serving.batcher.admit()
+    ticket = serving.batcher.admit(allowed)
     try:
         body = await read_body(request, serving.settings.max_body_bytes, serving.settings.body_timeout_s)
         gone = watch_disconnect(request)
@@ -83,33 +82,15 @@ async def decode_request(serving: Serving, route: str, decode: Decode, body: byt
     return await loop.run_in_executor(serving.decode_pool, decode, body, boundary, None)
 
 
-def timeout_s(request: Request, settings: Settings) -> float:
-    raw = request.headers.get(TIMEOUT_HEADER)
-    if raw is None:
-        return settings.request_timeout_ms / 1000
-    value = raw.strip()
-    if not _is_small_number(value) or not 1 <= int(value) <= settings.max_request_timeout_ms:
-        raise InvalidInput(
-            f"X-Request-Timeout-Ms must be an integer from 1 to {settings.max_request_timeout_ms}",
-            code="invalid_timeout",
-        )
-    return int(value) / 1000
-
-
 def check_content_length(request: Request, limit: int) -> None:
     """413 from the declared length, before a byte of the body is read."""
     declared = request.headers.get("content-length")
     if declared is None:
         return
-    if not _is_small_number(declared.strip(), digits=18):
+    if not is_small_number(declared.strip(), digits=18):
         raise MalformedRequest("the Content-Length header is not a number")
     if int(declared) > limit:
         raise PayloadTooLarge(f"the request body is too large: at most {limit} bytes are accepted")
-
-
-def _is_small_number(text: str, digits: int = 9) -> bool:
-    # ASCII only: str.isdigit() also accepts e.g. superscripts, which int() refuses.
-    return 0 < len(text) <= digits and text.isascii() and text.isdigit()
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.compare import main, paired_ratio
+from bench.payloads import with_header
 from bench.server import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="bench.compare drives the servers with wrk")
@@ -60,3 +61,22 @@ def test_the_open_loop_runs_at_a_share_of_as_best_throughput(
         f"open loop at 0.5 x A's best closed-loop throughput ({0.5 * closed:.0f}/s), medians of 1:"
     )
     assert lines[-1].split("p99 B/A ")[1].replace(".", "").isdigit()
+
+
+def test_with_deadlines_it_reports_goodput(
+    tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every request carries the deadline; the open loop's answers within it, per second, come last."""
+    argv = ["--model", str(tiny_package), "--b", "--lookahead-ms 2", "--out", str(tmp_path / "out"), *QUICK]
+    assert main([*argv, "--open-share", "0.5", "--open-seconds", "1", "--deadline-ms", "5000"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("goodput with 5000 ms deadlines, answers within them per second, medians of 1: ")
+    a_good, b_good = (float(side) for side in lines[-1].split(": ")[1].removesuffix(" (A / B)").split(" / "))
+    assert a_good > 0 and b_good > 0  # a light load: every answer within 5 s
+
+
+def test_a_header_goes_after_the_request_line() -> None:
+    request = b"POST /predict HTTP/1.1\r\nHost: bench\r\n\r\nbody"
+    assert with_header(request, "X-Request-Timeout-Ms", "100") == (
+        b"POST /predict HTTP/1.1\r\nX-Request-Timeout-Ms: 100\r\nHost: bench\r\n\r\nbody"
+    )

@@ -1,0 +1,32 @@
+"""A request's time allowance, from its X-Request-Timeout-Ms header (or the default).
+
+Read in two places: the route sets the request's deadline from it, and the load-shedding
+middleware refuses, before the body is read, a request that the work queued ahead of it would
+keep past that allowance."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from app.config import Settings
+from app.errors import InvalidInput
+
+TIMEOUT_HEADER: Final = "x-request-timeout-ms"
+
+
+def allowed_seconds(raw: str | None, settings: Settings) -> float:
+    """Seconds the request allows; 422 `invalid_timeout` for a value that is not 1..max ms."""
+    if raw is None:
+        return settings.request_timeout_ms / 1000
+    value = raw.strip()
+    if not is_small_number(value) or not 1 <= int(value) <= settings.max_request_timeout_ms:
+        raise InvalidInput(
+            f"X-Request-Timeout-Ms must be an integer from 1 to {settings.max_request_timeout_ms}",
+            code="invalid_timeout",
+        )
+    return int(value) / 1000
+
+
+def is_small_number(text: str, digits: int = 9) -> bool:
+    # ASCII only: str.isdigit() also accepts e.g. superscripts, which int() refuses.
+    return 0 < len(text) <= digits and text.isascii() and text.isdigit()
