@@ -1,4 +1,5 @@
-"""Load shedding ahead of the framework: while the queue is full, POST /predict and /embed are
+"""Load shedding ahead of the framework: while the queue is full, or when the work queued ahead of
+a request would keep it past its deadline (X-Request-Timeout-Ms), POST /predict and /embed are
 refused here, before routing, dependency resolution and exception handling.
 
 Under a burst most requests are refused, and the refusals compete with the admitted requests and
