@@ -349,8 +349,11 @@ class MicroBatcher:
 
     def refusal(self, allowed_s: float | None = None) -> ServiceError | None:
         """Why a request would be refused admission now (counted as shed), or None. `allowed_s`: the
-        request's time allowance; a request that the work admitted ahead of it would keep longer
-        is refused now, before its body is read, rather than answered 504 once it has been."""
+        request's time allowance; under load (a full batch or more admitted ahead of it), a request
+        that the work ahead would keep longer is refused now, before its body is read, rather than
+        answered 504 once it has been. With less ahead, it would join the next batch: the estimate
+        per item, taken from small batches, would overstate its wait, and a request admitted to an
+        idle device is also what brings a stale estimate back down."""
         if self._closed:
             return NotReady("the server is shutting down", retry_after_s=1)
         if self.admitted >= self.max_queue:
@@ -358,7 +361,8 @@ class MicroBatcher:
             return Overloaded(
                 f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=self.retry_after_s()
             )
-        if allowed_s is not None and (wait := self.expected_wait_s()) > allowed_s:
+        under_load = self.admitted >= self.max_batch_size
+        if allowed_s is not None and under_load and (wait := self.expected_wait_s()) > allowed_s:
             self.metrics.shed.labels("deadline").inc()
             return Overloaded(
                 f"the server cannot answer within the request's deadline: about {wait * 1000:.0f} ms of work is"
@@ -607,10 +611,14 @@ class MicroBatcher:
             return None
         estimate = self._durations.get(_shape_of(lane.kind, stage))
         if estimate is not None:
-            # Fewer items than estimated for only make the batch shorter.
-            self._keep_wanted(lane, stage, now, self._device_frees_in() + estimate)
-            if not stage.items:
-                return None
+            needed = self._device_frees_in() + estimate
+            # When no queued item could make it by the estimate, the estimate may be what is wrong
+            # (one slow run of this shape): the batch runs as it is, and its time corrects it.
+            # Items topped up from the overflow are not checked again against their own shape.
+            if any(item.deadline - now >= needed for item in (*stage.items, *lane.overflow)):
+                self._keep_wanted(lane, stage, now, needed)
+                if not stage.items:
+                    return None
         lane.filling = lane.free.pop()
         for item in stage.items:
             item.state = _State.RUNNING

@@ -135,8 +135,10 @@ class HandoffServer:
         loop = asyncio.get_running_loop()
         try:
             serving = self._state.serving()  # 503 while loading, or dead
-            # 429 at the replica's one bound or past the item's deadline, 503 while stopping
-            ticket = serving.batcher.admit(item.deadline - time.monotonic())
+            # 429 at the replica's one bound, or when the work ahead would keep the item past its
+            # deadline; 503 while stopping. An item already past it gets its 504 from run().
+            allowed = item.deadline - time.monotonic()
+            ticket = serving.batcher.admit(allowed if allowed > 0 else None)
         except ServiceError as exc:
             link.gone.pop(item.id, None)
             link.send(handoff.encode_error(item.id, exc))
