@@ -45,6 +45,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import partial
+from itertools import chain
 from typing import Final
 
 from app.errors import ClientGone, DeadlineExceeded, ModelFailure, NotReady, Overloaded, ServiceError
@@ -315,7 +316,6 @@ class MicroBatcher:
             for item in batch.stage.items:
                 if not item.future.done():
                     item.future.set_exception(NotReady("the server is shutting down"))
-        self._close_window()  # delivering a batch above armed one for the batch behind it
 
     def abandon(self, running: ServiceError, queued: ServiceError) -> None:
         """Fail the batch on the device and everything queued, at once: the inference thread is stuck.
@@ -557,7 +557,7 @@ class MicroBatcher:
         queued after, as it would at the end: an item queued later waits for the batch after, so
         the window is kept short. A batch shape not run yet has no estimate: no window."""
         estimate = self._durations.get(batch.shape)
-        if estimate is None:
+        if estimate is None or self._closing_down():  # stop() may deliver a batch after the dispatcher
             return
         started = batch.stamps.started if batch.stamps.started is not None else time.perf_counter()
         # Never before half the batch: a wide window on a short batch would hand over each request
@@ -615,7 +615,7 @@ class MicroBatcher:
             # When no queued item could make it by the estimate, the estimate may be what is wrong
             # (one slow run of this shape): the batch runs as it is, and its time corrects it.
             # Items topped up from the overflow are not checked again against their own shape.
-            if any(item.deadline - now >= needed for item in (*stage.items, *lane.overflow)):
+            if any(item.deadline - now >= needed for item in chain(stage.items, lane.overflow)):
                 self._keep_wanted(lane, stage, now, needed)
                 if not stage.items:
                     return None
@@ -725,10 +725,9 @@ class MicroBatcher:
         started = batch.stamps.started if batch.stamps.started is not None else batch.submitted
         elapsed = (batch.stamps.ended if batch.stamps.ended is not None else time.perf_counter()) - started
         self._batch_seconds += _EWMA * (elapsed - self._batch_seconds)
-        if count and not (failed or batch.abandoned):
+        if not (failed or batch.abandoned):  # a hung pass's time would hold the next windows shut
             per_item = elapsed / count
             self._item_seconds += (_EWMA if self._item_seconds else 1.0) * (per_item - self._item_seconds)
-        if not (failed or batch.abandoned):  # a hung pass's time would hold the next windows shut
             previous = self._durations.get(batch.shape, elapsed)
             self._durations[batch.shape] = previous + _EWMA * (elapsed - previous)
         self.metrics.batch_size.labels(lane.kind.value).observe(count)
