@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import torch
@@ -54,7 +54,10 @@ def sha256_file(path: Path) -> str:
 def load_package(
     package_dir: Path | str, device: torch.device | str = "cpu", *, check_golden: bool = True
 ) -> ModelPackage:
-    """Load and verify a model package onto `device`; raise PackageError on any mismatch."""
+    """Load and verify a model package onto `device`; raise PackageError on any mismatch.
+
+    On CUDA this also makes float32 mean IEEE float32 for the process (`use_ieee_float32`): the
+    golden outputs, and every answer at fp32, are checked against the CPU's."""
     package_dir = Path(package_dir)
     manifest = read_manifest(package_dir)
     archive = package_dir / manifest.archive
@@ -69,6 +72,7 @@ def load_package(
             "(corrupt, truncated or swapped archive)"
         )
     target = torch.device(device)
+    use_ieee_float32(target)
     try:
         module = torchscript.load(archive, map_location=target)
     except Exception as exc:  # torch raises RuntimeError, ValueError or its own types for a bad zip
@@ -81,6 +85,31 @@ def load_package(
     if check_golden:
         verify_golden(package)
     return package
+
+
+def use_ieee_float32(device: torch.device) -> None:
+    """On CUDA, no TF32 in float32 convolutions, RNNs or matrix products (process-wide flags).
+
+    cuDNN runs float32 convolutions in TF32 by default on Ampere and later GPUs: a 10-bit mantissa.
+    With its convolutions' inputs and weights rounded so (emulated on the CPU), the shipped model's
+    logits, about 100 in size, moved by 6.4e-3: three times the golden tolerance, so a GPU would
+    refuse to serve it at startup. Speed at
+    lower precision is what `--precision bf16|fp16` is for; fp32 means float32. torch 2.9 and later
+    take the per-backend setting, and refuse a mix of it and the older flags."""
+    if device.type != "cuda":
+        return
+    backends = torch.backends
+    settings: list[Any] = [
+        getattr(backends.cudnn, "conv", None),
+        getattr(backends.cudnn, "rnn", None),
+        backends.cuda.matmul,
+    ]
+    if all(hasattr(setting, "fp32_precision") for setting in settings):
+        for setting in settings:
+            setting.fp32_precision = "ieee"
+    else:
+        backends.cudnn.allow_tf32 = False
+        backends.cuda.matmul.allow_tf32 = False
 
 
 @torch.inference_mode()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
 
 from model.export import export_random_package
 from model.manifest import MANIFEST_NAME, PackageError
-from model.package import ARCHIVE_NAME, load_package, sha256_file
+from model.package import ARCHIVE_NAME, load_package, sha256_file, use_ieee_float32
 from tests.conftest import TEST_LABELS, tiny_config
 
 
@@ -137,3 +138,23 @@ def test_golden_expectation_that_the_model_does_not_meet(package: Path) -> None:
 def test_missing_golden_image(package: Path) -> None:
     (package / "golden" / "0.png").unlink()
     assert refused(package) == f"{package / 'golden' / '0.png'}: golden image not found"
+
+
+@pytest.fixture
+def float32_settings() -> object:
+    """The process-wide TF32 settings, put back after the test."""
+    cudnn = cast(Any, torch.backends.cudnn)  # torch >= 2.9's settings; the stubs do not declare them
+    settings = (cudnn.conv, cudnn.rnn, torch.backends.cuda.matmul)
+    saved = [setting.fp32_precision for setting in settings]
+    yield settings
+    for setting, value in zip(settings, saved, strict=True):
+        setting.fp32_precision = value
+
+
+def test_on_cuda_float32_means_ieee_float32_and_the_cpu_is_left_alone(float32_settings: tuple[object, ...]) -> None:
+    # torch's defaults: cuDNN convolutions and RNNs in TF32, matrix products not set (IEEE).
+    assert [setting.fp32_precision for setting in float32_settings] == ["tf32", "tf32", "none"]  # type: ignore[attr-defined]
+    use_ieee_float32(torch.device("cpu"))
+    assert [setting.fp32_precision for setting in float32_settings] == ["tf32", "tf32", "none"]  # type: ignore[attr-defined]
+    use_ieee_float32(torch.device("cuda", 0))
+    assert [setting.fp32_precision for setting in float32_settings] == ["ieee", "ieee", "ieee"]  # type: ignore[attr-defined]
