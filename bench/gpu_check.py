@@ -1,19 +1,21 @@
 """GPU check, one prepared script: `python -m bench.gpu_check [--model DIR]` (at most ~8 minutes on CUDA).
 
-1. parity: the package on CUDA against the package on the CPU (fp32), on the golden inputs and on a
-   batch of the benchmark mix, for all three methods: max abs error against the golden tolerance,
-   and the arg-max agreement; fp16 autocast against fp32 as information;
+1. parity: the package on CUDA (IEEE float32, as served) against the package on the CPU, on the
+   golden inputs and on a batch of the benchmark mix, for all three methods: max abs error against
+   the golden tolerance, and the arg-max agreement; then, as information, the error with cuDNN's
+   TF32 convolutions, and fp16 autocast against fp32;
 2. in-process GPU ceiling: forward only per lane at batch sizes 1..256, host-to-device copy from
-   pinned memory included; the preprocessing rate on every core (a process pool); the serial
-   preprocessing + forward rate on one thread;
-3. served: `python -m app --device cuda` driven closed loop at several concurrencies (wrk when it
-   is installed, else bench.loadgen in several processes), with the mean batch size from /metrics;
-   then at `--precision fp16` (bf16 in the dry run) at the two highest concurrencies, then with
+   pinned memory included; the preprocessing rate on every core (a process pool) and on one; JPEG
+   decoding with Pillow against torchvision's decode_jpeg on the GPU;
+3. served: `python -m app --device cuda` driven closed loop at several concurrencies by
+   bench.loadgen in several processes, with the mean batch size from /metrics; then at
+   `--precision fp16` (bf16 in the dry run) at the two highest concurrencies, then with
    `--lookahead-ms 2` (the next batch handed to the device before the running one ends), then with
    `--frontends F` (F = half the cores, at most 8; 2 in the dry run), several processes answering
    HTTP into the one batcher, each at the two highest concurrencies; every served row says how
    busy the event loop and the device were;
-4. a short table, printed last.
+4. a short table, printed last, whatever happened before: a section that fails becomes a note, and
+   a served section that would not fit in `--budget-s` is skipped.
 
 `--dry-run` runs the same steps on the CPU with a tiny model and tiny durations (well under 30 s):
 the test suite runs it so the script cannot rot.
@@ -34,11 +36,13 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -56,6 +60,11 @@ from model.preprocess import decode_image, pad_tokens, tokenize
 # inference thread; 0.6-0.8 ms measured on a CPU host) is device time lost, against batches of a
 # few milliseconds: the check measures the service with the next batch handed over this early.
 LOOKAHEAD_MS = 2
+# What a served section allows for the service's start (load, warm-up of every batch size, the
+# self-check) and stop, beside its runs; and the longest it waits for the service to be ready.
+STARTUP_ALLOWANCE_S = 60.0
+READY_TIMEOUT_S = 90.0
+T = TypeVar("T")
 SERVICE_PACKAGES = ("fastapi", "starlette", "uvicorn", "python_multipart", "pydantic_settings", "prometheus_client")
 TINY = FusionConfig(
     image=ImageTowerConfig(size=(32, 32), widths=(8, 16, 16), context_layers=1),
@@ -234,9 +243,10 @@ def preprocess_rate(payloads: Sequence[Payload], package: ModelPackage, processe
         return _preprocess_chunk(job) / seconds
     with ProcessPoolExecutor(processes) as pool:
         pool.submit(_preprocess_chunk, (items[:1], manifest.image_size, manifest.max_text_length, 0.01)).result()
-        began = time.perf_counter()
+        # Each worker counts for `seconds` of its own: the wall time around them would add the
+        # pickling of the payloads to every process.
         counts = list(pool.map(_preprocess_chunk, [job] * processes))
-        return sum(counts) / max(seconds, time.perf_counter() - began)
+        return sum(counts) / seconds
 
 
 def jpeg_decode_times(payloads: Sequence[Payload], package: ModelPackage, device: torch.device) -> str:
@@ -274,12 +284,12 @@ def jpeg_decode_times(payloads: Sequence[Payload], package: ModelPackage, device
 # -- 3. served -------------------------------------------------------------------------------------
 
 
-def _closed_chunk(args: tuple[int, list[bytes], int, float, int]) -> tuple[list[float], list[int], float]:
+def _closed_chunk(args: tuple[int, list[bytes], int, float, int]) -> tuple[list[float], list[int], float, int]:
     port, requests, connections, seconds, offset = args
     result = loadgen.run_async(
         lambda: loadgen.closed_loop("127.0.0.1", port, requests, connections, duration_s=seconds, start_index=offset)
     )
-    return result.latencies, result.statuses, result.elapsed_s
+    return result.latencies, result.statuses, result.elapsed_s, result.connection_errors
 
 
 def served_run(port: int, requests: list[bytes], concurrency: int, seconds: float, processes: int) -> dict[str, float]:
@@ -294,11 +304,12 @@ def served_run(port: int, requests: list[bytes], concurrency: int, seconds: floa
     latencies = [x for part in parts for x in part[0]]
     statuses = [x for part in parts for x in part[1]]
     elapsed = max(part[2] for part in parts)
+    failed_connections = sum(part[3] for part in parts)
     return {
         "throughput": len(latencies) / elapsed if elapsed else 0.0,
         "p50": loadgen.percentile(latencies, 50),
         "p99": loadgen.percentile(latencies, 99),
-        "errors": sum(status != 200 for status in statuses),
+        "errors": sum(status != 200 for status in statuses) + failed_connections,
         "requests": len(latencies),
     }
 
@@ -310,6 +321,7 @@ def served(
     concurrencies: Sequence[int],
     seconds: float,
     extra: list[str],
+    cores: int,
 ) -> tuple[list[tuple[int, dict[str, float]]], str]:
     missing = [name for name in SERVICE_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
@@ -318,7 +330,7 @@ def served(
     from bench.server import diff, start_server, total
 
     log_dir = Path(tempfile.mkdtemp(prefix="gpu-check-logs-"))
-    server = start_server("gpu-check", model, ["--device", device, *extra], log_dir)
+    server = start_server("gpu-check", model, ["--device", device, *extra], log_dir, ready_timeout_s=READY_TIMEOUT_S)
     if "--frontends" in extra:  # the device process is ready first; its front-ends listen just after
         wanted = float(extra[extra.index("--frontends") + 1]) - 1
         end = time.monotonic() + 60
@@ -326,7 +338,7 @@ def served(
             time.sleep(0.1)
     note = f"service ready in {server.ready_s:.1f} s (inside: {server.startup_phases.get('total', float('nan')):.1f} s)"
     requests = [p.request() for p in payloads]
-    processes = max(1, min(4, (os.cpu_count() or 1) // 4))
+    processes = max(1, min(4, cores // 4))
     rows = []
     try:
         served_run(server.port, requests, max(concurrencies), min(seconds, 3.0), processes)  # warm the connections
@@ -350,6 +362,50 @@ def served(
 # -- the check -------------------------------------------------------------------------------------
 
 
+def usable_cores() -> int:
+    """The service's own count (CPU set, capped by a container's CPU quota); the CPU set alone
+    where the service's packages are missing."""
+    try:
+        from app.config import available_cores
+    except ImportError:
+        return len(os.sched_getaffinity(0))
+    return available_cores()
+
+
+@contextmanager
+def tf32_convolutions() -> Iterator[None]:
+    """cuDNN's default elsewhere (float32 convolutions in TF32), for as long as the block runs;
+    loading a package on CUDA turns it off (model.package.use_ieee_float32)."""
+    conv = cast(Any, torch.backends.cudnn).conv  # torch >= 2.9; the stubs do not declare it
+    before = conv.fp32_precision
+    conv.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = before
+
+
+class Budget:
+    """The check's time limit: a section that would not fit is skipped, so the table still comes."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.perf_counter() + seconds
+
+    def allows(self, seconds: float) -> bool:
+        return time.perf_counter() + seconds <= self.end
+
+
+def attempt(notes: list[str], what: str, step: Callable[[], T], fallback: T) -> T:
+    """Run one section; a failure becomes a note in the table (and its traceback goes to stderr)."""
+    try:
+        return step()
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        notes.append(f"{what}: not measured ({type(exc).__name__}: {exc})")
+        say(notes[-1])
+        return fallback
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -357,10 +413,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="model package (default: weights/shapesqa, else random weights)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, tiny durations")
     parser.add_argument("--concurrency", default="1,8,32,64,128")
-    parser.add_argument("--seconds", type=float, default=12.0, help="per served run")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per served run")
+    parser.add_argument(
+        "--budget-s", type=float, default=450.0, help="the whole check's time: sections that would not fit are skipped"
+    )
     parser.add_argument("--server-arg", action="append", default=[], help="a `python -m app` flag (repeatable)")
     args = parser.parse_args(argv)
     began = time.perf_counter()
+    budget = Budget(args.budget_s)
     # The service's own setting: one intra-op thread on the inference thread (on CUDA it only
     # launches kernels; on the CPU dry run, more threads than the free cores make the timings noise).
     torch.set_num_threads(1)
@@ -379,107 +439,111 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds, sizes, ceiling_s = args.seconds, [1, 2, 4, 8, 16, 32, 64, 128, 256], 1.0
         mix, extra = MixSpec(), list(args.server_arg)
 
+    cores = usable_cores()
     model, source = pick_model(args.model, args.dry_run)
     manifest = read_manifest(model)
-    say(f"model {model} ({source}); building the payload mix")
-    payloads = build_mix(mix, manifest.max_text_length)
-
-    say("parity")
-    reference = load_package(model, "cpu")
-    candidate = load_package(model, device, check_golden=False)
-    try:
-        verify_golden(candidate)  # what the service runs at startup, on the device
-        golden = f"golden check on {device.type}: pass"
-    except PackageError as exc:
-        golden = f"golden check on {device.type}: FAIL: {exc}"
-    batches = parity_batches(reference, payloads)
-    check = parity(reference, candidate, batches)
-    if device.type == "cuda" and not check["ok"]:
-        # cuDNN runs float32 convolutions in TF32 by default: say whether that is the difference.
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        strict = parity(reference, candidate, batches)
-        golden += f"; with TF32 off: worst error {strict['worst']:.2g} ({'PASS' if strict['ok'] else 'FAIL'})"
-        torch.backends.cudnn.allow_tf32 = True
-    half = half_parity(candidate, batches)
-
-    say("in-process ceilings")
-    rates = forward_rates(candidate, payloads, sizes, ceiling_s)
-    cores = os.cpu_count() or 1
-    pre_all = preprocess_rate(payloads, candidate, 1 if args.dry_run else cores, ceiling_s * (1 if args.dry_run else 3))
-    pre_one = preprocess_rate(payloads, candidate, 1, ceiling_s * (1 if args.dry_run else 3))
-    try:
-        jpeg = jpeg_decode_times(payloads, candidate, device)
-    except Exception as exc:  # a torchvision without nvJPEG, for one: the rest of the check stands
-        jpeg = f"JPEG decode on {device.type}: not measured ({type(exc).__name__}: {str(exc)[:120]})"
-    fuse = rates.get("fuse", {})
-    best = max(fuse, key=fuse.__getitem__) if fuse else 0
-
-    say("served")
-    served_rows, note = served(model, str(device), payloads, concurrencies, seconds, extra)
-    reduced = "bf16" if args.dry_run else "fp16"
-    say(f"served at {reduced}")
-    reduced_extra = [*extra, "--precision", reduced]
-    try:
-        reduced_rows, _ = served(model, str(device), payloads, concurrencies[-2:], seconds, reduced_extra)
-    except Exception as exc:  # e.g. the startup self-check refused the precision: keep the fp32 results
-        reduced_rows = []
-        note += f"; served at {reduced}: not run ({type(exc).__name__}: {str(exc)[:160]})"
-
-    lookahead = [*extra, "--lookahead-ms", str(LOOKAHEAD_MS)]
-    say(f"served with --lookahead-ms {LOOKAHEAD_MS}")
-    try:
-        lookahead_rows, _ = served(model, str(device), payloads, concurrencies[-2:], seconds, lookahead)
-    except Exception as exc:
-        lookahead_rows = []
-        note += f"; served with --lookahead-ms {LOOKAHEAD_MS}: not run ({type(exc).__name__}: {str(exc)[:160]})"
-
-    frontends = 2 if args.dry_run else max(2, min(8, cores // 2))
-    say(f"served with {frontends} processes answering HTTP")
-    try:
-        frontend_rows, _ = served(
-            model, str(device), payloads, concurrencies[-2:], seconds, [*extra, "--frontends", str(frontends)]
-        )
-    except Exception as exc:
-        frontend_rows = []
-        note += f"; served with --frontends {frontends}: not run ({type(exc).__name__}: {str(exc)[:160]})"
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     lines = [
         "",
         f"GPU check: {name}, torch {torch.__version__}, {cores} cores; "
         f"model {manifest.name} {manifest.version} ({source})",
-        f"parity {device.type} vs cpu (fp32): "
-        + ", ".join(f"{k} {v:.2g}" for k, v in check["errors"].items())
-        + f"; arg-max agreement {check['argmax']:.1%} -> {'PASS' if check['ok'] else 'FAIL'} (atol {GOLDEN_ATOL})",
-        golden,
-        half,
-        "forward items/s (fuse lane) by batch: " + ", ".join(f"{b}: {r:.0f}" for b, r in fuse.items()),
-        f"in-process ceiling: forward {fuse.get(best, 0):.0f} items/s at batch {best}; preprocessing "
-        f"{pre_all:.0f} req/s on {1 if args.dry_run else cores} process(es), {pre_one:.0f} req/s on one",
-        jpeg,
-        note,
-        "",
-        "| service | concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 | cores | event loop busy "
-        "| device busy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    cells = (
-        ("fp32", served_rows),
-        (reduced, reduced_rows),
-        (f"fp32, --lookahead-ms {LOOKAHEAD_MS}", lookahead_rows),
-        (f"fp32, {frontends} processes", frontend_rows),
-    )
-    for precision, rows in cells:
-        for concurrency, row in rows:
-            lines.append(
-                f"| {precision} | {concurrency} | {row['throughput']:.0f} | {row['p50'] * 1e3:.1f} | "
-                f"{row['p99'] * 1e3:.1f} | {row['mean_batch']:.1f} | {row['errors']:.0f} | {row['cores']:.2f} | "
-                f"{row['loop']:.0%} | {row['device']:.0%} |"
-            )
-    lines.append(f"({time.perf_counter() - began:.0f} s)")
-    sys.stdout.write("\n".join(lines) + "\n")
-    return 0 if check["ok"] else 1
+    notes: list[str] = []
+    served_rows: list[tuple[str, list[tuple[int, dict[str, float]]]]] = []
+    passed = False
+    try:
+        say(f"model {model} ({source}); building the payload mix")
+        payloads = build_mix(mix, manifest.max_text_length)
+
+        say("parity")
+        reference = load_package(model, "cpu")
+        candidate = load_package(model, device, check_golden=False)  # on CUDA: IEEE float32 from here on
+        try:
+            verify_golden(candidate)  # what the service runs at startup, on the device
+            golden = f"golden check on {device.type}: pass"
+        except PackageError as exc:
+            golden = f"golden check on {device.type}: FAIL: {exc}"
+        batches = parity_batches(reference, payloads)
+        check = parity(reference, candidate, batches)
+        passed = bool(check["ok"])
+        lines.append(
+            f"parity {device.type} vs cpu (fp32): "
+            + ", ".join(f"{k} {v:.2g}" for k, v in check["errors"].items())
+            + f"; arg-max agreement {check['argmax']:.1%} -> {'PASS' if passed else 'FAIL'} (atol {GOLDEN_ATOL})"
+        )
+        if device.type == "cuda":  # what serving would give without use_ieee_float32
+            with tf32_convolutions():
+                loose = parity(reference, candidate, batches)
+            golden += f"; with cuDNN's TF32 convolutions: worst error {loose['worst']:.2g}"
+        lines += [golden, half_parity(candidate, batches)]
+        say(lines[-3])
+
+        say("in-process ceilings")
+        no_rates: dict[str, dict[int, float]] = {}
+        rates = attempt(notes, "forward rates", partial(forward_rates, candidate, payloads, sizes, ceiling_s), no_rates)
+        fuse = rates.get("fuse", {})
+        best = max(fuse, key=fuse.__getitem__) if fuse else 0
+        pre_s = ceiling_s * (1 if args.dry_run else 3)
+        processes = 1 if args.dry_run else cores
+        pre_all = attempt(notes, "preprocessing", lambda: preprocess_rate(payloads, candidate, processes, pre_s), 0.0)
+        pre_one = attempt(notes, "preprocessing", lambda: preprocess_rate(payloads, candidate, 1, pre_s), 0.0)
+        # A torchvision without nvJPEG, for one: the rest of the check stands.
+        jpeg = attempt(
+            notes, f"JPEG decode on {device.type}", lambda: jpeg_decode_times(payloads, candidate, device), ""
+        )
+        lines += [
+            "forward items/s (fuse lane) by batch: " + ", ".join(f"{b}: {r:.0f}" for b, r in fuse.items()),
+            f"in-process ceiling: forward {fuse.get(best, 0):.0f} items/s at batch {best}"
+            + (f" (32, the service's largest batch by default: {fuse[32]:.0f})" if 32 in fuse and best != 32 else "")
+            + f"; preprocessing {pre_all:.0f} req/s on {processes} process(es), {pre_one:.0f} req/s on one",
+            *([jpeg] if jpeg else []),
+        ]
+        say(lines[-2 if jpeg else -1])
+
+        reduced = "bf16" if args.dry_run else "fp16"
+        frontends = 2 if args.dry_run else max(2, min(8, cores // 2))
+        variants = (
+            ("fp32", concurrencies, extra),
+            (reduced, concurrencies[-2:], [*extra, "--precision", reduced]),
+            (f"fp32, --lookahead-ms {LOOKAHEAD_MS}", concurrencies[-2:], [*extra, "--lookahead-ms", str(LOOKAHEAD_MS)]),
+            (f"fp32, {frontends} processes", concurrencies[-2:], [*extra, "--frontends", str(frontends)]),
+        )
+        for label, levels, flags in variants:
+            needed = STARTUP_ALLOWANCE_S + (len(levels) + 1) * seconds
+            if not budget.allows(needed):
+                notes.append(f"served {label}: skipped, about {needed:.0f} s needed and the time budget is spent")
+                say(notes[-1])
+                continue
+            say(f"served {label}")
+            nothing: tuple[list[tuple[int, dict[str, float]]], str] = ([], "")
+            run = partial(served, model, str(device), payloads, levels, seconds, flags, cores)
+            rows, note = attempt(notes, f"served {label}", run, nothing)
+            if note:
+                notes.append(f"{label}: {note}")
+            served_rows.append((label, rows))
+    except Exception as exc:  # parity or the mix failed: say so, with what was measured before
+        traceback.print_exc(file=sys.stderr)
+        notes.append(f"stopped: {type(exc).__name__}: {exc}")
+        passed = False
+    finally:
+        lines += [
+            *notes,
+            "",
+            "| service | concurrency | req/s | p50 ms | p99 ms | mean batch | non-200 | cores | event loop busy "
+            "| device busy |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, rows in served_rows:
+            for concurrency, row in rows:
+                lines.append(
+                    f"| {label} | {concurrency} | {row['throughput']:.0f} | {row['p50'] * 1e3:.1f} | "
+                    f"{row['p99'] * 1e3:.1f} | {row['mean_batch']:.1f} | {row['errors']:.0f} | {row['cores']:.2f} | "
+                    f"{row['loop']:.0%} | {row['device']:.0%} |"
+                )
+        lines.append(f"({time.perf_counter() - began:.0f} s)")
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+    return 0 if passed and any(rows for _, rows in served_rows) else 1
 
 
 if __name__ == "__main__":

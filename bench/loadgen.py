@@ -205,7 +205,12 @@ async def closed_loop(
                 index = (start_index + state["sent"]) % len(requests)
                 state["sent"] += 1
                 if conn is None:
-                    conn = await _Connection.open(host, port)
+                    try:
+                        conn = await _Connection.open(host, port)
+                    except OSError as exc:  # refused: the server is gone or restarting; counted, not fatal
+                        result.count_error(exc)
+                        await asyncio.sleep(0.01)
+                        continue
                     result.connections += 1
                 began = clock()
                 try:

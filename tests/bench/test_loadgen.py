@@ -136,6 +136,18 @@ def test_open_loop_counts_refused_connections_without_using_up_its_connections()
     assert result.error_kinds == {"ConnectionRefusedError": len(schedule)}
 
 
+def test_closed_loop_counts_refused_connections_and_runs_to_its_end() -> None:
+    """A server that is gone (it crashed mid-run, say) is counted as failed connections, one per
+    request tried; the run still ends as planned, so the measurements before it stand."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed on leaving: nothing listens there
+
+    result = asyncio.run(loadgen.closed_loop("127.0.0.1", port, [REQUEST], 2, count=6))
+    assert (result.connection_errors, result.completed, result.connections) == (6, 0, 0)
+    assert result.error_kinds == {"ConnectionRefusedError": 6}
+
+
 def test_percentile_is_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert loadgen.percentile(values, 50) == 50
