@@ -258,6 +258,11 @@ class Engine:
                     results[row] = result
         if counters is not None:
             counters.calls.inc(len(runs))
+        if self.device.type == "cuda":
+            # The staging buffer goes back to the batcher on return, to be refilled. A call that
+            # answered copied its outputs back, which waited for its inputs' copies; a call that
+            # failed did not, and its pinned inputs may still be copying.
+            torch.cuda.current_stream(self.device).synchronize()
         return results
 
     def _run_rows(
