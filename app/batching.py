@@ -702,8 +702,8 @@ class MicroBatcher:
         """On the inference thread, as the pass returns: deliver the batch at the event loop's next
         turn. Awaited as `run_in_executor`'s future, shielded, the batch reached the dispatcher three
         turns of the loop later (the future's result, the shield's, the dispatcher's wake-up), and
-        under load each turn is a burst of other requests' work: 27-34 ms from a pass's end to its
-        delivery at 1.5 times the capacity, against 9-11 ms now."""
+        under load each turn is a burst of other requests' work: 27-39 ms from a pass's end to its
+        delivery (answers that came late at 1.5 times the capacity, medians), against 9-16 ms now."""
         if self._loop is None:
             return
         with contextlib.suppress(RuntimeError):  # the loop has closed: the process is stopping

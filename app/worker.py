@@ -5,7 +5,8 @@ thread), so forward passes that hop between pool threads keep cold teams and ran
 than the same calls on one thread. Everything torch does in the service (loading, warm-up, the
 golden check, every batch) is submitted to this one thread, in order.
 
-It is a `concurrent.futures.Executor`, so the event loop awaits it with `loop.run_in_executor`.
+It is a `concurrent.futures.Executor`: the lifespan awaits its jobs with `loop.run_in_executor`, and
+the batcher hears of each batch from a done callback, on this thread (app.batching).
 `busy_since` lets a watchdog tell a hung forward pass from an idle thread.
 """
 
