@@ -252,6 +252,7 @@ class MicroBatcher:
         self._window: _Batch | None = None  # the running batch, while the next may be handed over early
         self._window_timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._halted = False  # stop() is past its grace period: no batch is taken from then on
         self._stalled: ServiceError | None = None  # set while a hung pass holds the device (abandon)
         self._batch_seconds = 0.0  # running estimate, for Retry-After
         self._item_seconds = 0.0  # running estimate of batch time per item, for admission by deadline
@@ -304,6 +305,9 @@ class MicroBatcher:
         end = loop.time() + timeout_s
         while not self.idle and loop.time() < end:
             await asyncio.sleep(0.005)
+        # Before the dispatcher's cancellation lands, a batch delivered meanwhile (_batch_done) would
+        # take the next one: a pass nobody waits for, run after the grace period.
+        self._halted = True
         self._close_window()
         if self._task is not None:
             self._task.cancel()
@@ -600,7 +604,7 @@ class MicroBatcher:
             self._window_timer = None
 
     def _closing_down(self) -> bool:
-        return self._task is None or self._task.done()
+        return self._halted or self._task is None or self._task.done()
 
     def _take(self, lane: _Lane) -> _Stage | None:
         """The lane's next batch: live items only, topped up from the overflow; a free buffer fills next.
@@ -662,7 +666,7 @@ class MicroBatcher:
             return 0.0
         running = self._on_device[-1]
         estimate = self._durations.get(running.shape)
-        if estimate is None:
+        if estimate is None or running.future.done():  # returned: only its delivery is still to come
             return 0.0
         began = running.stamps.started if running.stamps.started is not None else time.perf_counter()
         return max(0.0, began + estimate - time.perf_counter())
@@ -712,7 +716,12 @@ class MicroBatcher:
     def _batch_done(self, batch: _Batch) -> None:
         if batch not in self._on_device:  # stop() delivered it already, as its grace period ended
             return
-        self._complete(batch)
+        try:
+            self._complete(batch)
+        except BaseException:  # a bug: the dispatcher must not wait for a device that is empty
+            if not self._on_device:
+                self._device_free.set()
+            raise
         if self._on_device:  # the batch handed over early runs now
             return
         if self.max_wait_s == 0 and self.gather_s == 0 and not self._closing_down():

@@ -4,8 +4,9 @@ item fails alone, deadlines and disconnects keep work off the device, a full que
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -605,6 +606,33 @@ def test_a_batch_that_ends_as_the_grace_period_does_is_delivered(probe_package: 
     run(body())
 
 
+def test_after_the_grace_period_no_new_batch_is_taken(probe_package: Path) -> None:
+    """A batch whose pass returns as shutdown's grace period ends is delivered, and its delivery
+    takes no next batch: the request queued behind it gets 503 and never runs, so no pass that
+    nobody waits for starts after the grace period."""
+
+    async def body() -> None:
+        async with serve(settings_for(probe_package)) as served:
+            batcher = served.batcher
+            assert (await post(served, "/predict", picture(), SLOW)).status_code == 200
+            expected = batcher.expected_seconds(Kind.FUSE, 1, len(SLOW))
+            assert expected is not None
+            slow = await hold_the_device(served)
+            queued = asyncio.create_task(post(served, "/predict", picture(), "quick"))
+            await until(lambda: batcher.queued == 1)
+            ran = metric(await served.metrics(), "fusion_items_executed_total", kind="fuse")
+            time.sleep(3 * expected + 0.5)  # the loop is held until the slow pass has surely returned
+            await batcher.stop(0)
+            assert batcher.running == 0  # nothing handed to the device on the way out
+            assert (await slow).status_code == 200
+            answer = await queued
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == "not_ready"
+            await asyncio.sleep(2 * expected)  # time for a pass to start, had one been handed over
+            assert metric(await served.metrics(), "fusion_items_executed_total", kind="fuse") == ran
+
+    run(body())
+
+
 def test_an_item_that_cannot_be_staged_leaves_nothing_queued_past_its_deadline(probe_package: Path) -> None:
     """A fuse item without an image fails to stage (its request gets the error); its deadline timer
     must not then drop what was never queued, which would leave the lane's count below zero."""
@@ -628,16 +656,56 @@ def test_an_item_that_cannot_be_staged_leaves_nothing_queued_past_its_deadline(p
     run(body())
 
 
+@contextlib.asynccontextmanager
+async def text_batcher(
+    run_batch: Callable[[Kind, Any, Any], list[RowResult]], on_batch: Callable[[bool], None] | None = None
+) -> AsyncIterator[MicroBatcher]:
+    """A batcher on a real inference thread, without the app: `run_batch` stands in for the model."""
+    shapes = MicroBatcher.buffer_shapes(4, (8, 8), 16)
+    buffers = {
+        kind: [(np.zeros(i, np.uint8) if i else None, np.zeros(t, np.int64) if t else None) for _ in range(2)]
+        for kind, (i, t) in shapes.items()
+    }
+    worker = InferenceWorker(threads=1)
+    worker.start()
+    batcher = MicroBatcher(
+        run=run_batch,
+        executor=worker,
+        buffers=buffers,
+        max_batch_size=4,
+        max_wait_s=0,
+        max_queue=8,
+        metrics=Metrics(4),
+        on_batch=on_batch,
+    )
+    batcher.start()
+    try:
+        yield batcher
+    finally:
+        await batcher.stop(1)
+        worker.shutdown()
+
+
+def embeddings(kind: Kind, images: Any, tokens: Any) -> list[RowResult]:
+    return [Row(text_embedding=np.zeros(4, dtype=np.float32)) for _ in range(len(tokens))]
+
+
+async def embed_text(batcher: MicroBatcher) -> Row:
+    deadline = asyncio.get_running_loop().time() + 10
+    return await batcher.run(batcher.admit(), Kind.TEXT, None, np.arange(1, 6, dtype=np.int64), deadline)
+
+
 def test_a_batch_is_answered_one_turn_of_a_busy_event_loop_after_its_pass_returns() -> None:
     """Under load every turn of the event loop is a burst of other requests' work. The answers of a
     batch reach their requests in the loop's first turns after the pass returns: its delivery is
     scheduled straight from the inference thread, not passed along a chain of futures and task
     wake-ups, each of which waits one more turn."""
     turn_s = 0.005
+    returned: list[float] = []
 
     def run_batch(kind: Kind, images: Any, tokens: Any) -> list[RowResult]:
         returned.append(time.perf_counter())
-        return [Row(text_embedding=np.zeros(4, dtype=np.float32)) for _ in range(len(tokens))]
+        return embeddings(kind, images, tokens)
 
     async def busy_loop() -> None:
         while True:  # each turn of the loop costs turn_s (the GIL is free meanwhile, as in a decode)
@@ -645,37 +713,36 @@ def test_a_batch_is_answered_one_turn_of_a_busy_event_loop_after_its_pass_return
             await asyncio.sleep(0)
 
     async def body() -> list[float]:
-        shapes = MicroBatcher.buffer_shapes(4, (8, 8), 16)
-        buffers = {
-            kind: [(np.zeros(i, np.uint8) if i else None, np.zeros(t, np.int64) if t else None)] * 2
-            for kind, (i, t) in shapes.items()
-        }
-        worker = InferenceWorker(threads=1)
-        worker.start()
-        batcher = MicroBatcher(
-            run=run_batch,
-            executor=worker,
-            buffers=buffers,
-            max_batch_size=4,
-            max_wait_s=0,
-            max_queue=8,
-            metrics=Metrics(4),
-        )
-        batcher.start()
-        busy = asyncio.create_task(busy_loop())
-        delays = []
-        for _ in range(7):
-            tokens = np.arange(1, 6, dtype=np.int64)
-            deadline = asyncio.get_running_loop().time() + 10
-            await batcher.run(batcher.admit(), Kind.TEXT, None, tokens, deadline)
-            delays.append(time.perf_counter() - returned[-1])
-        busy.cancel()
-        await batcher.stop(1)
-        worker.shutdown()
+        async with text_batcher(run_batch) as batcher:
+            busy = asyncio.create_task(busy_loop())
+            delays = []
+            for _ in range(7):
+                await embed_text(batcher)
+                delays.append(time.perf_counter() - returned[-1])
+            busy.cancel()
         return delays
 
-    returned: list[float] = []
     delays = run(body())
     # One turn to deliver, one for the request's own task to resume, and the turn under way when
     # the pass returned: at most three turns. A chain of futures took five or more.
     assert sorted(delays)[len(delays) // 2] < 3 * turn_s + 0.002, delays
+
+
+def test_a_delivery_that_fails_leaves_the_batcher_dispatching() -> None:
+    """A bug in delivering one batch (here the health monitor's callback raises) is logged by the
+    event loop, and the next request is still dispatched and answered."""
+    calls = []
+
+    def on_batch(answered: bool) -> None:
+        calls.append(answered)
+        if len(calls) == 1:
+            raise ValueError("the first delivery fails")
+
+    async def body() -> None:
+        async with text_batcher(embeddings, on_batch) as batcher:
+            await asyncio.wait_for(embed_text(batcher), 5)  # answered before the callback raised
+            row = await asyncio.wait_for(embed_text(batcher), 5)
+            assert row.text_embedding is not None
+
+    run(body())
+    assert calls == [True, True]
