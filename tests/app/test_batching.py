@@ -585,31 +585,11 @@ def test_requests_in_a_batch_handed_over_early_are_answered_before_it_starts(pro
     run(body())
 
 
-def test_a_batch_that_ends_as_the_grace_period_does_is_delivered(probe_package: Path) -> None:
+def test_a_batch_that_ends_as_the_grace_period_does_is_delivered_and_takes_no_next_one(probe_package: Path) -> None:
     """Shutdown stops the dispatcher when the grace period is over. A batch whose pass had returned
-    by then, but whose answers the dispatcher had not handed out yet, is delivered, not failed 503."""
-
-    async def body() -> None:
-        async with serve(settings_for(probe_package)) as served:
-            batcher = served.batcher
-            assert (await post(served, "/predict", picture(), SLOW)).status_code == 200
-            expected = batcher.expected_seconds(Kind.FUSE, 1, len(SLOW))
-            assert expected is not None
-            slow = await hold_the_device(served)
-            # The event loop is held (no await) until the pass has surely returned: its results wait
-            # for the loop, and the grace period (0 s) is over when the loop next looks.
-            time.sleep(3 * expected + 0.5)
-            await batcher.stop(0)
-            answer = await slow
-            assert answer.status_code == 200, answer.text
-
-    run(body())
-
-
-def test_after_the_grace_period_no_new_batch_is_taken(probe_package: Path) -> None:
-    """A batch whose pass returns as shutdown's grace period ends is delivered, and its delivery
-    takes no next batch: the request queued behind it gets 503 and never runs, so no pass that
-    nobody waits for starts after the grace period."""
+    by then, but whose answers had not been handed out yet, is delivered, not failed 503; and its
+    delivery takes no next batch: the request queued behind it gets 503 and never runs, so no pass
+    that nobody waits for starts after the grace period."""
 
     async def body() -> None:
         async with serve(settings_for(probe_package)) as served:
@@ -621,10 +601,13 @@ def test_after_the_grace_period_no_new_batch_is_taken(probe_package: Path) -> No
             queued = asyncio.create_task(post(served, "/predict", picture(), "quick"))
             await until(lambda: batcher.queued == 1)
             ran = metric(await served.metrics(), "fusion_items_executed_total", kind="fuse")
-            time.sleep(3 * expected + 0.5)  # the loop is held until the slow pass has surely returned
+            # The event loop is held (no await) until the pass has surely returned: its results wait
+            # for the loop, and the grace period (0 s) is over when the loop next looks.
+            time.sleep(3 * expected + 0.5)
             await batcher.stop(0)
             assert batcher.running == 0  # nothing handed to the device on the way out
-            assert (await slow).status_code == 200
+            delivered = await slow
+            assert delivered.status_code == 200, delivered.text
             answer = await queued
             assert answer.status_code == 503 and answer.json()["error"]["code"] == "not_ready"
             await asyncio.sleep(2 * expected)  # time for a pass to start, had one been handed over
