@@ -415,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,8,32,64,128")
     parser.add_argument("--seconds", type=float, default=10.0, help="per served run")
     parser.add_argument(
-        "--budget-s", type=float, default=450.0, help="the whole check's time: sections that would not fit are skipped"
+        "--budget-s", type=float, default=420.0, help="the whole check's time: sections that would not fit are skipped"
     )
     parser.add_argument("--server-arg", action="append", default=[], help="a `python -m app` flag (repeatable)")
     args = parser.parse_args(argv)
