@@ -93,9 +93,9 @@ def use_ieee_float32(device: torch.device) -> None:
     cuDNN runs float32 convolutions in TF32 by default on Ampere and later GPUs: a 10-bit mantissa.
     With its convolutions' inputs and weights rounded so (emulated on the CPU), the shipped model's
     logits, about 100 in size, moved by 6.4e-3: three times the golden tolerance, so a GPU would
-    refuse to serve it at startup. Speed at
-    lower precision is what `--precision bf16|fp16` is for; fp32 means float32. torch 2.9 and later
-    take the per-backend setting, and refuse a mix of it and the older flags."""
+    refuse to serve it at startup. Speed at lower precision is what `--precision bf16|fp16` is for;
+    fp32 means float32. torch 2.9 and later take the per-backend setting, and refuse a mix of it and
+    the older flags."""
     if device.type != "cuda":
         return
     backends = torch.backends
