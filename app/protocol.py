@@ -40,6 +40,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.request_ids import new_request_id
+from app.request_timeout import RECEIVED_AT
 
 
 def guarded_protocol(max_header_bytes: int, header_timeout_s: float, drain_timeout_s: float) -> type[asyncio.Protocol]:
@@ -169,6 +170,9 @@ class _Guarded(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        # The request's deadline counts from here, its first byte: under load the event loop reads
+        # it, and starts its ASGI task, a turn or more after it arrived.
+        self.scope["state"][RECEIVED_AT] = self.loop.time()
         self._in_head = True
         self._arm()
 

@@ -2,7 +2,9 @@
 
 Read in two places: the route sets the request's deadline from it, and the load-shedding
 middleware refuses, before the body is read, a request that the work queued ahead of it would
-keep past that allowance."""
+keep past that allowance. Both count it from the request's first byte (RECEIVED_AT in the ASGI
+scope's state, set by app.protocol): the client's clock started when it sent the request, and
+under load the event loop reads it a while after it arrived."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from app.config import Settings
 from app.errors import InvalidInput
 
 TIMEOUT_HEADER: Final = "x-request-timeout-ms"
+RECEIVED_AT: Final = "received_at"
 
 
 def allowed_seconds(raw: str | None, settings: Settings) -> float:

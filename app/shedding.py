@@ -12,6 +12,7 @@ while there is room.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Final
 
@@ -19,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import InvalidInput
 from app.handlers import request_id_of, service_error_response
-from app.request_timeout import TIMEOUT_HEADER, allowed_seconds
+from app.request_timeout import RECEIVED_AT, TIMEOUT_HEADER, allowed_seconds
 from app.state import AppState
 
 
@@ -43,9 +44,12 @@ class ShedMiddleware:
         """The request's time allowance; None for an invalid header, which the route refuses (422)."""
         raw = next((value for name, value in scope["headers"] if name == _TIMEOUT_HEADER), None)
         try:
-            return allowed_seconds(raw.decode("latin-1") if raw is not None else None, self.state.settings)
+            allowed = allowed_seconds(raw.decode("latin-1") if raw is not None else None, self.state.settings)
         except InvalidInput:
             return None
+        now = asyncio.get_running_loop().time()
+        received: float = scope["state"].get(RECEIVED_AT, now)
+        return allowed - (now - received)
 
 
 _TIMEOUT_HEADER: Final = TIMEOUT_HEADER.encode()

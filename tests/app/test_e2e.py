@@ -6,6 +6,7 @@ saturated, a client that closes its socket, and startup failures that must exit 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -95,6 +96,39 @@ def test_a_declared_oversized_body_is_refused_before_it_is_read(server: Server) 
     reply_text = reply.decode("latin-1")
     assert reply_text.startswith("HTTP/1.1 413"), reply_text
     assert '"code": "payload_too_large"' in reply_text
+
+
+def exchange(port: int, request: bytes, pause_after: int = 0, pause_s: float = 0.0) -> tuple[int, bytes]:
+    """Send `request` on a fresh connection, pausing `pause_s` after its first `pause_after` bytes;
+    the answer's status and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request[:pause_after])
+        time.sleep(pause_s)
+        sock.sendall(request[pause_after:])
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += sock.recv(65536)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
+        while len(body) < length:
+            body += sock.recv(65536)
+    return int(head.split()[1]), body
+
+
+def test_a_deadline_counts_from_the_first_byte_of_the_request(server: Server) -> None:
+    """Under load the event loop reads a request a while after it arrived; the client's deadline
+    started when it sent it. A request whose head took longer to arrive than its deadline allows
+    is answered 504 and never runs; the same request sent at once is served."""
+    request = httpx.Request(
+        "POST", f"{server.url}/predict", **form(picture(), "in time?"), headers={"X-Request-Timeout-Ms": "200"}
+    )
+    head = "".join(f"{name}: {value}\r\n" for name, value in request.headers.items())
+    raw = f"POST /predict HTTP/1.1\r\n{head}\r\n".encode("latin-1") + request.read()
+    executed = metric(server.metrics(), "fusion_items_executed_total", kind="fuse")
+    status, body = exchange(server.port, raw, pause_after=10, pause_s=0.3)
+    assert status == 504 and json.loads(body)["error"]["code"] == "deadline_exceeded"
+    assert metric(server.metrics(), "fusion_items_executed_total", kind="fuse") == executed
+    assert exchange(server.port, raw)[0] == 200
 
 
 def test_healthz_answers_fast_while_the_device_is_saturated(server: Server) -> None:
