@@ -1,7 +1,9 @@
 """MicroBatcher: admission, deadlines and dynamic batching in front of the one inference thread.
 
     route --admit()--> Ticket            bounded: beyond max_queue admitted requests, 429 at once;
-                                          429 too when the work ahead would keep it past its deadline
+                                          429 too when the work ahead would keep it past its deadline,
+                                          or beyond the limit that answers coming late set
+                                          (app.lateness_limit)
           decode in the pool
           --run()--> lane[kind].filling  rows copied into a preallocated batch buffer on arrival
                                           (or into the lane's overflow when that buffer is full)
@@ -50,6 +52,7 @@ from typing import Final
 
 from app.errors import ClientGone, DeadlineExceeded, ModelFailure, NotReady, Overloaded, ServiceError
 from app.items import ByteArray, Kind, Row, RowResult, TokenArray
+from app.lateness_limit import LatenessLimit
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -70,11 +73,12 @@ class _State(IntEnum):
 class Ticket:
     """One admitted request's place in the bounded queue, held until it runs or fails."""
 
-    __slots__ = ("_batcher", "_stage")
+    __slots__ = ("_batcher", "_stage", "admitted_at")
 
     def __init__(self, batcher: MicroBatcher) -> None:
         self._batcher = batcher
         self._stage: str | None = "decode"
+        self.admitted_at = time.perf_counter()
 
     def _move(self, stage: str | None) -> None:
         if self._stage is None:
@@ -256,6 +260,12 @@ class MicroBatcher:
         self._stalled: ServiceError | None = None  # set while a hung pass holds the device (abandon)
         self._batch_seconds = 0.0  # running estimate, for Retry-After
         self._item_seconds = 0.0  # running estimate of batch time per item, for admission by deadline
+        # From the floor (a quarter batch: with fewer requests in the server, a late answer is not
+        # the load's doing) to what the other bounds allow: a full queue and two batches on the
+        # device (the running one and the one handed over early).
+        floor = max(1, max_batch_size // 4)
+        self.lateness = LatenessLimit(floor=floor, ceiling=max_queue + 2 * max_batch_size)
+        metrics.admission_limit.set(self.lateness.limit)
 
     @staticmethod
     def buffer_shapes(
@@ -284,6 +294,11 @@ class MicroBatcher:
     def running(self) -> int:
         """Items on the device now, or handed to it to run next."""
         return sum(len(batch.stage.items) for batch in self._on_device)
+
+    @property
+    def in_server(self) -> int:
+        """Requests admitted (decoding or queued) or on the device."""
+        return self.admitted + self.running
 
     @property
     def lookahead_s(self) -> float:
@@ -368,6 +383,13 @@ class MicroBatcher:
             return Overloaded(
                 f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=self.retry_after_s()
             )
+        if not self.lateness.allows(self.in_server):
+            self.metrics.shed.labels("late").inc()
+            return Overloaded(
+                f"the server's answers are coming late: it lets in {int(self.lateness.limit)} requests at a time"
+                " until they are on time again",
+                retry_after_s=self.retry_after_s(),
+            )
         under_load = self.admitted >= self.max_batch_size
         if allowed_s is not None and under_load and (wait := self.expected_wait_s()) > allowed_s:
             self.metrics.shed.labels("deadline").inc()
@@ -412,6 +434,7 @@ class MicroBatcher:
         now = loop.time()
         if now >= deadline:
             self.metrics.expired.labels("before_queue").inc()
+            self._answered(ticket, late=True)
             raise DeadlineExceeded("the request's deadline passed before it could be queued")
         if gone is not None and gone.done():
             self.metrics.cancelled.labels("client_disconnected").inc()
@@ -434,12 +457,23 @@ class MicroBatcher:
         if gone is not None:
             gone.add_done_callback(partial(self._on_gone, item))
         try:
-            return await item.future
+            row = await item.future
         except asyncio.CancelledError:
             self._drop(item, None)  # the request itself was cancelled: never run it
             if self._waiting_to_start(item, answered=True):
                 self._skip_if_nobody_left(item)
             raise
+        except DeadlineExceeded:
+            self._answered(ticket, late=True)
+            raise
+        self._answered(ticket, late=loop.time() > deadline)
+        return row
+
+    def _answered(self, ticket: Ticket, *, late: bool) -> None:
+        """An answer (late: past its deadline, or 504) for the limit to learn from."""
+        now = time.perf_counter()
+        self.lateness.answered(late=late, in_server=self.in_server, admitted_at=ticket.admitted_at, now=now)
+        self.metrics.admission_limit.set(self.lateness.limit)
 
     def _enqueue(self, item: _Item) -> None:
         lane = self._lanes[item.kind]

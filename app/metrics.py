@@ -98,6 +98,11 @@ class Metrics:
             registry=r,
         )
         self.shed = Counter("fusion_requests_shed", "Requests refused at admission", ["reason"], registry=r)
+        self.admission_limit = Gauge(
+            "fusion_admission_limit",
+            "Requests the server lets in at once (admitted or running), lowered while answers come late",
+            registry=r,
+        )
         self.expired = Counter(
             "fusion_requests_expired", "Requests whose deadline passed before they ran", ["stage"], registry=r
         )

@@ -8,7 +8,7 @@ come first and whole; the front-ends add their samples:
 - counters, histograms and gauges are summed by name and labels (requests by route and status,
   latency, decode time, queue depth of requests still decoding, resident memory of the replica);
 - the device's state is the device's alone (DEVICE_ONLY: readiness, liveness, startup, call costs,
-  the model, the process's start time and fd limit);
+  the admission limit, the model, the process's start time and fd limit);
 - `_created` samples are the device's alone (a sum of timestamps is no time).
 
 A front-end that exits leaves its counters behind (`retire`), so the sums never go backwards when
@@ -31,6 +31,7 @@ DEVICE_ONLY: Final = frozenset(
         "fusion_alive",
         "fusion_startup_seconds",
         "fusion_call_cost_tokens",
+        "fusion_admission_limit",
         "fusion_model_info",
         "fusion_consecutive_failed_batches",
         "process_start_time_seconds",

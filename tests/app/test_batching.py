@@ -311,6 +311,42 @@ def test_a_request_that_its_batch_would_answer_too_late_is_answered_504_before_i
     run(body())
 
 
+def test_answers_coming_late_lower_the_admission_limit_and_beyond_it_requests_get_429(probe_package: Path) -> None:
+    """When the server's answers come past their deadlines, it lets fewer requests in at once: six
+    504s in a row (over 5 % of the recent answers late), with four requests in the server, drop the
+    limit to 0.8 of those four, and the next request is refused at once. Answers to requests let in
+    before the drop leave it alone; an idle server still serves under it."""
+
+    async def body() -> None:
+        async with serve(settings_for(probe_package)) as served:
+            batcher = served.batcher
+            first = await hold_the_device(served)
+            patient = [asyncio.create_task(post(served, "/predict", picture(), SLOW)) for _ in range(4)]
+            await until(lambda: batcher.queued == 4)
+            assert (await first).status_code == 200
+            await until(lambda: batcher.running == 4)  # one batch of four slow texts: about 0.8 s
+            for i in range(6):
+                hurried = await post(
+                    served, "/predict", picture(), f"hurried {i}", headers={"X-Request-Timeout-Ms": "20"}
+                )
+                assert hurried.status_code == 504
+                assert batcher.lateness.limit == (272 if i < 5 else 3.2)  # from 256 queued and 2 batches of 8
+            refused = await post(served, "/predict", picture(), "one more")
+            assert not any(task.done() for task in patient)
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "overloaded"
+            assert "coming late" in refused.json()["error"]["message"]
+            assert int(refused.headers["retry-after"]) >= 1
+            assert [r.status_code for r in await gather(*patient)] == [200] * 4
+            assert batcher.lateness.limit == 3.2  # on time, but let in before the drop
+            assert (await post(served, "/predict", picture(), "alone")).status_code == 200
+            samples = await served.metrics()
+        assert metric(samples, "fusion_requests_shed_total", reason="late") == 1
+        assert metric(samples, "fusion_admission_limit") == 3.2
+        assert metric(samples, "fusion_requests_expired_total", stage="queue") == 6
+
+    run(body())
+
+
 async def raw_call(app: Any, request: httpx.Request, disconnect: asyncio.Event) -> list[dict[str, Any]]:
     """Call the ASGI app as a server would, for a client that sends its body and may then leave."""
     body = request.read()

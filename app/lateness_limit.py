@@ -1,0 +1,64 @@
+"""LatenessLimit: how many requests the server lets in at once, learnt from the deadlines it meets.
+
+The batcher's admission by deadline estimates a request's wait from the device's time per item.
+That is the whole wait only while the device is what limits throughput. When the event loop is
+(parsing, decoding and answering more requests than one core can), every request also waits for
+the loop: before its headers are read, before it is queued, and after its batch returns, before its
+answer is written. None of that is in the estimate, so the server let in as many requests as the
+device could take, the loop fell further behind, and most answers came after their deadlines:
+Poisson arrivals at twice the capacity on the scenes, every request with a 100 ms deadline, gave
+12-132 answers a second within their deadlines (across runs), of a capacity of about 550. The loop's delay shows
+in the answers themselves, so this limit learns from them, much as TCP's congestion window learns
+from lost packets:
+
+- it follows the share of answers that come late (past their deadlines, or 504), over about the
+  last `window` answers;
+- when that share passes `target` with at least `floor` requests in the server, the limit drops to
+  `backoff` times the requests in the server (or times the limit, if lower), and the share starts
+  again from zero. Answers to requests let in before the drop say nothing of the new limit (they
+  were late for the same reason), so they are not counted;
+- an answer on time, with the server at least half as full as the limit, grows the limit by
+  1 / limit: about one request more per limit's worth of answers, up to `ceiling` (where it
+  starts: as many as the queue's bound and the device allow, when no answer has come late).
+
+Under `floor` requests in the server, lateness is not the load's doing (a deadline shorter than one
+batch, a 12-megapixel photo), so the limit never drops below it. A target share rather than any one
+late answer: near capacity a few answers come late however many are let in, and a drop at each
+late answer refused a third of the requests there, and a third of the answers on time with them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+TARGET: Final = 0.05  # the share of late answers the limit holds the server under
+WINDOW: Final = 100  # answers the late share is followed over (the weight of the newest is 1 / WINDOW)
+BACKOFF: Final = 0.8
+
+
+class LatenessLimit:
+    def __init__(self, *, floor: int, ceiling: int) -> None:
+        if not 1 <= floor <= ceiling:
+            raise ValueError(f"the floor ({floor}) must be from 1 to the ceiling ({ceiling})")
+        self.floor = floor
+        self.ceiling = ceiling
+        self.limit = float(ceiling)
+        self.late_share = 0.0
+        self._cut_at = float("-inf")  # time.perf_counter() of the last drop
+
+    def allows(self, in_server: int) -> bool:
+        """Whether one more request may come in, with `in_server` requests admitted or running."""
+        return in_server < self.limit
+
+    def answered(self, *, late: bool, in_server: int, admitted_at: float, now: float) -> None:
+        """One answer, at `now`, to a request let in at `admitted_at` (time.perf_counter())."""
+        if admitted_at < self._cut_at:
+            return
+        self.late_share += (float(late) - self.late_share) / WINDOW
+        if late:
+            if self.late_share > TARGET and in_server >= self.floor:
+                self.limit = max(float(self.floor), min(self.limit, in_server) * BACKOFF)
+                self.late_share = 0.0
+                self._cut_at = now
+        elif 2 * (in_server + 1) >= self.limit:
+            self.limit = min(float(self.ceiling), self.limit + 1 / self.limit)

@@ -1,0 +1,71 @@
+"""LatenessLimit: the admission limit that late answers lower and answers on time raise again."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.lateness_limit import LatenessLimit
+
+
+def answer(limit: LatenessLimit, late: bool, in_server: int, at: float = 1.0, admitted_at: float = 0.5) -> None:
+    limit.answered(late=late, in_server=in_server, admitted_at=admitted_at, now=at)
+
+
+def test_it_starts_at_the_queues_bound_and_lets_in_up_to_it() -> None:
+    limit = LatenessLimit(floor=8, ceiling=256)
+    assert limit.limit == 256
+    assert limit.allows(255)
+    assert not limit.allows(256)
+
+
+def test_it_drops_when_the_late_share_passes_five_percent_not_at_one_late_answer() -> None:
+    limit = LatenessLimit(floor=8, ceiling=256)
+    for _ in range(5):  # 1 - 0.99**5 = 4.9 % of the last hundred answers
+        answer(limit, late=True, in_server=40)
+    assert limit.limit == 256
+    answer(limit, late=True, in_server=40)  # 5.9 %
+    assert limit.limit == 32.0  # 0.8 of the 40 in the server
+    assert limit.late_share == 0.0
+    assert limit.allows(31) and not limit.allows(32)
+
+
+def test_answers_to_requests_let_in_before_a_drop_are_not_counted() -> None:
+    limit = LatenessLimit(floor=8, ceiling=256)
+    for _ in range(6):
+        answer(limit, late=True, in_server=40, at=2.0)
+    assert limit.limit == 32.0
+    for _ in range(20):  # let in at 1.5, before the drop at 2.0: late for the same reason
+        answer(limit, late=True, in_server=30, at=2.1, admitted_at=1.5)
+    assert (limit.limit, limit.late_share) == (32.0, 0.0)
+    for _ in range(6):  # let in after it: the new limit is too high as well
+        answer(limit, late=True, in_server=30, at=2.3, admitted_at=2.05)
+    assert limit.limit == 24.0  # 0.8 of the 30 in the server
+
+
+def test_late_answers_with_fewer_than_the_floor_in_the_server_change_nothing() -> None:
+    limit = LatenessLimit(floor=8, ceiling=256)
+    for _ in range(50):
+        answer(limit, late=True, in_server=7)
+    assert limit.limit == 256
+    answer(limit, late=True, in_server=8)
+    assert limit.limit == 8.0  # 0.8 of 8, held at the floor
+
+
+def test_answers_on_time_grow_it_by_one_over_the_limit_while_the_server_is_half_as_full() -> None:
+    limit = LatenessLimit(floor=8, ceiling=34)
+    for _ in range(6):
+        answer(limit, late=True, in_server=20)
+    assert limit.limit == 16.0
+    after = {"at": 2.0, "admitted_at": 1.5}  # let in after the drop
+    answer(limit, late=False, in_server=6, **after)  # 7 of 16 with this one: far from binding
+    assert limit.limit == 16.0
+    answer(limit, late=False, in_server=7, **after)
+    assert limit.limit == 16.0625
+    for _ in range(1000):
+        answer(limit, late=False, in_server=33, **after)
+    assert limit.limit == 34.0  # the ceiling
+
+
+def test_a_floor_above_the_ceiling_is_refused() -> None:
+    with pytest.raises(ValueError, match="floor"):
+        LatenessLimit(floor=9, ceiling=8)
