@@ -46,8 +46,17 @@ from typing import TYPE_CHECKING, Any
 from bench import inprocess, loadgen
 from bench.analysis import batch_histogram, stage_breakdown
 from bench.loadgen import Latencies
-from bench.payloads import MixSpec, Payload, build_mix, build_pictures, describe, memory_rotation, write_requests
-from bench.server import ROOT, Server, diff, machine_busy_s, start_server
+from bench.payloads import (
+    MixSpec,
+    Payload,
+    build_mix,
+    build_pictures,
+    describe,
+    memory_rotation,
+    with_header,
+    write_requests,
+)
+from bench.server import ROOT, Server, diff, machine_busy_s, start_server, total
 from bench.wrk import run_wrk, wrk_path, wrk_version
 from model.manifest import read_manifest
 
@@ -56,6 +65,11 @@ if TYPE_CHECKING:
 
 DEFAULT_BUDGET_S = 420.0
 DEFAULT_CONCURRENCY = (1, 8, 32, 64)
+# Overload with deadlines: the uniform workload at twice its saturation, every request allowing
+# 100 ms. What counts there is the answers within their deadlines (an answer after its deadline is
+# work lost), and how early the rest is refused.
+OVERLOAD_SHARE = 2.0
+OVERLOAD_DEADLINE_MS = 100
 OPEN_FRACTIONS = (0.25, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.3)
 
 
@@ -159,6 +173,9 @@ class OpenRun:
     generator_cpu_s: float
     server_cpu_s: float
     foreign_cpu: float = 0.0
+    deadline_ms: int | None = None  # every request's X-Request-Timeout-Ms, if any
+    within_deadline: int = 0  # 200s answered within it, by the generator's clock (from the intended send)
+    within_deadline_server: float = 0.0  # the same by the service's own count (from the request's first byte)
     error_kinds: dict[str, int] = field(default_factory=dict)  # connection errors by exception name
     stages: dict[str, float] = field(default_factory=dict)
     batches: dict[float, float] = field(default_factory=dict)
@@ -312,7 +329,9 @@ def closed_run(
     return record
 
 
-def open_run(server: Server, workload: Workload, fraction: float, rate: float, plan: Plan) -> OpenRun:
+def open_run(
+    server: Server, workload: Workload, fraction: float, rate: float, plan: Plan, deadline_ms: int | None = None
+) -> OpenRun:
     server.wait_idle()
     before, cpu, busy = server.metrics(), server.cpu_s(), machine_busy_s()
     began = time.perf_counter()
@@ -356,9 +375,19 @@ def open_run(server: Server, workload: Workload, fraction: float, rate: float, p
         generator_cpu_s=r.generator_cpu_s,
         server_cpu_s=server_cpu,
         foreign_cpu=foreign,
+        deadline_ms=deadline_ms,
+        within_deadline=sum(latency <= deadline_ms / 1000 for latency in ok) if deadline_ms else 0,
+        within_deadline_server=total(delta, "fusion_requests_within_deadline_total"),
         stages=stage_breakdown(delta),
         batches=batch_histogram(delta),
     )
+
+
+def with_deadline(workload: Workload, deadline_ms: int, out: Path) -> Workload:
+    """The workload with every request allowing `deadline_ms` (X-Request-Timeout-Ms)."""
+    requests = [with_header(request, "X-Request-Timeout-Ms", str(deadline_ms)) for request in workload.requests]
+    name = f"{workload.name}-{deadline_ms}ms"
+    return Workload(name, workload.payloads, requests, write_requests(requests, out / f"requests-{name}.bin"))
 
 
 def memory_run(server: Server, rotation: Sequence[tuple[bytes, int]], plan: Plan) -> dict[str, Any]:
@@ -474,6 +503,7 @@ def log_open(run_open: OpenRun) -> OpenRun:
         f"open {run_open.workload:6} {run_open.fraction:4.2f} x saturation = {run_open.offered_rate:6.1f}/s: "
         f"ok {run_open.ok_per_s:6.1f}/s, p50 {run_open.p50_s * 1e3:7.1f} ms, p99 {run_open.p99_s * 1e3:7.1f} ms, "
         f"shed {run_open.shed}, unanswered {run_open.unanswered}"
+        + (f", within {run_open.deadline_ms} ms {run_open.within_deadline}" if run_open.deadline_ms else "")
     )
     return run_open
 
@@ -606,6 +636,10 @@ def run(
         scenes_saturation = max(cells_[f"batched/scenes/{c}"]["throughput"] for c in scenes_at)
         scenes_rate = max(1.0, 0.8 * scenes_saturation)
         open_runs.append(log_open(open_run(batched, workloads["scenes"], 0.8, scenes_rate, plan)))
+        overload = with_deadline(workloads["scenes"], OVERLOAD_DEADLINE_MS, out)
+        overload_rate = OVERLOAD_SHARE * scenes_saturation
+        overloaded = open_run(batched, overload, OVERLOAD_SHARE, overload_rate, plan, OVERLOAD_DEADLINE_MS)
+        open_runs.append(log_open(overloaded))
         log(f"memory: {plan.memory_requests} requests, one in four bad")
         memory = memory_run(batched, memory_rotation(mixed.payloads, manifest.max_text_length), plan)
         log(

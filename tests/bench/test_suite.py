@@ -63,7 +63,12 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
     assert {(r["server"], r["workload"], r["concurrency"]) for r in results["closed"]} == expected
     assert all(r["non_2xx"] == 0 and r["errors"] == 0 and r["requests"] > 0 for r in results["closed"])
     assert all(r["unanswered"] == 0 and r["ok"] > 0 for r in results["open"])
-    assert [r["workload"] for r in results["open"]] == ["mixed", "mixed", "scenes"]
+    assert [r["workload"] for r in results["open"]] == ["mixed", "mixed", "scenes", "scenes-100ms"]
+    overload = results["open"][-1]  # twice the scenes' saturation, every request allowing 100 ms
+    assert (overload["fraction"], overload["deadline_ms"]) == (2.0, 100)
+    assert 0 <= overload["within_deadline"] <= overload["ok"] and overload["within_deadline_server"] >= 0
+    assert "x saturation (uniform), every request with a 100 ms deadline: answers within it" in text
+    assert "scenes-100ms: the uniform workload again, at 2 times its saturation" in text
     memory = results["memory"]
     # Every bad request got exactly the status the service documents for it.
     assert memory["requests"] > 0 and memory["unexpected_status"] == 0 and memory["bad"] > 0
