@@ -73,12 +73,13 @@ class _State(IntEnum):
 class Ticket:
     """One admitted request's place in the bounded queue, held until it runs or fails."""
 
-    __slots__ = ("_batcher", "_stage", "admitted_at")
+    __slots__ = ("_batcher", "_stage", "admitted_at", "allowance_s")
 
-    def __init__(self, batcher: MicroBatcher) -> None:
+    def __init__(self, batcher: MicroBatcher, allowance_s: float | None) -> None:
         self._batcher = batcher
         self._stage: str | None = "decode"
         self.admitted_at = time.perf_counter()
+        self.allowance_s = allowance_s  # all the time the request allowed, from its first byte (None: unknown)
 
     def _move(self, stage: str | None) -> None:
         if self._stage is None:
@@ -383,7 +384,7 @@ class MicroBatcher:
             return Overloaded(
                 f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=self.retry_after_s()
             )
-        if not self.lateness.allows(self.in_server):
+        if not self.lateness.allows(self.in_server, time.perf_counter()):
             self.metrics.shed.labels("late").inc()
             return Overloaded(
                 f"the server's answers are coming late: it lets in {int(self.lateness.limit)} requests at a time"
@@ -408,12 +409,14 @@ class MicroBatcher:
         batches cost more per item, so the estimate errs on the side of refusing then."""
         return (self.running + self.admitted + 1) * self._item_seconds
 
-    def admit(self, allowed_s: float | None = None) -> Ticket:
+    def admit(self, allowed_s: float | None = None, allowance_s: float | None = None) -> Ticket:
+        """A place for a request whose deadline leaves it `allowed_s` from now, of `allowance_s` in all
+        (its X-Request-Timeout-Ms; by default `allowed_s`); 429 or 503 instead, as `refusal` says."""
         if (error := self.refusal(allowed_s)) is not None:
             raise error
         self.admitted += 1
         self.metrics.queue_depth.labels("decode").inc()
-        return Ticket(self)
+        return Ticket(self, allowance_s if allowance_s is not None else allowed_s)
 
     def retry_after_s(self) -> int:
         """Whole seconds until the queue ahead has likely drained (at least 1)."""
@@ -433,8 +436,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if now >= deadline:
-            self.metrics.expired.labels("before_queue").inc()
-            self._answered(ticket, late=True)
+            self.metrics.expired.labels("before_queue").inc()  # not the queue's doing: not counted as late
             raise DeadlineExceeded("the request's deadline passed before it could be queued")
         if gone is not None and gone.done():
             self.metrics.cancelled.labels("client_disconnected").inc()
@@ -470,7 +472,12 @@ class MicroBatcher:
         return row
 
     def _answered(self, ticket: Ticket, *, late: bool) -> None:
-        """An answer (late: past its deadline, or 504) for the limit to learn from."""
+        """An answer (late: past its deadline, or 504) for the limit to learn from; not one to a
+        request that allowed less than a batch's running time, which an idle server misses too. All
+        it allowed, not what was left of it when it was let in: a request that waited for the event
+        loop before it was read is what the limit is for."""
+        if ticket.allowance_s is not None and ticket.allowance_s < self._batch_seconds:
+            return
         now = time.perf_counter()
         self.lateness.answered(late=late, in_server=self.in_server, admitted_at=ticket.admitted_at, now=now)
         self.metrics.admission_limit.set(self.lateness.limit)

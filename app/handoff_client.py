@@ -257,7 +257,7 @@ class RemoteBatcher:
             )
         return None
 
-    def admit(self, allowed_s: float | None = None) -> RemoteTicket:
+    def admit(self, allowed_s: float | None = None, allowance_s: float | None = None) -> RemoteTicket:
         if (error := self.refusal(allowed_s)) is not None:
             raise error
         self.admitted += 1

@@ -41,7 +41,8 @@ class ShedMiddleware:
         await service_error_response(error, request_id_of(scope.get("state")))(scope, receive, send)
 
     def _allowed_s(self, scope: Scope) -> float | None:
-        """The request's time allowance; None for an invalid header, which the route refuses (422)."""
+        """The time the request's deadline leaves it; None for an invalid header, which the route
+        refuses (422), and for a deadline already passed, which it answers 504."""
         raw = next((value for name, value in scope["headers"] if name == _TIMEOUT_HEADER), None)
         try:
             allowed = allowed_seconds(raw.decode("latin-1") if raw is not None else None, self.state.settings)
@@ -49,7 +50,8 @@ class ShedMiddleware:
             return None
         now = asyncio.get_running_loop().time()
         received: float = scope["state"].get(RECEIVED_AT, now)
-        return allowed - (now - received)
+        left = allowed - (now - received)
+        return left if left > 0 else None
 
 
 _TIMEOUT_HEADER: Final = TIMEOUT_HEADER.encode()

@@ -314,8 +314,10 @@ def test_a_request_that_its_batch_would_answer_too_late_is_answered_504_before_i
 def test_answers_coming_late_lower_the_admission_limit_and_beyond_it_requests_get_429(probe_package: Path) -> None:
     """When the server's answers come past their deadlines, it lets fewer requests in at once: six
     504s in a row (over 5 % of the recent answers late), with four requests in the server, drop the
-    limit to 0.8 of those four, and the next request is refused at once. Answers to requests let in
-    before the drop leave it alone; an idle server still serves under it."""
+    limit to 0.8 of those four, and the next request is refused at once. A 504 to a request that
+    allowed less than a batch's running time does not count, nor do answers to requests let in
+    before the drop; an idle server still serves under the limit, and an answer on time after a
+    refusal raises it."""
 
     async def body() -> None:
         async with serve(settings_for(probe_package)) as served:
@@ -324,13 +326,20 @@ def test_answers_coming_late_lower_the_admission_limit_and_beyond_it_requests_ge
             patient = [asyncio.create_task(post(served, "/predict", picture(), SLOW)) for _ in range(4)]
             await until(lambda: batcher.queued == 4)
             assert (await first).status_code == 200
-            await until(lambda: batcher.running == 4)  # one batch of four slow texts: about 0.8 s
+            await until(lambda: batcher.running == 4)  # one batch of four slow texts: four times the first
+            # The running estimate of batch time: a fifth of the first batch's (the first to run).
+            batch_ms = batcher._batch_seconds * 1000
+            shorter, longer = (
+                {"X-Request-Timeout-Ms": str(int(batch_ms / 2))},
+                {"X-Request-Timeout-Ms": str(int(batch_ms * 1.2))},
+            )
+            hopeless = await post(served, "/predict", picture(), "hopeless", headers=shorter)
+            assert hopeless.status_code == 504
+            assert (batcher.lateness.limit, batcher.lateness.late_share) == (272, 0.0)  # 256 queued, 2 batches of 8
             for i in range(6):
-                hurried = await post(
-                    served, "/predict", picture(), f"hurried {i}", headers={"X-Request-Timeout-Ms": "20"}
-                )
+                hurried = await post(served, "/predict", picture(), f"hurried {i}", headers=longer)
                 assert hurried.status_code == 504
-                assert batcher.lateness.limit == (272 if i < 5 else 3.2)  # from 256 queued and 2 batches of 8
+                assert batcher.lateness.limit == (272 if i < 5 else 3.2)
             refused = await post(served, "/predict", picture(), "one more")
             assert not any(task.done() for task in patient)
             assert refused.status_code == 429 and refused.json()["error"]["code"] == "overloaded"
@@ -338,11 +347,15 @@ def test_answers_coming_late_lower_the_admission_limit_and_beyond_it_requests_ge
             assert int(refused.headers["retry-after"]) >= 1
             assert [r.status_code for r in await gather(*patient)] == [200] * 4
             assert batcher.lateness.limit == 3.2  # on time, but let in before the drop
+            # On time, let in after the drop, and the limit refused one since: it grows by 1 / 3.2.
             assert (await post(served, "/predict", picture(), "alone")).status_code == 200
+            assert batcher.lateness.limit == 3.5125
+            assert (await post(served, "/predict", picture(), "alone again")).status_code == 200
+            assert batcher.lateness.limit == 3.5125  # nobody held back since, and the server was empty
             samples = await served.metrics()
         assert metric(samples, "fusion_requests_shed_total", reason="late") == 1
-        assert metric(samples, "fusion_admission_limit") == 3.2
-        assert metric(samples, "fusion_requests_expired_total", stage="queue") == 6
+        assert metric(samples, "fusion_admission_limit") == 3.5125
+        assert metric(samples, "fusion_requests_expired_total", stage="queue") == 7
 
     run(body())
 

@@ -124,10 +124,14 @@ def test_a_deadline_counts_from_the_first_byte_of_the_request(server: Server) ->
     )
     head = "".join(f"{name}: {value}\r\n" for name, value in request.headers.items())
     raw = f"POST /predict HTTP/1.1\r\n{head}\r\n".encode("latin-1") + request.read()
-    executed = metric(server.metrics(), "fusion_items_executed_total", kind="fuse")
+    before = server.metrics()
     status, body = exchange(server.port, raw, pause_after=10, pause_s=0.3)
     assert status == 504 and json.loads(body)["error"]["code"] == "deadline_exceeded"
-    assert metric(server.metrics(), "fusion_items_executed_total", kind="fuse") == executed
+    after = server.metrics()
+    for name, labels in (("fusion_items_executed_total", {"kind": "fuse"}), ("fusion_requests_shed_total", {})):
+        assert metric(after, name, **labels) == metric(before, name, **labels)  # neither run nor counted as shed
+    expired = metric(after, "fusion_requests_expired_total", stage="before_queue")
+    assert expired == metric(before, "fusion_requests_expired_total", stage="before_queue") + 1
     assert exchange(server.port, raw)[0] == 200
 
 

@@ -14,8 +14,8 @@ def answer(limit: LatenessLimit, late: bool, in_server: int, at: float = 1.0, ad
 def test_it_starts_at_the_queues_bound_and_lets_in_up_to_it() -> None:
     limit = LatenessLimit(floor=8, ceiling=256)
     assert limit.limit == 256
-    assert limit.allows(255)
-    assert not limit.allows(256)
+    assert limit.allows(255, now=1.0)
+    assert not limit.allows(256, now=1.0)
 
 
 def test_it_drops_when_the_late_share_passes_five_percent_not_at_one_late_answer() -> None:
@@ -26,7 +26,7 @@ def test_it_drops_when_the_late_share_passes_five_percent_not_at_one_late_answer
     answer(limit, late=True, in_server=40)  # 5.9 %
     assert limit.limit == 32.0  # 0.8 of the 40 in the server
     assert limit.late_share == 0.0
-    assert limit.allows(31) and not limit.allows(32)
+    assert limit.allows(31, now=1.5) and not limit.allows(32, now=1.5)
 
 
 def test_answers_to_requests_let_in_before_a_drop_are_not_counted() -> None:
@@ -64,6 +64,35 @@ def test_answers_on_time_grow_it_by_one_over_the_limit_while_the_server_is_half_
     for _ in range(1000):
         answer(limit, late=False, in_server=33, **after)
     assert limit.limit == 34.0  # the ceiling
+
+
+def test_after_a_refusal_an_answer_on_time_grows_it_however_few_are_in_the_server() -> None:
+    """A batch can take every request the limit lets in: its answers find the server empty, but the
+    limit was what held the others back."""
+    limit = LatenessLimit(floor=2, ceiling=64)
+    for _ in range(6):
+        answer(limit, late=True, in_server=10)
+    assert limit.limit == 8.0
+    after = {"at": 2.0, "admitted_at": 1.5}
+    answer(limit, late=False, in_server=0, **after)
+    assert limit.limit == 8.0
+    assert not limit.allows(8, now=2.0)  # one refused
+    answer(limit, late=False, in_server=0, **after)
+    assert limit.limit == 8.125
+    answer(limit, late=False, in_server=0, **after)  # nobody refused since
+    assert limit.limit == 8.125
+
+
+def test_thirty_seconds_after_the_last_late_answer_it_is_back_at_the_ceiling() -> None:
+    limit = LatenessLimit(floor=2, ceiling=64)
+    for _ in range(6):
+        answer(limit, late=True, in_server=10, at=100.0)
+    assert limit.limit == 8.0
+    assert not limit.allows(8, now=129.9)
+    assert limit.allows(8, now=130.0) and limit.limit == 64.0
+    for _ in range(6):  # the lateness is back: the first drop is from the requests then in the server
+        answer(limit, late=True, in_server=40, at=131.0, admitted_at=130.5)
+    assert limit.limit == 32.0
 
 
 def test_a_floor_above_the_ceiling_is_refused() -> None:
