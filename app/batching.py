@@ -261,6 +261,7 @@ class MicroBatcher:
         self._stalled: ServiceError | None = None  # set while a hung pass holds the device (abandon)
         self._batch_seconds = 0.0  # running estimate, for Retry-After
         self._item_seconds = 0.0  # running estimate of batch time per item, for admission by deadline
+        self._fastest: dict[Kind, float] = {}  # the shortest batch of each kind that ran, for the lateness limit
         # From the floor (a quarter batch: with fewer requests in the server, a late answer is not
         # the load's doing) to what the other bounds allow: a full queue and two batches on the
         # device (the running one and the one handed over early).
@@ -384,7 +385,11 @@ class MicroBatcher:
             return Overloaded(
                 f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=self.retry_after_s()
             )
-        if not self.lateness.allows(self.in_server, time.perf_counter()):
+        limit = self.lateness.limit
+        allowed = self.lateness.allows(self.in_server, time.perf_counter())
+        if self.lateness.limit != limit:  # back at its ceiling, 30 s after the last late answer
+            self.metrics.admission_limit.set(self.lateness.limit)
+        if not allowed:
             self.metrics.shed.labels("late").inc()
             return Overloaded(
                 f"the server's answers are coming late: it lets in {int(self.lateness.limit)} requests at a time"
@@ -466,17 +471,17 @@ class MicroBatcher:
                 self._skip_if_nobody_left(item)
             raise
         except DeadlineExceeded:
-            self._answered(ticket, late=True)
+            self._answered(ticket, kind, late=True)
             raise
-        self._answered(ticket, late=loop.time() > deadline)
+        self._answered(ticket, kind, late=loop.time() > deadline)
         return row
 
-    def _answered(self, ticket: Ticket, *, late: bool) -> None:
+    def _answered(self, ticket: Ticket, kind: Kind, *, late: bool) -> None:
         """An answer (late: past its deadline, or 504) for the limit to learn from; not one to a
-        request that allowed less than a batch's running time, which an idle server misses too. All
-        it allowed, not what was left of it when it was let in: a request that waited for the event
-        loop before it was read is what the limit is for."""
-        if ticket.allowance_s is not None and ticket.allowance_s < self._batch_seconds:
+        request that allowed less than the fastest batch of its kind took, which an idle server
+        misses too. All it allowed, not what was left of it when it was let in: a request that
+        waited for the event loop before it was read is what the limit is for."""
+        if ticket.allowance_s is not None and ticket.allowance_s < self._fastest.get(kind, 0.0):
             return
         now = time.perf_counter()
         self.lateness.answered(late=late, in_server=self.in_server, admitted_at=ticket.admitted_at, now=now)
@@ -805,6 +810,7 @@ class MicroBatcher:
             self._item_seconds += (_EWMA if self._item_seconds else 1.0) * (per_item - self._item_seconds)
             previous = self._durations.get(batch.shape, elapsed)
             self._durations[batch.shape] = previous + _EWMA * (elapsed - previous)
+            self._fastest[lane.kind] = min(self._fastest.get(lane.kind, math.inf), elapsed)
         self.metrics.batch_size.labels(lane.kind.value).observe(count)
         self.metrics.batch_duration.labels(lane.kind.value).observe(elapsed)
         for item in stage.items:  # until the batch began on the device, behind any batch ahead of it

@@ -30,10 +30,15 @@ congestion window learns from lost packets:
   slow start) overshot instead: at twice the capacity the limit rose past 130, and 93 % of the
   answers came on time in two runs, against 95-98 % in three without it.
 
-Under `floor` requests in the server, lateness is not the load's doing (a 12-megapixel photo, say),
-so the limit never drops below it. The batcher leaves out the answers that say nothing of the load
-at all: to a request that allowed less than one batch's running time, or whose deadline passed
-before it was queued (its upload took the time, or it was spent before the server read it).
+Under `floor` requests in the server, lateness is not the load's doing (a 12-megapixel photo, say):
+such answers are not in the share, and the limit never drops below it. The batcher leaves out the
+answers that say nothing of the load at all: to a request that allowed less than the fastest batch
+of its kind has taken (an idle server would miss it too), or whose deadline passed before it was
+queued (its upload took the time, or it was spent before the server read it).
+
+Known weakness: answers late at any load but not left out by those rules (a request allowing one
+to two batches' time waits for the running batch and then its own) keep the share up when they are
+over 5 % of the answers, and hold the limit low, below what the device could answer in time.
 
 A target share rather than any one late answer: near capacity a few answers come late however many
 are let in, and a drop at each late answer refused a third of the requests there, and a third of
@@ -76,13 +81,16 @@ class LatenessLimit:
         """One answer, at `now`, to a request let in at `admitted_at` (time.perf_counter())."""
         if admitted_at < self._cut_at:
             return
-        self.late_share += (float(late) - self.late_share) / WINDOW
+        loaded = in_server >= self.floor  # else the answer says nothing of the load: not in the share
+        if loaded:
+            self.late_share += (float(late) - self.late_share) / WINDOW
         if late:
-            self._late_at = now
-            if self.late_share > TARGET and in_server >= self.floor:
-                self.limit = max(float(self.floor), min(self.limit, in_server) * BACKOFF)
-                self.late_share = 0.0
-                self._cut_at = now
+            if loaded:
+                self._late_at = now
+                if self.late_share > TARGET:
+                    self.limit = max(float(self.floor), min(self.limit, in_server) * BACKOFF)
+                    self.late_share = 0.0
+                    self._cut_at = now
             return
         if self._refused or 2 * (in_server + 1) >= self.limit:
             self.limit = min(float(self.ceiling), self.limit + 1 / self.limit)

@@ -33,7 +33,9 @@ class ShedMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         batcher = self.state.batcher
         shed = scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths
-        error = batcher.refusal(self._allowed_s(scope)) if shed and batcher is not None else None
+        left = self._allowed_s(scope) if shed else None
+        # A deadline already passed is not refused here: the route answers it 504 before the body.
+        error = batcher.refusal(left) if shed and batcher is not None and (left is None or left > 0) else None
         if error is None:
             await self.app(scope, receive, send)
             return
@@ -41,8 +43,8 @@ class ShedMiddleware:
         await service_error_response(error, request_id_of(scope.get("state")))(scope, receive, send)
 
     def _allowed_s(self, scope: Scope) -> float | None:
-        """The time the request's deadline leaves it; None for an invalid header, which the route
-        refuses (422), and for a deadline already passed, which it answers 504."""
+        """The time the request's deadline leaves it (0 or less: passed already); None for an
+        invalid header, which the route refuses (422)."""
         raw = next((value for name, value in scope["headers"] if name == _TIMEOUT_HEADER), None)
         try:
             allowed = allowed_seconds(raw.decode("latin-1") if raw is not None else None, self.state.settings)
@@ -50,8 +52,7 @@ class ShedMiddleware:
             return None
         now = asyncio.get_running_loop().time()
         received: float = scope["state"].get(RECEIVED_AT, now)
-        left = allowed - (now - received)
-        return left if left > 0 else None
+        return allowed - (now - received)
 
 
 _TIMEOUT_HEADER: Final = TIMEOUT_HEADER.encode()

@@ -315,24 +315,22 @@ def test_answers_coming_late_lower_the_admission_limit_and_beyond_it_requests_ge
     """When the server's answers come past their deadlines, it lets fewer requests in at once: six
     504s in a row (over 5 % of the recent answers late), with four requests in the server, drop the
     limit to 0.8 of those four, and the next request is refused at once. A 504 to a request that
-    allowed less than a batch's running time does not count, nor do answers to requests let in
+    allowed less than the fastest batch of its kind took does not count, nor do answers to requests let in
     before the drop; an idle server still serves under the limit, and an answer on time after a
     refusal raises it."""
 
     async def body() -> None:
         async with serve(settings_for(probe_package)) as served:
             batcher = served.batcher
+            assert (await post(served, "/predict", picture(), "#" * 10)).status_code == 200  # the fastest batch
             first = await hold_the_device(served)
             patient = [asyncio.create_task(post(served, "/predict", picture(), SLOW)) for _ in range(4)]
             await until(lambda: batcher.queued == 4)
             assert (await first).status_code == 200
             await until(lambda: batcher.running == 4)  # one batch of four slow texts: four times the first
-            # The running estimate of batch time: a fifth of the first batch's (the first to run).
-            batch_ms = batcher._batch_seconds * 1000
-            shorter, longer = (
-                {"X-Request-Timeout-Ms": str(int(batch_ms / 2))},
-                {"X-Request-Timeout-Ms": str(int(batch_ms * 1.2))},
-            )
+            fastest_ms = batcher._fastest[Kind.FUSE] * 1000  # the batch of ten marks, about 30 ms
+            shorter = {"X-Request-Timeout-Ms": str(int(fastest_ms / 2))}
+            longer = {"X-Request-Timeout-Ms": str(max(60, int(fastest_ms * 1.5)))}
             hopeless = await post(served, "/predict", picture(), "hopeless", headers=shorter)
             assert hopeless.status_code == 504
             assert (batcher.lateness.limit, batcher.lateness.late_share) == (272, 0.0)  # 256 queued, 2 batches of 8

@@ -46,8 +46,9 @@ def test_late_answers_with_fewer_than_the_floor_in_the_server_change_nothing() -
     limit = LatenessLimit(floor=8, ceiling=256)
     for _ in range(50):
         answer(limit, late=True, in_server=7)
-    assert limit.limit == 256
-    answer(limit, late=True, in_server=8)
+    assert (limit.limit, limit.late_share) == (256, 0.0)  # not in the share either
+    for _ in range(6):
+        answer(limit, late=True, in_server=8)
     assert limit.limit == 8.0  # 0.8 of 8, held at the floor
 
 
