@@ -267,7 +267,7 @@ class MicroBatcher:
         # device (the running one and the one handed over early).
         floor = max(1, max_batch_size // 4)
         self.lateness = LatenessLimit(floor=floor, ceiling=max_queue + 2 * max_batch_size)
-        metrics.admission_limit.set(self.lateness.limit)
+        metrics.admission_limit.set_function(lambda: self.lateness.limit)  # read at each scrape
 
     @staticmethod
     def buffer_shapes(
@@ -385,11 +385,7 @@ class MicroBatcher:
             return Overloaded(
                 f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=self.retry_after_s()
             )
-        limit = self.lateness.limit
-        allowed = self.lateness.allows(self.in_server, time.perf_counter())
-        if self.lateness.limit != limit:  # back at its ceiling, 30 s after the last late answer
-            self.metrics.admission_limit.set(self.lateness.limit)
-        if not allowed:
+        if not self.lateness.allows(self.in_server, time.perf_counter()):
             self.metrics.shed.labels("late").inc()
             return Overloaded(
                 f"the server's answers are coming late: it lets in {int(self.lateness.limit)} requests at a time"
@@ -485,7 +481,6 @@ class MicroBatcher:
             return
         now = time.perf_counter()
         self.lateness.answered(late=late, in_server=self.in_server, admitted_at=ticket.admitted_at, now=now)
-        self.metrics.admission_limit.set(self.lateness.limit)
 
     def _enqueue(self, item: _Item) -> None:
         lane = self._lanes[item.kind]

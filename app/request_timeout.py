@@ -8,13 +8,21 @@ under load the event loop reads it a while after it arrived."""
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
 from app.config import Settings
 from app.errors import InvalidInput
 
 TIMEOUT_HEADER: Final = "x-request-timeout-ms"
 RECEIVED_AT: Final = "received_at"
+
+
+def deadline_of(state: Mapping[str, Any], allowed_s: float, now: float) -> float:
+    """The request's deadline on the event loop's clock: `allowed_s` from its first byte (`now` for a
+    request that did not come through app.protocol)."""
+    received: float = state.get(RECEIVED_AT, now)
+    return received + allowed_s
 
 
 def allowed_seconds(raw: str | None, settings: Settings) -> float:

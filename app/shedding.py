@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import InvalidInput
 from app.handlers import request_id_of, service_error_response
-from app.request_timeout import RECEIVED_AT, TIMEOUT_HEADER, allowed_seconds
+from app.request_timeout import TIMEOUT_HEADER, allowed_seconds, deadline_of
 from app.state import AppState
 
 
@@ -51,8 +51,7 @@ class ShedMiddleware:
         except InvalidInput:
             return None
         now = asyncio.get_running_loop().time()
-        received: float = scope["state"].get(RECEIVED_AT, now)
-        return allowed - (now - received)
+        return deadline_of(scope["state"], allowed, now) - now
 
 
 _TIMEOUT_HEADER: Final = TIMEOUT_HEADER.encode()

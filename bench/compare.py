@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import loadgen
-from bench.payloads import MixSpec, build_mix, build_pictures, with_header, write_requests
+from bench.payloads import MixSpec, build_mix, build_pictures, with_deadline, write_requests
 from bench.server import ROOT, Sample, Server, diff, start_server, total
 from bench.suite import resolve_model
 from bench.wrk import run_wrk, wrk_path
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     requests = [p.request() for p in payloads]
     if args.deadline_ms:
-        requests = [with_header(r, "X-Request-Timeout-Ms", str(args.deadline_ms)) for r in requests]
+        requests = with_deadline(requests, args.deadline_ms)
     requests_file = write_requests(requests, args.out / "requests.bin")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     variants = {"A": shlex.split(args.a), "B": shlex.split(args.b)}

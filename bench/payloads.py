@@ -79,6 +79,11 @@ def with_header(request: bytes, name: str, value: str) -> bytes:
     return request[:line_end] + f"{name}: {value}\r\n".encode("ascii") + request[line_end:]
 
 
+def with_deadline(requests: Sequence[bytes], deadline_ms: int) -> list[bytes]:
+    """The requests, each allowing `deadline_ms` (X-Request-Timeout-Ms)."""
+    return [with_header(request, "X-Request-Timeout-Ms", str(deadline_ms)) for request in requests]
+
+
 def multipart_body(fields: Sequence[tuple[str, bytes, str | None]], *, close: bool = True) -> bytes:
     """multipart/form-data; a field with a content type is sent as a file."""
     out = io.BytesIO()

@@ -213,7 +213,7 @@ def targets(results: Results) -> list[tuple[str, ...]]:
             "(reported)",
             None,
         )
-    overload = next((r for r in results["open"] if r.get("deadline_ms")), None)
+    overload = overload_run(results["open"])
     if overload:
         single(*overload_row(overload, results["plan"]["open_s"]), "(reported)", None)
     ready = [s["ready_s"] for s in results["starts"] if s["server"] == "batched"]
@@ -237,8 +237,13 @@ def targets(results: Results) -> list[tuple[str, ...]]:
 # -- the report ------------------------------------------------------------------------------------
 
 
+def overload_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The open-loop run whose requests carried a deadline (the overload with deadlines), if any."""
+    return next((r for r in runs if r.get("deadline_ms")), None)
+
+
 def overload_sentence(runs: Sequence[dict[str, Any]]) -> str:
-    overload = next((r for r in runs if r.get("deadline_ms")), None)
+    overload = overload_run(runs)
     if overload is None:
         return ""
     return (

@@ -53,7 +53,7 @@ from bench.payloads import (
     build_pictures,
     describe,
     memory_rotation,
-    with_header,
+    with_deadline,
     write_requests,
 )
 from bench.server import ROOT, Server, diff, machine_busy_s, start_server, total
@@ -383,9 +383,9 @@ def open_run(
     )
 
 
-def with_deadline(workload: Workload, deadline_ms: int, out: Path) -> Workload:
+def deadline_workload(workload: Workload, deadline_ms: int, out: Path) -> Workload:
     """The workload with every request allowing `deadline_ms` (X-Request-Timeout-Ms)."""
-    requests = [with_header(request, "X-Request-Timeout-Ms", str(deadline_ms)) for request in workload.requests]
+    requests = with_deadline(workload.requests, deadline_ms)
     name = f"{workload.name}-{deadline_ms}ms"
     return Workload(name, workload.payloads, requests, write_requests(requests, out / f"requests-{name}.bin"))
 
@@ -636,7 +636,7 @@ def run(
         scenes_saturation = max(cells_[f"batched/scenes/{c}"]["throughput"] for c in scenes_at)
         scenes_rate = max(1.0, 0.8 * scenes_saturation)
         open_runs.append(log_open(open_run(batched, workloads["scenes"], 0.8, scenes_rate, plan)))
-        overload = with_deadline(workloads["scenes"], OVERLOAD_DEADLINE_MS, out)
+        overload = deadline_workload(workloads["scenes"], OVERLOAD_DEADLINE_MS, out)
         overload_rate = OVERLOAD_SHARE * scenes_saturation
         overloaded = open_run(batched, overload, OVERLOAD_SHARE, overload_rate, plan, OVERLOAD_DEADLINE_MS)
         open_runs.append(log_open(overloaded))

@@ -25,7 +25,7 @@ from app.decoding import Decoded, DecodeElsewhere
 from app.errors import ClientGone, DeadlineExceeded, MalformedRequest, PayloadTooLarge, RequestTimeout
 from app.forms import multipart_boundary
 from app.items import Kind, Row
-from app.request_timeout import RECEIVED_AT, TIMEOUT_HEADER, allowed_seconds, is_small_number
+from app.request_timeout import TIMEOUT_HEADER, allowed_seconds, deadline_of, is_small_number
 from app.state import Serving
 from model.manifest import Manifest
 
@@ -37,13 +37,14 @@ async def infer(
 ) -> tuple[Decoded, Row]:
     loop = asyncio.get_running_loop()
     allowed = allowed_seconds(request.headers.get(TIMEOUT_HEADER), serving.settings)
-    deadline = request.scope["state"].get(RECEIVED_AT, loop.time()) + allowed
-    if loop.time() >= deadline:  # spent before the server read it: 504, not a place in the queue
+    now = loop.time()
+    deadline = deadline_of(request.scope["state"], allowed, now)
+    if now >= deadline:  # spent before the server read it: 504, not a place in the queue
         serving.metrics.expired.labels("before_queue").inc()
         raise DeadlineExceeded("the request's deadline passed before the server could read it")
     boundary = multipart_boundary(request.headers.get("content-type"))
     check_content_length(request, serving.settings.max_body_bytes)
-    ticket = serving.batcher.admit(deadline - loop.time(), allowed)
+    ticket = serving.batcher.admit(deadline - now, allowed)
     try:
         body = await read_body(request, serving.settings.max_body_bytes, serving.settings.body_timeout_s)
         gone = watch_disconnect(request)
