@@ -12,17 +12,21 @@ space-separated within one --a/--b value. `--a-root` runs variant A from another
 (`git worktree add ../before REV`), to compare two versions. `--deadline-ms N` sends every request
 with that X-Request-Timeout-Ms; with `--open-share` above 1 it measures goodput under overload:
 answers within their deadlines per second (the service's own count), since work done for a
-request whose deadline has passed is work lost.
+request whose deadline has passed is work lost. `--hurried-share S --hurried-ms T` sends, beside the
+open loop, a share S of its rate with T ms deadlines: requests hurried enough to come late at any
+load, and what they do to the others (the share of those refused with 429, their p50 and p99).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import shlex
 import statistics
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import loadgen
@@ -55,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--open-seconds", type=float, default=8.0)
     parser.add_argument("--deadline-ms", type=int, help="X-Request-Timeout-Ms on every request; reports goodput")
+    parser.add_argument(
+        "--hurried-share", type=float, default=0.0, help="of the open loop's rate, sent with --hurried-ms deadlines"
+    )
+    parser.add_argument("--hurried-ms", type=int, default=15, help="the hurried requests' X-Request-Timeout-Ms")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare")
     args = parser.parse_args(argv)
     if wrk_path() is None:
@@ -70,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.deadline_ms:
         requests = with_deadline(requests, args.deadline_ms)
     requests_file = write_requests(requests, args.out / "requests.bin")
+    hurried = with_deadline([p.request() for p in payloads], args.hurried_ms) if args.hurried_share else []
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     variants = {"A": shlex.split(args.a), "B": shlex.split(args.b)}
     preludes = {"A": args.a_prelude, "B": args.b_prelude}
@@ -85,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, flags in variants.items()
     }
     results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
-    open_results: dict[str, list[tuple[float, float]]] = {}  # p50, p99 per repeat
+    open_results: dict[str, list[OpenOutcome]] = {}
     goodput: dict[str, list[float]] = {}  # answers within their deadline per second, per repeat
     try:
         for name, server in servers.items():
@@ -113,14 +122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 for name, server in servers.items():
                     before = server.metrics()
-                    opened = open_run(server, requests, rate, args.open_seconds, repeat)
+                    opened = open_run(server, requests, rate, args.open_seconds, repeat, hurried, args.hurried_share)
                     within = total(diff(server.metrics(), before), "fusion_requests_within_deadline_total")
                     open_results.setdefault(name, []).append(opened)
                     goodput.setdefault(name, []).append(within / args.open_seconds)
-                    p50, p99 = opened
                     print(
-                        f"  #{repeat} {name} open loop at {rate:.0f}/s: p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms,"
-                        f" {within / args.open_seconds:.0f}/s answered within their deadlines"
+                        f"  #{repeat} {name} open loop at {rate:.0f}/s: p50 {opened.p50_s * 1e3:.1f} ms, p99"
+                        f" {opened.p99_s * 1e3:.1f} ms, {within / args.open_seconds:.0f}/s answered within their"
+                        f" deadlines" + (f"; {opened.describe_hurried()}" if hurried else "")
                     )
     finally:
         for server in servers.values():
@@ -140,13 +149,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{b[1] * 1e3:.1f} | {a[2] * 1e3:.1f} | {b[2] * 1e3:.1f} | {a[3]:.1%} | {b[3]:.1%} |"
         )
     if open_results:
-        a_p50, a_p99 = (statistics.median(v) for v in zip(*open_results["A"], strict=True))
-        b_p50, b_p99 = (statistics.median(v) for v in zip(*open_results["B"], strict=True))
+        a_p50, b_p50 = (statistics.median(run.p50_s for run in open_results[name]) for name in ("A", "B"))
+        a_p99, b_p99 = (statistics.median(run.p99_s for run in open_results[name]) for name in ("A", "B"))
         print(
             f"\nopen loop at {args.open_share:g} x A's best closed-loop throughput ({rate:.0f}/s), medians of "
             f"{args.repeats}: p50 {a_p50 * 1e3:.1f} / {b_p50 * 1e3:.1f} ms, p99 {a_p99 * 1e3:.1f} / {b_p99 * 1e3:.1f} "
             f"ms (A / B); p99 B/A {b_p99 / a_p99:.2f}"
         )
+        if hurried:
+            a_refused, b_refused = (statistics.median(run.refused for run in open_results[name]) for name in ("A", "B"))
+            print(
+                f"beside {args.hurried_share:.0%} more with {args.hurried_ms} ms deadlines, the others refused with"
+                f" 429, medians of {args.repeats}: {a_refused:.1%} / {b_refused:.1%} (A / B)"
+            )
         if args.deadline_ms:
             a_good, b_good = (statistics.median(goodput[name]) for name in ("A", "B"))
             print(
@@ -156,12 +171,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def open_run(server: Server, requests: list[bytes], rate: float, seconds: float, seed: int) -> tuple[float, float]:
-    """Poisson arrivals (bench.loadgen), latency from each intended send time: p50 and p99 seconds of
-    the 200s, an unanswered request counted as infinitely late, as in the report."""
-    run = loadgen.run_async(lambda: loadgen.open_loop("127.0.0.1", server.port, requests, rate, seconds, seed=seed))
+@dataclass(frozen=True)
+class OpenOutcome:
+    p50_s: float  # of the 200s, from each intended send time; an unanswered request infinitely late
+    p99_s: float
+    refused: float  # the share answered 429
+    hurried: dict[int, int]  # the hurried requests' statuses (none sent: empty)
+
+    def describe_hurried(self) -> str:
+        return f"{self.refused:.1%} refused with 429; the hurried: {dict(sorted(self.hurried.items()))}"
+
+
+def open_run(
+    server: Server,
+    requests: list[bytes],
+    rate: float,
+    seconds: float,
+    seed: int,
+    hurried: list[bytes] | None = None,
+    hurried_share: float = 0.0,
+) -> OpenOutcome:
+    """Poisson arrivals (bench.loadgen), latency from each intended send time, as in the report;
+    with `hurried`, a second stream of them at `hurried_share` times the rate, beside it."""
+
+    async def streams() -> list[loadgen.RunResult]:
+        main = loadgen.open_loop("127.0.0.1", server.port, requests, rate, seconds, seed=seed)
+        if not hurried:
+            return [await main]
+        beside = loadgen.open_loop("127.0.0.1", server.port, hurried, rate * hurried_share, seconds, seed=seed + 1000)
+        return list(await asyncio.gather(main, beside))
+
+    runs = loadgen.run_async(streams)
+    run = runs[0]
     latencies = run.ok_latencies() + [math.inf] * run.unanswered
-    return loadgen.percentile(latencies, 50), loadgen.percentile(latencies, 99)
+    answered = len(run.statuses) + run.unanswered
+    refused = run.status_counts().get(429, 0) / answered if answered else 0.0
+    return OpenOutcome(
+        loadgen.percentile(latencies, 50),
+        loadgen.percentile(latencies, 99),
+        refused,
+        runs[1].status_counts() if len(runs) > 1 else {},
+    )
 
 
 def device_busy_share(server: Server, before: dict[Sample, float], elapsed_s: float) -> float:

@@ -75,6 +75,20 @@ def test_with_deadlines_it_reports_goodput(
     assert a_good > 0 and b_good > 0  # a light load: every answer within 5 s
 
 
+def test_hurried_requests_go_beside_the_open_loop_and_the_others_refusals_are_reported(
+    tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A light load: nobody is refused, and and the hurried get their own statuses."""
+    argv = ["--model", str(tiny_package), "--b", "--lookahead-ms 2", "--out", str(tmp_path / "out"), *QUICK]
+    assert main([*argv, "--open-share", "0.5", "--open-seconds", "1", "--hurried-share", "0.25"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == (
+        "beside 25% more with 15 ms deadlines, the others refused with 429, medians of 1: 0.0% / 0.0% (A / B)"
+    )
+    per_run = [line for line in lines if " open loop at " in line]
+    assert len(per_run) == 2 and all("; 0.0% refused with 429; the hurried: {" in line for line in per_run)
+
+
 def test_a_header_goes_after_the_request_line() -> None:
     request = b"POST /predict HTTP/1.1\r\nHost: bench\r\n\r\nbody"
     assert with_header(request, "X-Request-Timeout-Ms", "100") == (
