@@ -268,6 +268,7 @@ class MicroBatcher:
         floor = max(1, max_batch_size // 4)
         self.lateness = LatenessLimit(floor=floor, ceiling=max_queue + 2 * max_batch_size)
         metrics.admission_limit.set_function(lambda: self.lateness.limit)  # read at each scrape
+        metrics.admission_limit_deadline.set_function(lambda: self.lateness.deadline_s)
 
     @staticmethod
     def buffer_shapes(
@@ -385,13 +386,9 @@ class MicroBatcher:
             return Overloaded(
                 f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=self.retry_after_s()
             )
-        if not self.lateness.allows(self.in_server, time.perf_counter()):
+        if (binding := self.lateness.refusing(self.in_server, time.perf_counter(), allowed_s)) is not None:
             self.metrics.shed.labels("late").inc()
-            return Overloaded(
-                f"the server's answers are coming late: it lets in {int(self.lateness.limit)} requests at a time"
-                " until they are on time again",
-                retry_after_s=self.retry_after_s(),
-            )
+            return binding.error(self.retry_after_s())
         under_load = self.admitted >= self.max_batch_size
         if allowed_s is not None and under_load and (wait := self.expected_wait_s()) > allowed_s:
             self.metrics.shed.labels("deadline").inc()
@@ -480,7 +477,9 @@ class MicroBatcher:
         if ticket.allowance_s is not None and ticket.allowance_s < self._fastest.get(kind, 0.0):
             return
         now = time.perf_counter()
-        self.lateness.answered(late=late, in_server=self.in_server, admitted_at=ticket.admitted_at, now=now)
+        self.lateness.answered(
+            late=late, in_server=self.in_server, admitted_at=ticket.admitted_at, now=now, allowance_s=ticket.allowance_s
+        )
 
     def _enqueue(self, item: _Item) -> None:
         lane = self._lanes[item.kind]

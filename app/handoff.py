@@ -50,6 +50,7 @@ from app.errors import (
     UnsupportedMediaType,
 )
 from app.items import ByteArray, FloatArray, Kind, Row, TokenArray
+from app.lateness_limit import Binding
 
 MAX_FRAME: Final = 64 << 20  # far above any item (a 1024x1024 model input is 3 MB); a corrupt length stops here
 HEARTBEAT_S: Final = 1.0  # the device's state goes out at least this often ...
@@ -89,11 +90,14 @@ ERRORS: Final[tuple[type[ServiceError], ...]] = (
 )
 
 _FRAME = struct.Struct("<IB")
-_ITEM = struct.Struct("<IBdHHH")  # id, kind, deadline (monotonic s), image height, width (0: none), tokens
+# Id, kind, deadline (monotonic s), allowance (s), image height, width (0: none), tokens.
+_ITEM = struct.Struct("<IBddHHH")
 _ID = struct.Struct("<I")
 _ROW = struct.Struct("<IHHH")  # id, then the lengths of probs, image and text embedding (0: absent)
 _ERROR = struct.Struct("<IBiH")  # id, class, Retry-After (-1: none), length of the code
-_STATE = struct.Struct("<BHHH")  # queue full, its Retry-After, lengths of the two reasons (UTF-8); /info follows
+# Queue full, Retry-After, the lateness limit (0: not refusing) and the time left up to which it
+# refuses, lengths of the two reasons (UTF-8); /info follows.
+_STATE = struct.Struct("<BHIdHH")
 
 
 T = TypeVar("T")
@@ -147,16 +151,17 @@ class Item:
     id: int
     kind: Kind
     deadline: float  # time.monotonic()
+    allowance: float  # all the time the request allowed, from its first byte (for the lateness limit)
     image: ByteArray | None  # [3, H, W], read-only (a view of the frame)
     tokens: TokenArray | None  # [L] token ids
 
 
 def encode_item(
-    item_id: int, kind: Kind, deadline: float, image: ByteArray | None, tokens: TokenArray | None
+    item_id: int, kind: Kind, deadline: float, allowance: float, image: ByteArray | None, tokens: TokenArray | None
 ) -> list[bytes | memoryview]:
     height, width = (int(image.shape[1]), int(image.shape[2])) if image is not None else (0, 0)
     count = len(tokens) if tokens is not None else 0
-    head = _ITEM.pack(item_id, KINDS.index(kind), deadline, height, width, count)
+    head = _ITEM.pack(item_id, KINDS.index(kind), deadline, allowance, height, width, count)
     pixels = np.ascontiguousarray(image).data.cast("B") if image is not None else b""  # no copy
     text = (tokens - 1).astype(np.uint8).tobytes() if tokens is not None else b""
     return frame(Message.ITEM, head, pixels, text)
@@ -164,7 +169,7 @@ def encode_item(
 
 def decode_item(body: memoryview) -> Item:
     try:
-        item_id, kind, deadline, height, width, count = _ITEM.unpack_from(body)
+        item_id, kind, deadline, allowance, height, width, count = _ITEM.unpack_from(body)
         offset = _ITEM.size
         image = None
         if height:
@@ -174,7 +179,7 @@ def decode_item(body: memoryview) -> Item:
         tokens = np.frombuffer(body, np.uint8, count, offset).astype(np.int64) + 1 if count else None
         if offset + count != len(body):
             raise ProtocolError("an item's length does not match its header")
-        return Item(item_id, KINDS[kind], deadline, image, tokens)
+        return Item(item_id, KINDS[kind], deadline, allowance, image, tokens)
     except (struct.error, ValueError, IndexError) as exc:
         raise ProtocolError("an item frame does not parse") from exc
 
@@ -245,23 +250,26 @@ class DeviceState:
     readiness: str | None  # None: ready
     info: bytes  # the device's /info body (JSON) once loaded; empty before
     queue_full: bool = False  # the replica's admission bound is reached: refuse before reading a body
+    late: Binding | None = None  # the replica's lateness limit refuses: those it binds, before their body
     retry_after_s: int = 1  # the device's estimate, for those refusals
 
 
 def encode_state(state: DeviceState) -> list[bytes | memoryview]:
     alive, ready = (state.liveness or "")[:MAX_REASON].encode(), (state.readiness or "")[:MAX_REASON].encode()
     retry = min(state.retry_after_s, 0xFFFF)
-    head = _STATE.pack(state.queue_full, retry, len(alive), len(ready))
+    limit, deadline_s = (state.late.limit, state.late.deadline_s) if state.late is not None else (0, 0.0)
+    head = _STATE.pack(state.queue_full, retry, min(limit, 0xFFFFFFFF), deadline_s, len(alive), len(ready))
     return frame(Message.STATE, head, alive, ready, state.info)
 
 
 def decode_state(body: memoryview) -> DeviceState:
     try:
-        full, retry, alive_length, ready_length = _STATE.unpack_from(body)
+        full, retry, limit, deadline_s, alive_length, ready_length = _STATE.unpack_from(body)
         offset = _STATE.size
         alive = bytes(body[offset : offset + alive_length]).decode()
         ready = bytes(body[offset + alive_length : offset + alive_length + ready_length]).decode()
         info = bytes(body[offset + alive_length + ready_length :])
-        return DeviceState(alive or None, ready or None, info, bool(full), retry)
+        late = Binding(limit, deadline_s) if limit else None
+        return DeviceState(alive or None, ready or None, info, bool(full), late, retry)
     except (struct.error, UnicodeDecodeError) as exc:
         raise ProtocolError("a state frame does not parse") from exc

@@ -106,16 +106,18 @@ class DeviceLink:
         image: ByteArray | None,
         tokens: TokenArray | None,
         seconds_left: float,
+        allowance_s: float,
         gone: asyncio.Future[None] | None,
     ) -> Row:
-        """Hand one item to the device; its row, or the error the device answered."""
+        """Hand one item to the device, with the time left and all the request allowed; its row, or
+        the error the device answered."""
         if self.lost:
             raise NotReady(DEVICE_GONE, retry_after_s=self._retry_after_s)
         item_id = next(self._ids)
         future: asyncio.Future[Row] = asyncio.get_running_loop().create_future()
         self._pending[item_id] = future
         deadline = time.monotonic() + seconds_left
-        self._send(handoff.encode_item(item_id, kind, deadline, image, tokens))
+        self._send(handoff.encode_item(item_id, kind, deadline, allowance_s, image, tokens))
         if gone is not None:
             gone.add_done_callback(lambda _: self._cancel(item_id))
         try:
@@ -204,11 +206,12 @@ class DeviceLink:
 class RemoteTicket:
     """A front-end's admission slot, held while the request decodes and until its answer is back."""
 
-    __slots__ = ("_batcher", "_stage")
+    __slots__ = ("_batcher", "_stage", "allowance_s")
 
-    def __init__(self, batcher: RemoteBatcher) -> None:
+    def __init__(self, batcher: RemoteBatcher, allowance_s: float | None) -> None:
         self._batcher = batcher
         self._stage: str | None = "decode"
+        self.allowance_s = allowance_s  # all the time the request allowed, from its first byte (None: unknown)
 
     def sent(self) -> None:
         """Decoded and handed over: the device's queue counts it from here."""
@@ -246,7 +249,8 @@ class RemoteBatcher:
         """Refused before the body is read: at this process's bound, or at the replica's, which the
         device process reports (an item over it would be refused there, after its body and decode).
         A request's deadline is weighed against the queue where the queue is: in the device
-        process, when the item arrives (`allowed_s` is not used here)."""
+        process, when the item arrives; and here when the device's lateness limit refuses requests with
+        as little time left (it told its front-ends so), before the body is read."""
         if self._closed or self._link.lost:
             return NotReady("the server is shutting down" if self._closed else DEVICE_GONE, retry_after_s=1)
         device = self._link.device
@@ -255,6 +259,9 @@ class RemoteBatcher:
             return Overloaded(
                 f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=device.retry_after_s
             )
+        if device.late is not None and device.late.refuses(allowed_s):
+            self.metrics.shed.labels("late").inc()
+            return device.late.error(device.retry_after_s)
         return None
 
     def admit(self, allowed_s: float | None = None, allowance_s: float | None = None) -> RemoteTicket:
@@ -262,7 +269,7 @@ class RemoteBatcher:
             raise error
         self.admitted += 1
         self.metrics.queue_depth.labels("decode").inc()
-        return RemoteTicket(self)
+        return RemoteTicket(self, allowance_s if allowance_s is not None else allowed_s)
 
     async def run(
         self,
@@ -281,7 +288,8 @@ class RemoteBatcher:
             self.metrics.cancelled.labels("client_disconnected").inc()
             raise ClientGone("the client disconnected")
         ticket.sent()
-        return await self._link.call(kind, image, tokens, seconds_left, gone)
+        allowance_s = ticket.allowance_s if ticket.allowance_s is not None else seconds_left
+        return await self._link.call(kind, image, tokens, seconds_left, allowance_s, gone)
 
     async def stop(self, timeout_s: float) -> None:
         """Refuse new requests; let those handed over finish, up to timeout_s."""

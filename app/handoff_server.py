@@ -138,7 +138,7 @@ class HandoffServer:
             # 429 at the replica's one bound, or when the work ahead would keep the item past its
             # deadline; 503 while stopping. An item already past it gets its 504 from run().
             allowed = item.deadline - time.monotonic()
-            ticket = serving.batcher.admit(allowed if allowed > 0 else None)
+            ticket = serving.batcher.admit(allowed if allowed > 0 else None, item.allowance)
         except ServiceError as exc:
             link.gone.pop(item.id, None)
             link.send(handoff.encode_error(item.id, exc))
@@ -161,10 +161,13 @@ class HandoffServer:
 
     def state_now(self) -> DeviceState:
         batcher = self._state.batcher
-        full, retry_after_s = False, 1
-        if isinstance(batcher, MicroBatcher) and batcher.admitted >= batcher.max_queue:
-            full, retry_after_s = True, batcher.retry_after_s()
-        return DeviceState(self._state.liveness(), self._state.readiness(), self._info(), full, retry_after_s)
+        full, late, retry_after_s = False, None, 1
+        if isinstance(batcher, MicroBatcher):
+            full = batcher.admitted >= batcher.max_queue
+            late = batcher.lateness.binding(batcher.in_server, time.perf_counter())
+            if full or late is not None:
+                retry_after_s = batcher.retry_after_s()
+        return DeviceState(self._state.liveness(), self._state.readiness(), self._info(), full, late, retry_after_s)
 
     async def _push_state_forever(self) -> None:
         """On every change, and as a heartbeat: a front-end that hears nothing takes this process for gone."""

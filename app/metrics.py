@@ -103,6 +103,12 @@ class Metrics:
             "Requests the server lets in at once (admitted or running), lowered while answers come late",
             registry=r,
         )
+        self.admission_limit_deadline = Gauge(
+            "fusion_admission_limit_deadline_seconds",
+            "The admission limit binds requests with no more time than this left: the longest allowance"
+            " among the late answers that lowered it",
+            registry=r,
+        )
         self.expired = Counter(
             "fusion_requests_expired", "Requests whose deadline passed before they ran", ["stage"], registry=r
         )

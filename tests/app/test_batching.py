@@ -316,8 +316,8 @@ def test_answers_coming_late_lower_the_admission_limit_and_beyond_it_requests_ge
     504s in a row (over 5 % of the recent answers late), with four requests in the server, drop the
     limit to 0.8 of those four, and the next request is refused at once. A 504 to a request that
     allowed less than the fastest batch of its kind took does not count, nor do answers to requests let in
-    before the drop; an idle server still serves under the limit, and an answer on time after a
-    refusal raises it."""
+    before the drop. The limit binds requests with no more time than the late ones allowed, not one
+    with the default deadline; an answer on time after a refusal raises it."""
 
     async def body() -> None:
         async with serve(settings_for(probe_package)) as served:
@@ -338,21 +338,28 @@ def test_answers_coming_late_lower_the_admission_limit_and_beyond_it_requests_ge
                 hurried = await post(served, "/predict", picture(), f"hurried {i}", headers=longer)
                 assert hurried.status_code == 504
                 assert batcher.lateness.limit == (272 if i < 5 else 3.2)
-            refused = await post(served, "/predict", picture(), "one more")
+            refused = await post(served, "/predict", picture(), "one more", headers=longer)
             assert not any(task.done() for task in patient)
             assert refused.status_code == 429 and refused.json()["error"]["code"] == "overloaded"
-            assert "coming late" in refused.json()["error"]["message"]
+            assert refused.json()["error"]["message"] == (
+                f"the server's answers to requests allowing {longer['X-Request-Timeout-Ms']} ms or less are coming"
+                " late: until they are on time again, it lets such requests in while fewer than 4 are in the server"
+            )
             assert int(refused.headers["retry-after"]) >= 1
+            # A request with more time than the late ones allowed is not bound by the limit.
+            free = asyncio.create_task(post(served, "/predict", picture(), "no deadline of its own"))
+            await until(lambda: batcher.in_server == 5)
             assert [r.status_code for r in await gather(*patient)] == [200] * 4
             assert batcher.lateness.limit == 3.2  # on time, but let in before the drop
             # On time, let in after the drop, and the limit refused one since: it grows by 1 / 3.2.
-            assert (await post(served, "/predict", picture(), "alone")).status_code == 200
+            assert (await free).status_code == 200
             assert batcher.lateness.limit == 3.5125
-            assert (await post(served, "/predict", picture(), "alone again")).status_code == 200
+            assert (await post(served, "/predict", picture(), "alone")).status_code == 200
             assert batcher.lateness.limit == 3.5125  # nobody held back since, and the server was empty
             samples = await served.metrics()
         assert metric(samples, "fusion_requests_shed_total", reason="late") == 1
         assert metric(samples, "fusion_admission_limit") == 3.5125
+        assert metric(samples, "fusion_admission_limit_deadline_seconds") == int(longer["X-Request-Timeout-Ms"]) / 1000
         assert metric(samples, "fusion_requests_expired_total", stage="queue") == 7
 
     run(body())

@@ -15,6 +15,7 @@ from app.handoff import DeviceState, Message, ProtocolError
 from app.handoff_client import DeviceLink, RemoteBatcher
 from app.handoff_server import HandoffServer
 from app.items import Kind, Row
+from app.lateness_limit import Binding
 from app.metrics import Metrics
 from app.metrics_merge import merge, monotonic_part
 from app.state import AppState
@@ -39,10 +40,10 @@ def _body(buffers: list[bytes | memoryview]) -> tuple[Message, memoryview]:
 def test_an_item_arrives_as_it_was_sent() -> None:
     image = np.arange(3 * 5 * 7, dtype=np.uint8).reshape(3, 5, 7)
     tokens = np.array([1, 73, 256, 229, 1], dtype=np.int64)  # ids span the whole byte range + 1
-    kind, body = _body(handoff.encode_item(41, Kind.FUSE, 81234.5, image, tokens))
+    kind, body = _body(handoff.encode_item(41, Kind.FUSE, 81234.5, 0.25, image, tokens))
     assert kind is Message.ITEM
     item = handoff.decode_item(body)
-    assert (item.id, item.kind, item.deadline) == (41, Kind.FUSE, 81234.5)
+    assert (item.id, item.kind, item.deadline, item.allowance) == (41, Kind.FUSE, 81234.5, 0.25)
     assert item.image is not None and item.tokens is not None
     assert item.image.shape == (3, 5, 7) and np.array_equal(item.image, image)
     assert item.tokens.dtype == np.int64 and item.tokens.tolist() == [1, 73, 256, 229, 1]
@@ -52,13 +53,13 @@ def test_an_image_view_travels_without_its_strides() -> None:
     """The decoder hands a [3,H,W] view of an [H,W,3] array: the bytes sent are the tensor's order."""
     pixels = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
     view = pixels.transpose(2, 0, 1)
-    item = handoff.decode_item(_body(handoff.encode_item(1, Kind.IMAGE, 1.0, view, None))[1])
+    item = handoff.decode_item(_body(handoff.encode_item(1, Kind.IMAGE, 1.0, 10.0, view, None))[1])
     assert item.tokens is None and item.image is not None
     assert np.array_equal(item.image, view)
 
 
 def test_a_text_item_carries_no_image() -> None:
-    item = handoff.decode_item(_body(handoff.encode_item(7, Kind.TEXT, 0.25, None, np.array([5, 6])))[1])
+    item = handoff.decode_item(_body(handoff.encode_item(7, Kind.TEXT, 0.25, 0.25, None, np.array([5, 6])))[1])
     assert (item.kind, item.image, item.tokens is not None and item.tokens.tolist()) == (Kind.TEXT, None, [5, 6])
 
 
@@ -94,6 +95,8 @@ def test_state_round_trip() -> None:
         DeviceState(None, "warming_up", b""),
         DeviceState("hung", "hung", b'{"model":{}}'),
         DeviceState(None, None, b"{}", queue_full=True, retry_after_s=7),
+        DeviceState(None, None, b"{}", late=Binding(limit=13, deadline_s=0.015), retry_after_s=2),
+        DeviceState(None, None, b"{}", late=Binding(limit=4, deadline_s=float("inf"))),
     ):
         kind, body = _body(handoff.encode_state(state))
         assert kind is Message.STATE and handoff.decode_state(body) == state
@@ -174,6 +177,26 @@ def test_a_front_end_bound_leaves_room_for_a_running_batch_and_the_device_bound_
     tickets.append(batcher.admit())
     assert batcher.admitted == 11
     assert metric(parse_metrics(metrics.render().decode()), "fusion_requests_shed_total", reason="queue_full") == 2
+
+
+def test_a_front_end_refuses_whom_the_devices_lateness_limit_binds() -> None:
+    """The device process says whom its lateness limit refuses: requests with no more time left than
+    the late answers allowed. A front-end refuses those before their body, and lets the others in."""
+    link = DeviceLink(Path("unused.sock"), lambda: b"", retry_after_s=1, answer_margin_s=1.0)
+    metrics = Metrics(8)
+    batcher = RemoteBatcher(link, max_queue=3, max_running=8, metrics=metrics)
+    late = Binding(limit=4, deadline_s=0.1)
+    link.device = DeviceState(liveness=None, readiness=None, info=b"", late=late, retry_after_s=3)
+    with pytest.raises(Overloaded, match="allowing 100 ms or less are coming late") as refused:
+        batcher.admit(0.1, 0.1)
+    assert refused.value.retry_after_s == 3
+    with pytest.raises(Overloaded):
+        batcher.admit(None)  # time left unknown: bound like the tightest
+    ticket = batcher.admit(0.2, 0.5)
+    assert (batcher.admitted, ticket.allowance_s) == (1, 0.5)
+    link.device = DeviceState(liveness=None, readiness=None, info=b"")
+    assert batcher.admit(0.05).allowance_s == 0.05  # the time left stands for an unknown allowance
+    assert metric(parse_metrics(metrics.render().decode()), "fusion_requests_shed_total", reason="late") == 2
 
 
 def test_a_link_counts_as_a_front_end_once_it_says_it_serves(tmp_path: Path) -> None:
