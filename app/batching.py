@@ -52,7 +52,7 @@ from typing import Final
 
 from app.errors import ClientGone, DeadlineExceeded, ModelFailure, NotReady, Overloaded, ServiceError
 from app.items import ByteArray, Kind, Row, RowResult, TokenArray
-from app.lateness_limit import LatenessLimit
+from app.lateness_limit import DeadlineClasses, LatenessLimit, gauge_label
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -266,9 +266,7 @@ class MicroBatcher:
         # the load's doing) to what the other bounds allow: a full queue and two batches on the
         # device (the running one and the one handed over early).
         floor = max(1, max_batch_size // 4)
-        self.lateness = LatenessLimit(floor=floor, ceiling=max_queue + 2 * max_batch_size)
-        metrics.admission_limit.set_function(lambda: self.lateness.limit)  # read at each scrape
-        metrics.admission_limit_deadline.set_function(lambda: self.lateness.deadline_s)
+        self.lateness = DeadlineClasses(floor=floor, ceiling=max_queue + 2 * max_batch_size, on_new=self._gauge)
 
     @staticmethod
     def buffer_shapes(
@@ -372,13 +370,20 @@ class MicroBatcher:
 
     # -- admission and requests ------------------------------------------------------------------
 
-    def refusal(self, allowed_s: float | None = None) -> ServiceError | None:
-        """Why a request would be refused admission now (counted as shed), or None. `allowed_s`: the
-        request's time allowance; under load (a full batch or more admitted ahead of it), a request
-        that the work ahead would keep longer is refused now, before its body is read, rather than
-        answered 504 once it has been. With less ahead, it would join the next batch: the estimate
-        per item, taken from small batches, would overstate its wait, and a request admitted to an
-        idle device is also what brings a stale estimate back down."""
+    def _gauge(self, key: int | None, limit: LatenessLimit) -> None:
+        """A deadline class's limit, read at each scrape (where it may be back at its ceiling)."""
+        gauge = self.metrics.admission_limit.labels(gauge_label(key))
+        gauge.set_function(lambda: limit.limit_at(time.perf_counter()))
+
+    def refusal(self, allowed_s: float | None = None, allowance_s: float | None = None) -> ServiceError | None:
+        """Why a request would be refused admission now (counted as shed), or None. `allowance_s`: all
+        the time the request allowed (by default `allowed_s`), whose deadline class's lateness limit
+        may refuse it. `allowed_s`: the time its deadline leaves it now; under load (a full batch or
+        more admitted ahead of it), a request that the work ahead would keep longer is refused now,
+        before its body is read, rather than answered 504 once it has been. With less ahead, it
+        would join the next batch: the estimate per item, taken from small batches, would overstate
+        its wait, and a request admitted to an idle device is also what brings a stale estimate back
+        down."""
         if self._closed:
             return NotReady("the server is shutting down", retry_after_s=1)
         if self.admitted >= self.max_queue:
@@ -386,7 +391,8 @@ class MicroBatcher:
             return Overloaded(
                 f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=self.retry_after_s()
             )
-        if (binding := self.lateness.refusing(self.in_server, time.perf_counter(), allowed_s)) is not None:
+        allowance = allowance_s if allowance_s is not None else allowed_s
+        if (binding := self.lateness.refusing(self.in_server, time.perf_counter(), allowance)) is not None:
             self.metrics.shed.labels("late").inc()
             return binding.error(self.retry_after_s())
         under_load = self.admitted >= self.max_batch_size
@@ -410,7 +416,7 @@ class MicroBatcher:
     def admit(self, allowed_s: float | None = None, allowance_s: float | None = None) -> Ticket:
         """A place for a request whose deadline leaves it `allowed_s` from now, of `allowance_s` in all
         (its X-Request-Timeout-Ms; by default `allowed_s`); 429 or 503 instead, as `refusal` says."""
-        if (error := self.refusal(allowed_s)) is not None:
+        if (error := self.refusal(allowed_s, allowance_s)) is not None:
             raise error
         self.admitted += 1
         self.metrics.queue_depth.labels("decode").inc()

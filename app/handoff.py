@@ -11,11 +11,13 @@ answering per request in the front-end), and the device's event loop does no HTT
 Every frame: u32 length of what follows, u8 message type, the body. Little-endian throughout.
 
     front-end -> device                     device -> front-end
-    ITEM      id, kind, deadline,           ROW        id, probs, image and text embeddings
-              image [3,H,W], token bytes    ERROR      id, error class, Retry-After, code, message
-    CANCEL    id (the client went away)     STATE      liveness, readiness, queue full and its
-                                                       Retry-After, /info (once ready); on every
-                                                       change and at least every HEARTBEAT_S
+    ITEM      id, kind, deadline, the       ROW        id, probs, image and text embeddings
+              request's whole allowance,    ERROR      id, error class, Retry-After, code, message
+              image [3,H,W], token bytes    STATE      liveness, readiness, queue full and its
+    CANCEL    id (the client went away)                Retry-After, the deadline classes whose
+                                                       lateness limits refuse and those limits,
+                                                       /info (once ready); on every change and
+                                                       at least every HEARTBEAT_S
     METRICS   id (asks for the replica's    METRICS    id, the replica's exposition text
               merged exposition text)       PULL       id (asks for this process's own metrics)
     SNAPSHOT  id, this process's own text
@@ -95,9 +97,10 @@ _ITEM = struct.Struct("<IBddHHH")
 _ID = struct.Struct("<I")
 _ROW = struct.Struct("<IHHH")  # id, then the lengths of probs, image and text embedding (0: absent)
 _ERROR = struct.Struct("<IBiH")  # id, class, Retry-After (-1: none), length of the code
-# Queue full, Retry-After, the lateness limit (0: not refusing) and the time left up to which it
-# refuses, lengths of the two reasons (UTF-8); /info follows.
-_STATE = struct.Struct("<BHIdHH")
+# Queue full, Retry-After, lengths of the two reasons (UTF-8), the number of deadline classes whose
+# lateness limits refuse; the reasons, the classes (_BINDING each) and /info follow.
+_STATE = struct.Struct("<BHHHB")
+_BINDING = struct.Struct("<BI")  # deadline class, its limit
 
 
 T = TypeVar("T")
@@ -250,26 +253,29 @@ class DeviceState:
     readiness: str | None  # None: ready
     info: bytes  # the device's /info body (JSON) once loaded; empty before
     queue_full: bool = False  # the replica's admission bound is reached: refuse before reading a body
-    late: Binding | None = None  # the replica's lateness limit refuses: those it binds, before their body
+    late: tuple[Binding, ...] = ()  # deadline classes whose lateness limits refuse: those, before their body
     retry_after_s: int = 1  # the device's estimate, for those refusals
 
 
 def encode_state(state: DeviceState) -> list[bytes | memoryview]:
     alive, ready = (state.liveness or "")[:MAX_REASON].encode(), (state.readiness or "")[:MAX_REASON].encode()
     retry = min(state.retry_after_s, 0xFFFF)
-    limit, deadline_s = (state.late.limit, state.late.deadline_s) if state.late is not None else (0, 0.0)
-    head = _STATE.pack(state.queue_full, retry, min(limit, 0xFFFFFFFF), deadline_s, len(alive), len(ready))
-    return frame(Message.STATE, head, alive, ready, state.info)
+    late = [binding for binding in state.late if binding.deadline_class is not None][:255]
+    head = _STATE.pack(state.queue_full, retry, len(alive), len(ready), len(late))
+    classes = b"".join(_BINDING.pack(b.deadline_class, min(b.limit, 0xFFFFFFFF)) for b in late)
+    return frame(Message.STATE, head, alive, ready, classes, state.info)
 
 
 def decode_state(body: memoryview) -> DeviceState:
     try:
-        full, retry, limit, deadline_s, alive_length, ready_length = _STATE.unpack_from(body)
+        full, retry, alive_length, ready_length, classes = _STATE.unpack_from(body)
         offset = _STATE.size
         alive = bytes(body[offset : offset + alive_length]).decode()
-        ready = bytes(body[offset + alive_length : offset + alive_length + ready_length]).decode()
-        info = bytes(body[offset + alive_length + ready_length :])
-        late = Binding(limit, deadline_s) if limit else None
+        offset += alive_length
+        ready = bytes(body[offset : offset + ready_length]).decode()
+        offset += ready_length
+        late = tuple(Binding(*_BINDING.unpack_from(body, offset + i * _BINDING.size)) for i in range(classes))
+        info = bytes(body[offset + classes * _BINDING.size :])
         return DeviceState(alive or None, ready or None, info, bool(full), late, retry)
     except (struct.error, UnicodeDecodeError) as exc:
         raise ProtocolError("a state frame does not parse") from exc

@@ -26,6 +26,7 @@ from app import handoff
 from app.errors import ClientGone, DeadlineExceeded, NotReady, Overloaded, ServiceError
 from app.handoff import SILENCE_S, DeviceState, Message, ProtocolError, settle
 from app.items import ByteArray, Kind, Row, TokenArray
+from app.lateness_limit import deadline_class
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -245,12 +246,12 @@ class RemoteBatcher:
         """Nothing of this front-end's on the device (for decoding a lone request on the loop)."""
         return self._link.in_flight == 0
 
-    def refusal(self, allowed_s: float | None = None) -> ServiceError | None:
+    def refusal(self, allowed_s: float | None = None, allowance_s: float | None = None) -> ServiceError | None:
         """Refused before the body is read: at this process's bound, or at the replica's, which the
         device process reports (an item over it would be refused there, after its body and decode).
         A request's deadline is weighed against the queue where the queue is: in the device
-        process, when the item arrives; and here when the device's lateness limit refuses requests with
-        as little time left (it told its front-ends so), before the body is read."""
+        process, when the item arrives. The lateness limit of the request's deadline class, which
+        the device process keeps, refuses here as well while the device says it does."""
         if self._closed or self._link.lost:
             return NotReady("the server is shutting down" if self._closed else DEVICE_GONE, retry_after_s=1)
         device = self._link.device
@@ -259,13 +260,14 @@ class RemoteBatcher:
             return Overloaded(
                 f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=device.retry_after_s
             )
-        if device.late is not None and device.late.refuses(allowed_s):
+        key = deadline_class(allowance_s if allowance_s is not None else allowed_s)
+        if (binding := next((b for b in device.late if b.deadline_class == key), None)) is not None:
             self.metrics.shed.labels("late").inc()
-            return device.late.error(device.retry_after_s)
+            return binding.error(device.retry_after_s)
         return None
 
     def admit(self, allowed_s: float | None = None, allowance_s: float | None = None) -> RemoteTicket:
-        if (error := self.refusal(allowed_s)) is not None:
+        if (error := self.refusal(allowed_s, allowance_s)) is not None:
             raise error
         self.admitted += 1
         self.metrics.queue_depth.labels("decode").inc()

@@ -25,6 +25,7 @@ from app import handoff
 from app.batching import MicroBatcher
 from app.errors import ModelFailure, ServiceError
 from app.handoff import HEARTBEAT_S, DeviceState, Message, ProtocolError
+from app.lateness_limit import Binding
 from app.metrics_merge import merge, monotonic_part
 from app.state import AppState
 
@@ -161,11 +162,12 @@ class HandoffServer:
 
     def state_now(self) -> DeviceState:
         batcher = self._state.batcher
-        full, late, retry_after_s = False, None, 1
+        full, retry_after_s = False, 1
+        late: tuple[Binding, ...] = ()
         if isinstance(batcher, MicroBatcher):
             full = batcher.admitted >= batcher.max_queue
-            late = batcher.lateness.binding(batcher.in_server, time.perf_counter())
-            if full or late is not None:
+            late = batcher.lateness.bindings(batcher.in_server, time.perf_counter())
+            if full or late:
                 retry_after_s = batcher.retry_after_s()
         return DeviceState(self._state.liveness(), self._state.readiness(), self._info(), full, late, retry_after_s)
 

@@ -36,14 +36,14 @@ answers that say nothing of the load at all: to a request that allowed less than
 of its kind has taken (an idle server would miss it too), or whose deadline passed before it was
 queued (its upload took the time, or it was spent before the server read it).
 
-The limit binds only requests that allow no more time than the late answers did: it follows the
-longest allowance among the late answers it counted since it was last at its ceiling (`deadline_s`),
-and a request with more time left than that is let in beyond the limit. Requests that allow one to
-two batches' time (the running batch, then their own) come late at any load, and no limit helps
-them; while the limit bound every request, 10 % of the requests allowing 15 ms, at 70 % of the
-capacity, dropped it to 10-22 and had 1.6-12 % of the requests without a deadline refused. Bound to
-the hurried, it refused none of the others in the same runs. An overloaded loop makes answers with
-longer deadlines late as well, and the limit's reach grows with them.
+Each deadline class has a limit of its own (DeadlineClasses): requests whose allowances
+(X-Request-Timeout-Ms) lie within a factor of two of each other. What makes an answer late is the
+requests in the server, and a request allowing more time can take more of them: requests allowing
+one to two batches' time (the running batch, then their own) come late at any load, and no limit
+helps them. One limit for every request, lowered by them, refused the others too: at 70 % of the
+capacity, with 10 % more allowing 15 ms beside them, 1.6-12 % of the requests without a deadline
+were refused, the limit at 10-22. A limit of a class binds only that class. Under an overloaded
+loop the late answers come in every class, and each class's limit drops to what its deadlines bear.
 
 A target share rather than any one late answer: near capacity a few answers come late however many
 are let in, and a drop at each late answer refused a third of the requests there, and a third of
@@ -53,6 +53,7 @@ the answers on time with them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -62,9 +63,6 @@ TARGET: Final = 0.05  # the share of late answers the limit holds the server und
 WINDOW: Final = 100  # answers the late share is followed over (the weight of the newest is 1 / WINDOW)
 BACKOFF: Final = 0.8
 RESET_S: Final = 30.0
-# Allowances are whole milliseconds (X-Request-Timeout-Ms); the time left is the allowance less a
-# clock difference, which can round above it. Within half a millisecond counts as the same allowance.
-SAME_WITHIN_S: Final = 0.0005
 
 
 class LatenessLimit:
@@ -78,35 +76,23 @@ class LatenessLimit:
         self._cut_at = float("-inf")  # time.perf_counter() of the last drop
         self._refused = False  # since the last growth
         self._late_at = float("-inf")  # time.perf_counter() of the last late answer counted
-        # The longest allowance among the late answers counted since the limit was last at its
-        # ceiling: requests with more time left than that are not what comes late.
-        self.deadline_s = 0.0
 
-    def binding(self, in_server: int, now: float) -> Binding | None:
-        """Whom the limit refuses at `now` with `in_server` requests admitted or running; None while
-        it lets every request in. RESET_S after the last late answer, it is back at the ceiling."""
-        if in_server < self.limit:
-            return None
-        if now - self._late_at >= RESET_S:
-            self.limit, self.deadline_s = float(self.ceiling), 0.0
-            if in_server < self.limit:
-                return None
-        return Binding(math.ceil(self.limit), self.deadline_s)
+    def limit_at(self, now: float) -> float:
+        """The limit at `now`: RESET_S after the last late answer counted, back at the ceiling."""
+        if self.limit < self.ceiling and now - self._late_at >= RESET_S:
+            self.limit = float(self.ceiling)
+        return self.limit
 
-    def refusing(self, in_server: int, now: float, allowed_s: float | None = None) -> Binding | None:
-        """The binding that refuses one more request at `now`, with `allowed_s` left before its
-        deadline (None: unknown, bound like the tightest); None when it may come in."""
-        binding = self.binding(in_server, now)
-        if binding is None or not binding.refuses(allowed_s):
-            return None
+    def refuses(self, in_server: int, now: float) -> bool:
+        """Whether one more request is refused at `now`, with `in_server` requests admitted or running."""
+        if in_server < self.limit_at(now):
+            return False
         self._refused = True
-        return binding
+        return True
 
-    def answered(
-        self, *, late: bool, in_server: int, admitted_at: float, now: float, allowance_s: float | None = None
-    ) -> None:
-        """One answer, at `now`, to a request let in at `admitted_at` (time.perf_counter()) that
-        allowed `allowance_s` in all (None: unknown, as if it allowed any time)."""
+    def answered(self, *, late: bool, in_server: int, admitted_at: float, now: float) -> None:
+        """One answer, at `now`, to a request let in at `admitted_at` (time.perf_counter())."""
+        self.limit_at(now)
         if admitted_at < self._cut_at:
             return
         loaded = in_server >= self.floor  # else the answer says nothing of the load: not in the share
@@ -115,7 +101,6 @@ class LatenessLimit:
         if late:
             if loaded:
                 self._late_at = now
-                self.deadline_s = max(self.deadline_s, math.inf if allowance_s is None else allowance_s)
                 if self.late_share > TARGET:
                     self.limit = max(float(self.floor), min(self.limit, in_server) * BACKOFF)
                     self.late_share = 0.0
@@ -126,25 +111,75 @@ class LatenessLimit:
             self._refused = False
 
 
+def deadline_class(allowance_s: float | None) -> int | None:
+    """The class of a request allowing `allowance_s`: allowances in (2^(k-1), 2^k] ms are class k
+    (1 ms or less: 0); None for an unknown allowance, a class of its own."""
+    if allowance_s is None:
+        return None
+    return max(0, math.ceil(math.log2(max(allowance_s * 1000, 1.0)) - 1e-9))
+
+
+class DeadlineClasses:
+    """A LatenessLimit per deadline class, each learning from its class's answers alone; the count
+    of requests in the server is one for all."""
+
+    def __init__(self, *, floor: int, ceiling: int, on_new: Callable[[int | None, LatenessLimit], None]) -> None:
+        self.floor = floor
+        self.ceiling = ceiling
+        self.limits: dict[int | None, LatenessLimit] = {}
+        self._on_new = on_new  # e.g. a gauge for the class
+
+    def _of(self, allowance_s: float | None) -> tuple[int | None, LatenessLimit]:
+        key = deadline_class(allowance_s)
+        limit = self.limits.get(key)
+        if limit is None:
+            limit = self.limits[key] = LatenessLimit(floor=self.floor, ceiling=self.ceiling)
+            self._on_new(key, limit)
+        return key, limit
+
+    def refusing(self, in_server: int, now: float, allowance_s: float | None) -> Binding | None:
+        """What refuses one more request allowing `allowance_s` at `now`; None when it may come in."""
+        key, limit = self._of(allowance_s)
+        return Binding(key, math.ceil(limit.limit)) if limit.refuses(in_server, now) else None
+
+    def answered(
+        self, *, late: bool, in_server: int, admitted_at: float, now: float, allowance_s: float | None
+    ) -> None:
+        self._of(allowance_s)[1].answered(late=late, in_server=in_server, admitted_at=admitted_at, now=now)
+
+    def bindings(self, in_server: int, now: float) -> tuple[Binding, ...]:
+        """The classes whose limits refuse their requests at `now`, for a device's front-ends."""
+        return tuple(
+            Binding(key, math.ceil(limit.limit))
+            for key, limit in self.limits.items()
+            if key is not None and in_server >= limit.limit_at(now)
+        )
+
+
 @dataclass(frozen=True)
 class Binding:
-    """The limit as it refuses: requests with no more than `deadline_s` left (within SAME_WITHIN_S),
-    while `limit` or more requests are in the server. Also what a device process tells its front-ends."""
+    """A deadline class's limit as it refuses: while `limit` or more requests are in the server.
+    Also what a device process tells its front-ends."""
 
+    deadline_class: int | None
     limit: int
-    deadline_s: float
-
-    def refuses(self, allowed_s: float | None) -> bool:
-        return allowed_s is None or allowed_s <= self.deadline_s + SAME_WITHIN_S
 
     def error(self, retry_after_s: int) -> Overloaded:
-        whom = (
-            "to requests"
-            if math.isinf(self.deadline_s)
-            else f"to requests allowing {self.deadline_s * 1000:.0f} ms or less"
-        )
         return Overloaded(
-            f"the server's answers {whom} are coming late: until they are on time again, it lets such requests"
-            f" in while fewer than {self.limit} are in the server",
+            f"the server's answers to requests {describe(self.deadline_class)} are coming late: until they are"
+            f" on time again, it lets such requests in while fewer than {self.limit} are in the server",
             retry_after_s=retry_after_s,
         )
+
+
+def describe(key: int | None) -> str:
+    """A deadline class in words, as the 429's message names it."""
+    if key is None:
+        return "of unknown deadline"
+    low, high = (2 ** (key - 1) + 1, 2**key) if key > 0 else (1, 1)
+    return f"allowing {low} ms" if low == high else f"allowing {low}-{high} ms"
+
+
+def gauge_label(key: int | None) -> str:
+    """A deadline class as the admission-limit gauge labels it: its allowances in ms ("9-16")."""
+    return "unknown" if key is None else describe(key).removeprefix("allowing ").removesuffix(" ms")

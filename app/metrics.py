@@ -100,13 +100,9 @@ class Metrics:
         self.shed = Counter("fusion_requests_shed", "Requests refused at admission", ["reason"], registry=r)
         self.admission_limit = Gauge(
             "fusion_admission_limit",
-            "Requests the server lets in at once (admitted or running), lowered while answers come late",
-            registry=r,
-        )
-        self.admission_limit_deadline = Gauge(
-            "fusion_admission_limit_deadline_seconds",
-            "The admission limit binds requests with no more time than this left: the longest allowance"
-            " among the late answers that lowered it",
+            "Requests the server lets in at once (admitted or running) of a deadline class (allowances,"
+            " in ms), lowered while the class's answers come late",
+            ["allowing_ms"],
             registry=r,
         )
         self.expired = Counter(

@@ -32,7 +32,6 @@ DEVICE_ONLY: Final = frozenset(
         "fusion_startup_seconds",
         "fusion_call_cost_tokens",
         "fusion_admission_limit",
-        "fusion_admission_limit_deadline_seconds",
         "fusion_model_info",
         "fusion_consecutive_failed_batches",
         "process_start_time_seconds",

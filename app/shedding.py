@@ -33,25 +33,25 @@ class ShedMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         batcher = self.state.batcher
         shed = scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths
-        left = self._allowed_s(scope) if shed else None
+        allowed, left = self._allowance_and_left(scope) if shed else (None, None)
         # A deadline already passed is not refused here: the route answers it 504 before the body.
-        error = batcher.refusal(left) if shed and batcher is not None and (left is None or left > 0) else None
+        error = batcher.refusal(left, allowed) if shed and batcher is not None and (left is None or left > 0) else None
         if error is None:
             await self.app(scope, receive, send)
             return
         scope.setdefault("state", {})["route"] = scope["path"]  # the metrics label the router would have set
         await service_error_response(error, request_id_of(scope.get("state")))(scope, receive, send)
 
-    def _allowed_s(self, scope: Scope) -> float | None:
-        """The time the request's deadline leaves it (0 or less: passed already); None for an
-        invalid header, which the route refuses (422)."""
+    def _allowance_and_left(self, scope: Scope) -> tuple[float | None, float | None]:
+        """All the time the request allows, and what its deadline leaves of it now (0 or less:
+        passed already); None and None for an invalid header, which the route refuses (422)."""
         raw = next((value for name, value in scope["headers"] if name == _TIMEOUT_HEADER), None)
         try:
             allowed = allowed_seconds(raw.decode("latin-1") if raw is not None else None, self.state.settings)
         except InvalidInput:
-            return None
+            return None, None
         now = asyncio.get_running_loop().time()
-        return deadline_of(scope["state"], allowed, now) - now
+        return allowed, deadline_of(scope["state"], allowed, now) - now
 
 
 _TIMEOUT_HEADER: Final = TIMEOUT_HEADER.encode()

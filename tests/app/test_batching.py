@@ -16,6 +16,7 @@ import pytest
 
 from app.batching import MicroBatcher, _Item, _Stage
 from app.items import Kind, Row, RowResult
+from app.lateness_limit import deadline_class, describe, gauge_label
 from app.metrics import Metrics
 from app.worker import InferenceWorker
 from tests.app.conftest import Running, form, gather, metric, picture, run, serve, settings_for, until
@@ -312,12 +313,12 @@ def test_a_request_that_its_batch_would_answer_too_late_is_answered_504_before_i
 
 
 def test_answers_coming_late_lower_the_admission_limit_and_beyond_it_requests_get_429(probe_package: Path) -> None:
-    """When the server's answers come past their deadlines, it lets fewer requests in at once: six
-    504s in a row (over 5 % of the recent answers late), with four requests in the server, drop the
-    limit to 0.8 of those four, and the next request is refused at once. A 504 to a request that
-    allowed less than the fastest batch of its kind took does not count, nor do answers to requests let in
-    before the drop. The limit binds requests with no more time than the late ones allowed, not one
-    with the default deadline; an answer on time after a refusal raises it."""
+    """When a deadline class's answers come past their deadlines, the server lets fewer of its
+    requests in at once: six 504s in a row (over 5 % of the class's recent answers late), with four
+    requests in the server, drop the class's limit to 0.8 of those four, and its next request is
+    refused at once. A 504 to a request that allowed less than the fastest batch of its kind took
+    does not count, nor do answers to requests let in before the drop. A request of another class
+    (the default deadline) is let in beyond the limit; an answer on time after a refusal raises it."""
 
     async def body() -> None:
         async with serve(settings_for(probe_package)) as served:
@@ -330,36 +331,41 @@ def test_answers_coming_late_lower_the_admission_limit_and_beyond_it_requests_ge
             await until(lambda: batcher.running == 4)  # one batch of four slow texts: four times the first
             fastest_ms = batcher._fastest[Kind.FUSE] * 1000  # the batch of ten marks, about 30 ms
             shorter = {"X-Request-Timeout-Ms": str(int(fastest_ms / 2))}
-            longer = {"X-Request-Timeout-Ms": str(max(60, int(fastest_ms * 1.5)))}
+            longer_ms = max(60, int(fastest_ms * 1.5))
+            longer = {"X-Request-Timeout-Ms": str(longer_ms)}
+            key = deadline_class(longer_ms / 1000)
+            assert key is not None
             hopeless = await post(served, "/predict", picture(), "hopeless", headers=shorter)
             assert hopeless.status_code == 504
-            assert (batcher.lateness.limit, batcher.lateness.late_share) == (272, 0.0)  # 256 queued, 2 batches of 8
+            limits = batcher.lateness.limits
+            assert {(limit.limit, limit.late_share) for limit in limits.values()} == {(272, 0.0)}  # 256 + 2 x 8
             for i in range(6):
                 hurried = await post(served, "/predict", picture(), f"hurried {i}", headers=longer)
                 assert hurried.status_code == 504
-                assert batcher.lateness.limit == (272 if i < 5 else 3.2)
+                assert limits[key].limit == (272 if i < 5 else 3.2)
             refused = await post(served, "/predict", picture(), "one more", headers=longer)
             assert not any(task.done() for task in patient)
             assert refused.status_code == 429 and refused.json()["error"]["code"] == "overloaded"
             assert refused.json()["error"]["message"] == (
-                f"the server's answers to requests allowing {longer['X-Request-Timeout-Ms']} ms or less are coming"
-                " late: until they are on time again, it lets such requests in while fewer than 4 are in the server"
+                f"the server's answers to requests {describe(key)} are coming late: until they are on time again,"
+                " it lets such requests in while fewer than 4 are in the server"
             )
             assert int(refused.headers["retry-after"]) >= 1
-            # A request with more time than the late ones allowed is not bound by the limit.
             free = asyncio.create_task(post(served, "/predict", picture(), "no deadline of its own"))
-            await until(lambda: batcher.in_server == 5)
+            await until(lambda: batcher.in_server == 5)  # let in beyond the other class's limit
             assert [r.status_code for r in await gather(*patient)] == [200] * 4
-            assert batcher.lateness.limit == 3.2  # on time, but let in before the drop
-            # On time, let in after the drop, and the limit refused one since: it grows by 1 / 3.2.
             assert (await free).status_code == 200
-            assert batcher.lateness.limit == 3.5125
-            assert (await post(served, "/predict", picture(), "alone")).status_code == 200
-            assert batcher.lateness.limit == 3.5125  # nobody held back since, and the server was empty
+            assert limits[key].limit == 3.2  # answers on time, but let in before the drop, or of another class
+            # On time, of the class, let in after the drop, and the limit refused one since: it grows by 1 / 3.2.
+            widest = {"X-Request-Timeout-Ms": str(2**key)}  # the class's longest allowance
+            assert (await post(served, "/predict", picture(), "alone", headers=widest)).status_code == 200
+            assert limits[key].limit == 3.5125
+            assert (await post(served, "/predict", picture(), "alone again", headers=widest)).status_code == 200
+            assert limits[key].limit == 3.5125  # nobody held back since, and the server was empty
             samples = await served.metrics()
         assert metric(samples, "fusion_requests_shed_total", reason="late") == 1
-        assert metric(samples, "fusion_admission_limit") == 3.5125
-        assert metric(samples, "fusion_admission_limit_deadline_seconds") == int(longer["X-Request-Timeout-Ms"]) / 1000
+        assert metric(samples, "fusion_admission_limit", allowing_ms=gauge_label(key)) == 3.5125
+        assert metric(samples, "fusion_admission_limit", allowing_ms="8193-16384") == 272  # the default 10 s
         assert metric(samples, "fusion_requests_expired_total", stage="queue") == 7
 
     run(body())

@@ -95,8 +95,7 @@ def test_state_round_trip() -> None:
         DeviceState(None, "warming_up", b""),
         DeviceState("hung", "hung", b'{"model":{}}'),
         DeviceState(None, None, b"{}", queue_full=True, retry_after_s=7),
-        DeviceState(None, None, b"{}", late=Binding(limit=13, deadline_s=0.015), retry_after_s=2),
-        DeviceState(None, None, b"{}", late=Binding(limit=4, deadline_s=float("inf"))),
+        DeviceState(None, None, b"{}", late=(Binding(4, 13), Binding(7, 300), Binding(0, 1)), retry_after_s=2),
     ):
         kind, body = _body(handoff.encode_state(state))
         assert kind is Message.STATE and handoff.decode_state(body) == state
@@ -179,23 +178,24 @@ def test_a_front_end_bound_leaves_room_for_a_running_batch_and_the_device_bound_
     assert metric(parse_metrics(metrics.render().decode()), "fusion_requests_shed_total", reason="queue_full") == 2
 
 
-def test_a_front_end_refuses_whom_the_devices_lateness_limit_binds() -> None:
-    """The device process says whom its lateness limit refuses: requests with no more time left than
-    the late answers allowed. A front-end refuses those before their body, and lets the others in."""
+def test_a_front_end_refuses_the_deadline_classes_the_devices_lateness_limits_bind() -> None:
+    """The device process says which deadline classes its lateness limits refuse. A front-end
+    refuses their requests before the body (by the request's whole allowance, else its time left),
+    and lets the others in."""
     link = DeviceLink(Path("unused.sock"), lambda: b"", retry_after_s=1, answer_margin_s=1.0)
     metrics = Metrics(8)
     batcher = RemoteBatcher(link, max_queue=3, max_running=8, metrics=metrics)
-    late = Binding(limit=4, deadline_s=0.1)
-    link.device = DeviceState(liveness=None, readiness=None, info=b"", late=late, retry_after_s=3)
-    with pytest.raises(Overloaded, match="allowing 100 ms or less are coming late") as refused:
-        batcher.admit(0.1, 0.1)
+    link.device = DeviceState(liveness=None, readiness=None, info=b"", late=(Binding(7, 4),), retry_after_s=3)
+    with pytest.raises(Overloaded, match="allowing 65-128 ms are coming late") as refused:
+        batcher.admit(0.01, 0.1)
     assert refused.value.retry_after_s == 3
     with pytest.raises(Overloaded):
-        batcher.admit(None)  # time left unknown: bound like the tightest
-    ticket = batcher.admit(0.2, 0.5)
-    assert (batcher.admitted, ticket.allowance_s) == (1, 0.5)
+        batcher.admit(0.1)  # no allowance given: its time left stands for it
+    ticket = batcher.admit(0.01, 0.2)
+    assert (batcher.admitted, ticket.allowance_s) == (1, 0.2)
+    assert batcher.admit(0.05).allowance_s == 0.05
     link.device = DeviceState(liveness=None, readiness=None, info=b"")
-    assert batcher.admit(0.05).allowance_s == 0.05  # the time left stands for an unknown allowance
+    assert batcher.admit(0.1).allowance_s == 0.1
     assert metric(parse_metrics(metrics.render().decode()), "fusion_requests_shed_total", reason="late") == 2
 
 

@@ -5,22 +5,15 @@ from __future__ import annotations
 import pytest
 
 from app.errors import Overloaded
-from app.lateness_limit import Binding, LatenessLimit
+from app.lateness_limit import Binding, DeadlineClasses, LatenessLimit, deadline_class, describe, gauge_label
 
 
-def answer(
-    limit: LatenessLimit,
-    late: bool,
-    in_server: int,
-    at: float = 1.0,
-    admitted_at: float = 0.5,
-    allowance_s: float | None = None,
-) -> None:
-    limit.answered(late=late, in_server=in_server, admitted_at=admitted_at, now=at, allowance_s=allowance_s)
+def answer(limit: LatenessLimit, late: bool, in_server: int, at: float = 1.0, admitted_at: float = 0.5) -> None:
+    limit.answered(late=late, in_server=in_server, admitted_at=admitted_at, now=at)
 
 
-def allows(limit: LatenessLimit, in_server: int, now: float, allowed_s: float | None = None) -> bool:
-    return limit.refusing(in_server, now, allowed_s) is None
+def allows(limit: LatenessLimit, in_server: int, now: float) -> bool:
+    return not limit.refuses(in_server, now)
 
 
 def test_it_starts_at_the_queues_bound_and_lets_in_up_to_it() -> None:
@@ -108,29 +101,39 @@ def test_thirty_seconds_after_the_last_late_answer_it_is_back_at_the_ceiling() -
     assert limit.limit == 32.0
 
 
-def test_it_binds_only_requests_with_no_more_time_left_than_the_late_answers_allowed() -> None:
-    """Requests allowing one or two batches' time come late at any load: the limit they lower must
-    not refuse requests that allow more."""
-    limit = LatenessLimit(floor=2, ceiling=64)
-    assert limit.deadline_s == 0.0
-    for allowance_s in (0.015, 0.015, 0.025, 0.015, 0.02, 0.015):
-        answer(limit, late=True, in_server=10, allowance_s=allowance_s)
-    assert (limit.limit, limit.deadline_s) == (8.0, 0.025)  # the longest of them
-    assert limit.binding(7, now=1.0) is None
-    assert limit.binding(8, now=1.0) == Binding(limit=8, deadline_s=0.025)
-    assert not allows(limit, 8, now=1.0, allowed_s=0.025)
-    assert not allows(limit, 8, now=1.0, allowed_s=0.0255)  # within half the header's resolution: the same
-    assert not allows(limit, 8, now=1.0, allowed_s=None)  # unknown: bound
-    assert allows(limit, 8, now=1.0, allowed_s=0.026)
-    assert allows(limit, 40, now=1.0, allowed_s=10.0)
-    after = {"at": 2.0, "admitted_at": 1.5}  # let in after the drop
-    answer(limit, late=True, in_server=1, allowance_s=5.0, **after)  # under the floor: not counted
-    assert limit.deadline_s == 0.025
-    answer(limit, late=True, in_server=10, allowance_s=None, **after)  # unknown: as if any time
-    assert not allows(limit, 8, now=2.0, allowed_s=10.0)
-    assert limit.binding(8, now=2.0) == Binding(limit=8, deadline_s=float("inf"))
-    assert allows(limit, 8, now=32.0, allowed_s=0.01)  # reset to the ceiling, for every request
-    assert (limit.limit, limit.deadline_s) == (64.0, 0.0)
+def test_deadline_classes_are_allowances_within_a_factor_of_two() -> None:
+    allowances = [None, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.015, 0.016, 0.017, 0.1, 10.0]
+    assert [deadline_class(a) for a in allowances] == [None, 0, 0, 1, 2, 2, 4, 4, 5, 7, 14]
+    assert [describe(k) for k in (None, 0, 1, 2, 4, 7)] == [
+        "of unknown deadline",
+        "allowing 1 ms",
+        "allowing 2 ms",
+        "allowing 3-4 ms",
+        "allowing 9-16 ms",
+        "allowing 65-128 ms",
+    ]
+    assert [gauge_label(k) for k in (None, 0, 4)] == ["unknown", "1", "9-16"]
+
+
+def test_each_deadline_class_learns_a_limit_of_its_own_and_binds_only_its_requests() -> None:
+    """Requests allowing 15 ms come late at any load: their limit must not refuse requests that
+    allow more, even one of which came late once."""
+    new: list[int | None] = []
+    classes = DeadlineClasses(floor=2, ceiling=64, on_new=lambda key, limit: new.append(key))
+    classes.answered(late=True, in_server=10, admitted_at=0.5, now=1.0, allowance_s=0.1)  # 1 % of its class
+    for allowance_s in (0.015, 0.012, 0.016, 0.015, 0.009, 0.015):  # six of the class 9-16 ms
+        classes.answered(late=True, in_server=10, admitted_at=0.5, now=1.0, allowance_s=allowance_s)
+    assert new == [7, 4]
+    assert (classes.limits[4].limit, classes.limits[7].limit) == (8.0, 64.0)
+    assert classes.refusing(8, 1.0, 0.010) == Binding(4, 8)
+    assert classes.refusing(7, 1.0, 0.010) is None
+    assert classes.refusing(40, 1.0, 0.1) is None and classes.refusing(40, 1.0, 10.0) is None
+    assert classes.bindings(8, 1.0) == (Binding(4, 8),)
+    assert classes.bindings(7, 1.0) == ()
+    assert new == [7, 4, 14]  # the class of 10 s, met at admission
+    assert classes.refusing(8, 31.0, 0.015) is None  # 30 s after its last late answer: back at the ceiling
+    assert classes.limits[4].limit == 64.0
+    assert classes.bindings(64, 31.0) == (Binding(7, 64), Binding(4, 64), Binding(14, 64))  # at the ceiling, all
 
 
 def test_a_floor_above_the_ceiling_is_refused() -> None:
@@ -139,11 +142,9 @@ def test_a_floor_above_the_ceiling_is_refused() -> None:
 
 
 def test_its_refusal_says_whom_it_binds_and_how_far() -> None:
-    hurried = Binding(limit=13, deadline_s=0.015).error(retry_after_s=2)
+    hurried = Binding(deadline_class=4, limit=13).error(retry_after_s=2)
     assert type(hurried) is Overloaded and (hurried.code, hurried.retry_after_s) == ("overloaded", 2)
     assert hurried.message == (
-        "the server's answers to requests allowing 15 ms or less are coming late: until they are on time again,"
+        "the server's answers to requests allowing 9-16 ms are coming late: until they are on time again,"
         " it lets such requests in while fewer than 13 are in the server"
     )
-    everyone = Binding(limit=4, deadline_s=float("inf")).error(retry_after_s=1)
-    assert everyone.message.startswith("the server's answers to requests are coming late:")
