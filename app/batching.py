@@ -52,7 +52,7 @@ from typing import Final
 
 from app.errors import ClientGone, DeadlineExceeded, ModelFailure, NotReady, Overloaded, ServiceError
 from app.items import ByteArray, Kind, Row, RowResult, TokenArray
-from app.lateness_limit import DeadlineClasses, LatenessLimit, gauge_label
+from app.lateness_limit import DeadlineClasses, gauge_label
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -370,10 +370,10 @@ class MicroBatcher:
 
     # -- admission and requests ------------------------------------------------------------------
 
-    def _gauge(self, key: int | None, limit: LatenessLimit) -> None:
+    def _gauge(self, key: int | None) -> None:
         """A deadline class's limit, read at each scrape (where it may be back at its ceiling)."""
         gauge = self.metrics.admission_limit.labels(gauge_label(key))
-        gauge.set_function(lambda: limit.limit_at(time.perf_counter()))
+        gauge.set_function(lambda: self.lateness.limit_of(key, time.perf_counter()))
 
     def refusal(self, allowed_s: float | None = None, allowance_s: float | None = None) -> ServiceError | None:
         """Why a request would be refused admission now (counted as shed), or None. `allowance_s`: all

@@ -119,7 +119,7 @@ def test_each_deadline_class_learns_a_limit_of_its_own_and_binds_only_its_reques
     """Requests allowing 15 ms come late at any load: their limit must not refuse requests that
     allow more, even one of which came late once."""
     new: list[int | None] = []
-    classes = DeadlineClasses(floor=2, ceiling=64, on_new=lambda key, limit: new.append(key))
+    classes = DeadlineClasses(floor=2, ceiling=64, on_new=new.append)
     classes.answered(late=True, in_server=10, admitted_at=0.5, now=1.0, allowance_s=0.1)  # 1 % of its class
     for allowance_s in (0.015, 0.012, 0.016, 0.015, 0.009, 0.015):  # six of the class 9-16 ms
         classes.answered(late=True, in_server=10, admitted_at=0.5, now=1.0, allowance_s=allowance_s)
@@ -134,6 +134,22 @@ def test_each_deadline_class_learns_a_limit_of_its_own_and_binds_only_its_reques
     assert classes.refusing(8, 31.0, 0.015) is None  # 30 s after its last late answer: back at the ceiling
     assert classes.limits[4].limit == 64.0
     assert classes.bindings(64, 31.0) == (Binding(7, 64), Binding(4, 64), Binding(14, 64))  # at the ceiling, all
+
+
+def test_a_looser_class_takes_at_most_twice_the_requests_of_a_class_twice_as_tight() -> None:
+    """Its own answers on time so far, requests allowing 200 ms are still held near what those
+    allowing 100 ms bear (twice as many), not let in to the ceiling until they come late too."""
+    classes = DeadlineClasses(floor=2, ceiling=256, on_new=lambda key: None)
+    for _ in range(6):
+        classes.answered(late=True, in_server=25, admitted_at=0.5, now=1.0, allowance_s=0.1)
+    classes.answered(late=False, in_server=25, admitted_at=0.5, now=1.0, allowance_s=0.2)
+    classes.answered(late=False, in_server=25, admitted_at=0.5, now=1.0, allowance_s=0.05)
+    assert [classes.limits[key].limit for key in (7, 8, 6)] == [20.0, 256.0, 256.0]
+    assert [classes.limit_of(key, 1.0) for key in (7, 8, 6)] == [20.0, 40.0, 256.0]  # only looser ones capped
+    assert classes.refusing(39, 1.0, 0.2) is None
+    assert classes.refusing(40, 1.0, 0.2) == Binding(8, 40)
+    assert classes.refusing(100, 1.0, 0.05) is None
+    assert classes.bindings(40, 1.0) == (Binding(7, 20), Binding(8, 40))
 
 
 def test_a_floor_above_the_ceiling_is_refused() -> None:
