@@ -78,7 +78,7 @@ def test_with_deadlines_it_reports_goodput(
 def test_hurried_requests_go_beside_the_open_loop_and_the_others_refusals_are_reported(
     tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A light load: nobody is refused, and and the hurried get their own statuses."""
+    """A light load: nobody is refused, and the hurried get their own statuses."""
     argv = ["--model", str(tiny_package), "--b", "--lookahead-ms 2", "--out", str(tmp_path / "out"), *QUICK]
     assert main([*argv, "--open-share", "0.5", "--open-seconds", "1", "--hurried-share", "0.25"]) == 0
     lines = capsys.readouterr().out.splitlines()
