@@ -10,7 +10,7 @@ import pytest
 
 from app import handoff
 from app.config import Settings
-from app.errors import ClientGone, InsufficientStorage, Overloaded, ServiceError
+from app.errors import ClientGone, DeadlineExceeded, InsufficientStorage, Overloaded, ServiceError
 from app.handoff import DeviceState, Message, ProtocolError
 from app.handoff_client import DeviceLink, RemoteBatcher
 from app.handoff_server import HandoffServer
@@ -19,7 +19,7 @@ from app.lateness_limit import Binding
 from app.metrics import Metrics
 from app.metrics_merge import merge, monotonic_part
 from app.state import AppState
-from tests.app.conftest import metric, parse_metrics, run, until
+from tests.app.conftest import form, metric, parse_metrics, picture, run, serve, settings_for, until
 
 
 def _body(buffers: list[bytes | memoryview]) -> tuple[Message, memoryview]:
@@ -197,6 +197,40 @@ def test_a_front_end_refuses_the_deadline_classes_the_devices_lateness_limits_bi
     link.device = DeviceState(liveness=None, readiness=None, info=b"")
     assert batcher.admit(0.1).allowance_s == 0.1
     assert metric(parse_metrics(metrics.render().decode()), "fusion_requests_shed_total", reason="late") == 2
+
+
+def test_an_item_past_its_deadline_on_arrival_gets_504_even_while_the_queue_is_full(
+    probe_package: Path, tmp_path: Path
+) -> None:
+    """The time an item waits on the way to the device process (or for its loop) counts against its
+    deadline; one that arrives past it is answered 504 and counted as expired, not refused as
+    though the queue were what kept it, and the queued request is unharmed."""
+
+    async def body() -> None:
+        async with serve(settings_for(probe_package, max_queue=1)) as served:
+            server = HandoffServer(served.state, tmp_path / "link.sock", lambda: b"")
+            await server.start()
+            link = DeviceLink(tmp_path / "link.sock", lambda: b"", retry_after_s=1, answer_margin_s=1.0)
+            try:
+                await link.connect(5)
+                await until(lambda: link.device.readiness is None)
+                batcher = served.batcher
+                slow = asyncio.create_task(served.client.post("/predict", **form(picture(), "#" * 60)))
+                await until(lambda: batcher.running == 1)
+                queued = asyncio.create_task(served.client.post("/predict", **form(picture(), "queued")))
+                await until(lambda: batcher.admitted == 1)  # the queue's bound: a new request gets 429
+                image = np.zeros((3, 32, 32), dtype=np.uint8)
+                with pytest.raises(DeadlineExceeded, match="deadline passed before it could be queued"):
+                    await link.call(Kind.IMAGE, image, None, -0.001, 0.05, None)
+                assert (await slow).status_code == 200 and (await queued).status_code == 200
+                samples = await served.metrics()
+            finally:
+                await link.close()
+                await server.close()
+        assert metric(samples, "fusion_requests_expired_total", stage="before_queue") == 1
+        assert metric(samples, "fusion_requests_shed_total", reason="queue_full") == 0
+
+    run(body())
 
 
 def test_a_link_counts_as_a_front_end_once_it_says_it_serves(tmp_path: Path) -> None:
