@@ -201,12 +201,15 @@ class Binding:
 
 def describe(key: int | None) -> str:
     """A deadline class in words, as the 429's message names it."""
-    if key is None:
-        return "of unknown deadline"
-    low, high = (2 ** (key - 1) + 1, 2**key) if key > 0 else (1, 1)
-    return f"allowing {low} ms" if low == high else f"allowing {low}-{high} ms"
+    return "of unknown deadline" if key is None else f"allowing {_span_ms(key)} ms"
 
 
 def gauge_label(key: int | None) -> str:
     """A deadline class as the admission-limit gauge labels it: its allowances in ms ("9-16")."""
-    return "unknown" if key is None else describe(key).removeprefix("allowing ").removesuffix(" ms")
+    return "unknown" if key is None else _span_ms(key)
+
+
+def _span_ms(key: int) -> str:
+    """The whole milliseconds class `key` holds: (2^(key-1), 2^key] ms, 1 ms for class 0."""
+    low, high = (2 ** (key - 1) + 1, 2**key) if key > 0 else (1, 1)
+    return str(low) if low == high else f"{low}-{high}"
