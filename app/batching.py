@@ -3,7 +3,7 @@
     route --admit()--> Ticket            bounded: beyond max_queue admitted requests, 429 at once;
                                           429 too when the work ahead would keep it past its deadline,
                                           or beyond the limit that answers coming late set
-                                          (app.lateness_limit)
+                                          (app.lateness_limit); 504 when its deadline has passed
           decode in the pool
           --run()--> lane[kind].filling  rows copied into a preallocated batch buffer on arrival
                                           (or into the lane's overflow when that buffer is full)
@@ -54,6 +54,7 @@ from app.errors import ClientGone, DeadlineExceeded, ModelFailure, NotReady, Ove
 from app.items import ByteArray, Kind, Row, RowResult, TokenArray
 from app.lateness_limit import DeadlineClasses, gauge_label
 from app.metrics import Metrics
+from app.request_timeout import expired_before_queue
 
 log = logging.getLogger(__name__)
 
@@ -375,15 +376,17 @@ class MicroBatcher:
         gauge = self.metrics.admission_limit.labels(gauge_label(key))
         gauge.set_function(lambda: self.lateness.limit_of(key, time.perf_counter()))
 
-    def refusal(self, allowed_s: float | None = None, allowance_s: float | None = None) -> ServiceError | None:
-        """Why a request would be refused admission now (counted as shed), or None. `allowance_s`: all
-        the time the request allowed (by default `allowed_s`), whose deadline class's lateness limit
-        may refuse it. `allowed_s`: the time its deadline leaves it now; under load (a full batch or
-        more admitted ahead of it), a request that the work ahead would keep longer is refused now,
-        before its body is read, rather than answered 504 once it has been. With less ahead, it
-        would join the next batch: the estimate per item, taken from small batches, would overstate
-        its wait, and a request admitted to an idle device is also what brings a stale estimate back
-        down."""
+    def refusal(self, left_s: float | None = None, allowance_s: float | None = None) -> ServiceError | None:
+        """Why a request would be refused admission now (counted, as shed or expired), or None.
+        `left_s`: the time its deadline leaves it now (None: no deadline), 504 when none is left.
+        `allowance_s`: all the time the request allowed (None: unknown), whose deadline class's
+        lateness limit may refuse it. Under load (a full batch or more admitted ahead of it), a
+        request that the work ahead would keep longer than `left_s` is refused now, before its body
+        is read, rather than answered 504 once it has been. With less ahead, it would join the next
+        batch: the estimate per item, taken from small batches, would overstate its wait, and a
+        request admitted to an idle device is also what brings a stale estimate back down."""
+        if left_s is not None and left_s <= 0:  # spent before the server read it: no place in the queue
+            return expired_before_queue(self.metrics)
         if self._closed:
             return NotReady("the server is shutting down", retry_after_s=1)
         if self.admitted >= self.max_queue:
@@ -391,12 +394,11 @@ class MicroBatcher:
             return Overloaded(
                 f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=self.retry_after_s()
             )
-        allowance = allowance_s if allowance_s is not None else allowed_s
-        if (binding := self.lateness.refusing(self.in_server, time.perf_counter(), allowance)) is not None:
+        if (binding := self.lateness.refusing(self.in_server, time.perf_counter(), allowance_s)) is not None:
             self.metrics.shed.labels("late").inc()
             return binding.error(self.retry_after_s())
         under_load = self.admitted >= self.max_batch_size
-        if allowed_s is not None and under_load and (wait := self.expected_wait_s()) > allowed_s:
+        if left_s is not None and under_load and (wait := self.expected_wait_s()) > left_s:
             self.metrics.shed.labels("deadline").inc()
             return Overloaded(
                 f"the server cannot answer within the request's deadline: about {wait * 1000:.0f} ms of work is"
@@ -413,14 +415,14 @@ class MicroBatcher:
         batches cost more per item, so the estimate errs on the side of refusing then."""
         return (self.running + self.admitted + 1) * self._item_seconds
 
-    def admit(self, allowed_s: float | None = None, allowance_s: float | None = None) -> Ticket:
-        """A place for a request whose deadline leaves it `allowed_s` from now, of `allowance_s` in all
-        (its X-Request-Timeout-Ms; by default `allowed_s`); 429 or 503 instead, as `refusal` says."""
-        if (error := self.refusal(allowed_s, allowance_s)) is not None:
+    def admit(self, left_s: float | None = None, allowance_s: float | None = None) -> Ticket:
+        """A place for a request whose deadline leaves it `left_s` from now, of `allowance_s` in all
+        (its X-Request-Timeout-Ms); 429, 503 or 504 instead, as `refusal` says."""
+        if (error := self.refusal(left_s, allowance_s)) is not None:
             raise error
         self.admitted += 1
         self.metrics.queue_depth.labels("decode").inc()
-        return Ticket(self, allowance_s if allowance_s is not None else allowed_s)
+        return Ticket(self, allowance_s)
 
     def retry_after_s(self) -> int:
         """Whole seconds until the queue ahead has likely drained (at least 1)."""
@@ -439,9 +441,8 @@ class MicroBatcher:
         """Queue one decoded request and wait for its row; raises 504/499/500/503 domain errors."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if now >= deadline:
-            self.metrics.expired.labels("before_queue").inc()  # not the queue's doing: not counted as late
-            raise DeadlineExceeded("the request's deadline passed before it could be queued")
+        if now >= deadline:  # while it decoded
+            raise expired_before_queue(self.metrics)
         if gone is not None and gone.done():
             self.metrics.cancelled.labels("client_disconnected").inc()
             raise ClientGone("the client disconnected")

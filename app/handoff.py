@@ -92,7 +92,7 @@ ERRORS: Final[tuple[type[ServiceError], ...]] = (
 )
 
 _FRAME = struct.Struct("<IB")
-# Id, kind, deadline (monotonic s), allowance (s), image height, width (0: none), tokens.
+# Id, kind, deadline (monotonic s), allowance (s; 0: unknown), image height, width (0: none), tokens.
 _ITEM = struct.Struct("<IBddHHH")
 _ID = struct.Struct("<I")
 _ROW = struct.Struct("<IHHH")  # id, then the lengths of probs, image and text embedding (0: absent)
@@ -154,17 +154,22 @@ class Item:
     id: int
     kind: Kind
     deadline: float  # time.monotonic()
-    allowance: float  # all the time the request allowed, from its first byte (for the lateness limit)
+    allowance: float | None  # all the time the request allowed, from its first byte (for the lateness limit)
     image: ByteArray | None  # [3, H, W], read-only (a view of the frame)
     tokens: TokenArray | None  # [L] token ids
 
 
 def encode_item(
-    item_id: int, kind: Kind, deadline: float, allowance: float, image: ByteArray | None, tokens: TokenArray | None
+    item_id: int,
+    kind: Kind,
+    deadline: float,
+    allowance: float | None,
+    image: ByteArray | None,
+    tokens: TokenArray | None,
 ) -> list[bytes | memoryview]:
     height, width = (int(image.shape[1]), int(image.shape[2])) if image is not None else (0, 0)
     count = len(tokens) if tokens is not None else 0
-    head = _ITEM.pack(item_id, KINDS.index(kind), deadline, allowance, height, width, count)
+    head = _ITEM.pack(item_id, KINDS.index(kind), deadline, allowance or 0.0, height, width, count)
     pixels = np.ascontiguousarray(image).data.cast("B") if image is not None else b""  # no copy
     text = (tokens - 1).astype(np.uint8).tobytes() if tokens is not None else b""
     return frame(Message.ITEM, head, pixels, text)
@@ -182,7 +187,7 @@ def decode_item(body: memoryview) -> Item:
         tokens = np.frombuffer(body, np.uint8, count, offset).astype(np.int64) + 1 if count else None
         if offset + count != len(body):
             raise ProtocolError("an item's length does not match its header")
-        return Item(item_id, KINDS[kind], deadline, allowance, image, tokens)
+        return Item(item_id, KINDS[kind], deadline, allowance or None, image, tokens)
     except (struct.error, ValueError, IndexError) as exc:
         raise ProtocolError("an item frame does not parse") from exc
 

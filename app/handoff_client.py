@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Final
 
 from app import handoff
-from app.errors import ClientGone, DeadlineExceeded, NotReady, Overloaded, ServiceError
+from app.errors import ClientGone, NotReady, Overloaded, ServiceError
 from app.handoff import SILENCE_S, DeviceState, Message, ProtocolError, settle
 from app.items import ByteArray, Kind, Row, TokenArray
 from app.lateness_limit import deadline_class
 from app.metrics import Metrics
+from app.request_timeout import expired_before_queue
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class DeviceLink:
         image: ByteArray | None,
         tokens: TokenArray | None,
         seconds_left: float,
-        allowance_s: float,
+        allowance_s: float | None,
         gone: asyncio.Future[None] | None,
     ) -> Row:
         """Hand one item to the device, with the time left and all the request allowed; its row, or
@@ -246,12 +247,15 @@ class RemoteBatcher:
         """Nothing of this front-end's on the device (for decoding a lone request on the loop)."""
         return self._link.in_flight == 0
 
-    def refusal(self, allowed_s: float | None = None, allowance_s: float | None = None) -> ServiceError | None:
-        """Refused before the body is read: at this process's bound, or at the replica's, which the
+    def refusal(self, left_s: float | None = None, allowance_s: float | None = None) -> ServiceError | None:
+        """Refused before the body is read: 504 when its deadline has passed (`left_s` <= 0; None:
+        no deadline); 429 at this process's bound, or at the replica's, which the
         device process reports (an item over it would be refused there, after its body and decode).
         A request's deadline is weighed against the queue where the queue is: in the device
         process, when the item arrives. The lateness limit of the request's deadline class, which
         the device process keeps, refuses here as well while the device says it does."""
+        if left_s is not None and left_s <= 0:
+            return expired_before_queue(self.metrics)
         if self._closed or self._link.lost:
             return NotReady("the server is shutting down" if self._closed else DEVICE_GONE, retry_after_s=1)
         device = self._link.device
@@ -260,18 +264,18 @@ class RemoteBatcher:
             return Overloaded(
                 f"the server is at its limit of {self.max_queue} queued requests", retry_after_s=device.retry_after_s
             )
-        key = deadline_class(allowance_s if allowance_s is not None else allowed_s)
+        key = deadline_class(allowance_s)
         if (binding := next((b for b in device.late if b.deadline_class == key), None)) is not None:
             self.metrics.shed.labels("late").inc()
             return binding.error(device.retry_after_s)
         return None
 
-    def admit(self, allowed_s: float | None = None, allowance_s: float | None = None) -> RemoteTicket:
-        if (error := self.refusal(allowed_s, allowance_s)) is not None:
+    def admit(self, left_s: float | None = None, allowance_s: float | None = None) -> RemoteTicket:
+        if (error := self.refusal(left_s, allowance_s)) is not None:
             raise error
         self.admitted += 1
         self.metrics.queue_depth.labels("decode").inc()
-        return RemoteTicket(self, allowance_s if allowance_s is not None else allowed_s)
+        return RemoteTicket(self, allowance_s)
 
     async def run(
         self,
@@ -283,15 +287,13 @@ class RemoteBatcher:
         gone: asyncio.Future[None] | None = None,
     ) -> Row:
         seconds_left = deadline - asyncio.get_running_loop().time()
-        if seconds_left <= 0:
-            self.metrics.expired.labels("before_queue").inc()
-            raise DeadlineExceeded("the request's deadline passed before it could be queued")
+        if seconds_left <= 0:  # while it decoded
+            raise expired_before_queue(self.metrics)
         if gone is not None and gone.done():
             self.metrics.cancelled.labels("client_disconnected").inc()
             raise ClientGone("the client disconnected")
         ticket.sent()
-        allowance_s = ticket.allowance_s if ticket.allowance_s is not None else seconds_left
-        return await self._link.call(kind, image, tokens, seconds_left, allowance_s, gone)
+        return await self._link.call(kind, image, tokens, seconds_left, ticket.allowance_s, gone)
 
     async def stop(self, timeout_s: float) -> None:
         """Refuse new requests; let those handed over finish, up to timeout_s."""

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from app import handoff
 from app.batching import MicroBatcher
-from app.errors import DeadlineExceeded, ModelFailure, ServiceError
+from app.errors import ModelFailure, ServiceError
 from app.handoff import HEARTBEAT_S, DeviceState, Message, ProtocolError
 from app.lateness_limit import Binding
 from app.metrics_merge import merge, monotonic_part
@@ -139,11 +139,7 @@ class HandoffServer:
             # 429 at the replica's one bound, or when the work ahead would keep the item past its
             # deadline; 503 while stopping. An item already past it (on the way here, or waiting for
             # this loop) gets 504, as the front-end gives one past it before sending: not a refusal.
-            allowed = item.deadline - time.monotonic()
-            if allowed <= 0:
-                serving.metrics.expired.labels("before_queue").inc()
-                raise DeadlineExceeded("the request's deadline passed before it could be queued")
-            ticket = serving.batcher.admit(allowed, item.allowance)
+            ticket = serving.batcher.admit(item.deadline - time.monotonic(), item.allowance)
         except ServiceError as exc:
             link.gone.pop(item.id, None)
             link.send(handoff.encode_error(item.id, exc))

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from app.config import Settings
-from app.errors import InvalidInput
+from app.errors import DeadlineExceeded, InvalidInput
+from app.metrics import Metrics
 
 TIMEOUT_HEADER: Final = "x-request-timeout-ms"
 RECEIVED_AT: Final = "received_at"
@@ -23,6 +24,14 @@ def deadline_of(state: Mapping[str, Any], allowed_s: float, now: float) -> float
     request that did not come through app.protocol)."""
     received: float = state.get(RECEIVED_AT, now)
     return received + allowed_s
+
+
+def expired_before_queue(metrics: Metrics) -> DeadlineExceeded:
+    """The 504 for a request whose deadline passed before it reached the batch queue (at admission,
+    while it decoded, or on the way to the device process), counted by stage. Not the queue's doing,
+    so no lateness limit learns from it."""
+    metrics.expired.labels("before_queue").inc()
+    return DeadlineExceeded("the request's deadline passed before it could be queued")
 
 
 def allowed_seconds(raw: str | None, settings: Settings) -> float:

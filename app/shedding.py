@@ -1,13 +1,14 @@
 """Load shedding ahead of the framework: while the queue is full, or when the work queued ahead of
 a request would keep it past its deadline (X-Request-Timeout-Ms), POST /predict and /embed are
-refused here, before routing, dependency resolution and exception handling.
+refused here, before routing, dependency resolution and exception handling; so is one whose
+deadline had passed before its headers were read (504).
 
 Under a burst most requests are refused, and the refusals compete with the admitted requests and
 the health checks for the one event loop. Through the framework a refusal cost about 0.4 ms here;
 this way it costs a tenth of that, so a burst of ten times capacity is refused in tens of ms
 and /healthz does not wait behind it. The answer is the same 429 (or 503 while shutting down)
-that the route would give; the route still checks admission itself, for requests that pass here
-while there is room.
+that the route would give (or the 504); the route still checks admission itself, for requests that
+pass here while there is room.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ class ShedMiddleware:
         batcher = self.state.batcher
         shed = scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths
         allowed, left = self._allowance_and_left(scope) if shed else (None, None)
-        # A deadline already passed is not refused here: the route answers it 504 before the body.
-        error = batcher.refusal(left, allowed) if shed and batcher is not None and (left is None or left > 0) else None
+        error = batcher.refusal(left, allowed) if shed and batcher is not None else None
         if error is None:
             await self.app(scope, receive, send)
             return

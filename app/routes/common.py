@@ -1,6 +1,7 @@
 """The per-request flow shared by /predict and /embed.
 
-    deadline from X-Request-Timeout-Ms -> 415/413 from the headers -> admission (429) -> read the
+    deadline from X-Request-Timeout-Ms -> 415/413 from the headers -> admission (429; 504 when the
+    deadline has passed already: the load-shedding middleware answers both first) -> read the
     body (413 while streaming, 408 past body_timeout_s) -> decode in the pool, or on the loop when
     alone and small (400/413/415/422)
     -> batch queue (504, 500, 507)
@@ -22,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from app.decoding import Decoded, DecodeElsewhere
-from app.errors import ClientGone, DeadlineExceeded, MalformedRequest, PayloadTooLarge, RequestTimeout
+from app.errors import ClientGone, MalformedRequest, PayloadTooLarge, RequestTimeout
 from app.forms import multipart_boundary
 from app.items import Kind, Row
 from app.request_timeout import TIMEOUT_HEADER, allowed_seconds, deadline_of, is_small_number
@@ -39,9 +40,6 @@ async def infer(
     allowed = allowed_seconds(request.headers.get(TIMEOUT_HEADER), serving.settings)
     now = loop.time()
     deadline = deadline_of(request.scope["state"], allowed, now)
-    if now >= deadline:  # spent before the server read it: 504, not a place in the queue
-        serving.metrics.expired.labels("before_queue").inc()
-        raise DeadlineExceeded("the request's deadline passed before the server could read it")
     boundary = multipart_boundary(request.headers.get("content-type"))
     check_content_length(request, serving.settings.max_body_bytes)
     ticket = serving.batcher.admit(deadline - now, allowed)

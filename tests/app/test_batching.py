@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from app.batching import MicroBatcher, _Item, _Stage
+from app.errors import DeadlineExceeded, Overloaded
 from app.items import Kind, Row, RowResult
 from app.lateness_limit import deadline_class, describe, gauge_label
 from app.metrics import Metrics
 from app.worker import InferenceWorker
-from tests.app.conftest import Running, form, gather, metric, picture, run, serve, settings_for, until
+from tests.app.conftest import Running, form, gather, metric, parse_metrics, picture, run, serve, settings_for, until
 
 SLOW = "#" * 60  # the probe model busy-loops per '#': this batch holds the device for a while
 
@@ -736,6 +737,28 @@ def embeddings(kind: Kind, images: Any, tokens: Any) -> list[RowResult]:
 async def embed_text(batcher: MicroBatcher) -> Row:
     deadline = asyncio.get_running_loop().time() + 10
     return await batcher.run(batcher.admit(), Kind.TEXT, None, np.arange(1, 6, dtype=np.int64), deadline)
+
+
+def test_admission_answers_504_to_a_request_whose_deadline_has_passed_even_while_the_queue_is_full() -> None:
+    """Time spent before admission (the head arriving slowly, the loop busy) is not the queue's
+    doing: such a request gets 504, counted as expired before the queue, not shed, whatever a
+    retry would meet; with time left it is refused 429 as the queue is full."""
+
+    async def body() -> None:
+        async with text_batcher(embeddings) as batcher:
+            tickets = [batcher.admit(1.0, 1.0) for _ in range(8)]  # max_queue
+            with pytest.raises(DeadlineExceeded, match="deadline passed before it could be queued"):
+                batcher.admit(0.0, 1.0)
+            with pytest.raises(Overloaded, match="at its limit of 8 queued requests"):
+                batcher.admit(0.001, 1.0)
+            for ticket in tickets:
+                ticket.release()
+            assert (batcher.admitted, tickets[0].allowance_s) == (0, 1.0)
+            samples = parse_metrics(batcher.metrics.render().decode())
+            assert metric(samples, "fusion_requests_expired_total", stage="before_queue") == 1
+            assert metric(samples, "fusion_requests_shed_total", reason="queue_full") == 1
+
+    run(body())
 
 
 def test_a_batch_is_answered_one_turn_of_a_busy_event_loop_after_its_pass_returns() -> None:

@@ -63,6 +63,12 @@ def test_a_text_item_carries_no_image() -> None:
     assert (item.kind, item.image, item.tokens is not None and item.tokens.tolist()) == (Kind.TEXT, None, [5, 6])
 
 
+def test_an_unknown_allowance_travels_as_unknown() -> None:
+    """A request admitted without its allowance is in the unknown deadline class on both sides."""
+    item = handoff.decode_item(_body(handoff.encode_item(8, Kind.TEXT, 0.25, None, None, np.array([5])))[1])
+    assert (item.deadline, item.allowance) == (0.25, None)
+
+
 def test_rows_keep_their_fields() -> None:
     probs = np.array([0.25, 0.75], dtype=np.float32)
     embedding = np.array([1.0, -0.5, 0.125], dtype=np.float32)
@@ -180,8 +186,8 @@ def test_a_front_end_bound_leaves_room_for_a_running_batch_and_the_device_bound_
 
 def test_a_front_end_refuses_the_deadline_classes_the_devices_lateness_limits_bind() -> None:
     """The device process says which deadline classes its lateness limits refuse. A front-end
-    refuses their requests before the body (by the request's whole allowance, else its time left),
-    and lets the others in."""
+    refuses their requests before the body (by the request's whole allowance, not its time left),
+    lets the others in, and answers 504 to one whose deadline has passed."""
     link = DeviceLink(Path("unused.sock"), lambda: b"", retry_after_s=1, answer_margin_s=1.0)
     metrics = Metrics(8)
     batcher = RemoteBatcher(link, max_queue=3, max_running=8, metrics=metrics)
@@ -190,13 +196,17 @@ def test_a_front_end_refuses_the_deadline_classes_the_devices_lateness_limits_bi
         batcher.admit(0.01, 0.1)
     assert refused.value.retry_after_s == 3
     with pytest.raises(Overloaded):
-        batcher.admit(0.1)  # no allowance given: its time left stands for it
+        batcher.admit(0.3, 0.1)
+    with pytest.raises(DeadlineExceeded, match="deadline passed before it could be queued"):
+        batcher.admit(0.0, 0.1)
     ticket = batcher.admit(0.01, 0.2)
     assert (batcher.admitted, ticket.allowance_s) == (1, 0.2)
-    assert batcher.admit(0.05).allowance_s == 0.05
+    assert batcher.admit(0.1).allowance_s is None  # no allowance given: the unknown class, which is not bound
     link.device = DeviceState(liveness=None, readiness=None, info=b"")
-    assert batcher.admit(0.1).allowance_s == 0.1
-    assert metric(parse_metrics(metrics.render().decode()), "fusion_requests_shed_total", reason="late") == 2
+    assert batcher.admit(0.1, 0.1).allowance_s == 0.1
+    samples = parse_metrics(metrics.render().decode())
+    assert metric(samples, "fusion_requests_expired_total", stage="before_queue") == 1
+    assert metric(samples, "fusion_requests_shed_total", reason="late") == 2
 
 
 def test_an_item_past_its_deadline_on_arrival_gets_504_even_while_the_queue_is_full(
