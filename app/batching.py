@@ -76,11 +76,11 @@ class Ticket:
 
     __slots__ = ("_batcher", "_stage", "admitted_at", "allowance_s")
 
-    def __init__(self, batcher: MicroBatcher, allowance_s: float | None) -> None:
+    def __init__(self, batcher: MicroBatcher, allowance_s: float) -> None:
         self._batcher = batcher
         self._stage: str | None = "decode"
         self.admitted_at = time.perf_counter()
-        self.allowance_s = allowance_s  # all the time the request allowed, from its first byte (None: unknown)
+        self.allowance_s = allowance_s  # all the time the request allowed, from its first byte
 
     def _move(self, stage: str | None) -> None:
         if self._stage is None:
@@ -371,21 +371,21 @@ class MicroBatcher:
 
     # -- admission and requests ------------------------------------------------------------------
 
-    def _gauge(self, key: int | None) -> None:
+    def _gauge(self, key: int) -> None:
         """A deadline class's limit, read at each scrape (where it may be back at its ceiling)."""
         gauge = self.metrics.admission_limit.labels(gauge_label(key))
         gauge.set_function(lambda: self.lateness.limit_of(key, time.perf_counter()))
 
-    def refusal(self, left_s: float | None = None, allowance_s: float | None = None) -> ServiceError | None:
+    def refusal(self, left_s: float, allowance_s: float) -> ServiceError | None:
         """Why a request would be refused admission now (counted, as shed or expired), or None.
-        `left_s`: the time its deadline leaves it now (None: no deadline), 504 when none is left.
-        `allowance_s`: all the time the request allowed (None: unknown), whose deadline class's
+        `left_s`: the time its deadline leaves it now, 504 when none is left. `allowance_s`: all
+        the time the request allowed (X-Request-Timeout-Ms, or the default), whose deadline class's
         lateness limit may refuse it. Under load (a full batch or more admitted ahead of it), a
         request that the work ahead would keep longer than `left_s` is refused now, before its body
         is read, rather than answered 504 once it has been. With less ahead, it would join the next
         batch: the estimate per item, taken from small batches, would overstate its wait, and a
         request admitted to an idle device is also what brings a stale estimate back down."""
-        if left_s is not None and left_s <= 0:  # spent before the server read it: no place in the queue
+        if left_s <= 0:  # spent before the server read it: no place in the queue
             return expired_before_queue(self.metrics)
         if self._closed:
             return NotReady("the server is shutting down", retry_after_s=1)
@@ -398,7 +398,7 @@ class MicroBatcher:
             self.metrics.shed.labels("late").inc()
             return binding.error(self.retry_after_s())
         under_load = self.admitted >= self.max_batch_size
-        if left_s is not None and under_load and (wait := self.expected_wait_s()) > left_s:
+        if under_load and (wait := self.expected_wait_s()) > left_s:
             self.metrics.shed.labels("deadline").inc()
             return Overloaded(
                 f"the server cannot answer within the request's deadline: about {wait * 1000:.0f} ms of work is"
@@ -415,7 +415,7 @@ class MicroBatcher:
         batches cost more per item, so the estimate errs on the side of refusing then."""
         return (self.running + self.admitted + 1) * self._item_seconds
 
-    def admit(self, left_s: float | None = None, allowance_s: float | None = None) -> Ticket:
+    def admit(self, left_s: float, allowance_s: float) -> Ticket:
         """A place for a request whose deadline leaves it `left_s` from now, of `allowance_s` in all
         (its X-Request-Timeout-Ms); 429, 503 or 504 instead, as `refusal` says."""
         if (error := self.refusal(left_s, allowance_s)) is not None:
@@ -481,7 +481,7 @@ class MicroBatcher:
         request that allowed less than the fastest batch of its kind took, which an idle server
         misses too. All it allowed, not what was left of it when it was let in: a request that
         waited for the event loop before it was read is what the limit is for."""
-        if ticket.allowance_s is not None and ticket.allowance_s < self._fastest.get(kind, 0.0):
+        if ticket.allowance_s < self._fastest.get(kind, 0.0):
             return
         now = time.perf_counter()
         self.lateness.answered(

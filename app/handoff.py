@@ -92,7 +92,7 @@ ERRORS: Final[tuple[type[ServiceError], ...]] = (
 )
 
 _FRAME = struct.Struct("<IB")
-# Id, kind, deadline (monotonic s), allowance (s; 0: unknown), image height, width (0: none), tokens.
+# Id, kind, deadline (monotonic s), allowance (s), image height, width (0: none), tokens.
 _ITEM = struct.Struct("<IBddHHH")
 _ID = struct.Struct("<I")
 _ROW = struct.Struct("<IHHH")  # id, then the lengths of probs, image and text embedding (0: absent)
@@ -154,7 +154,7 @@ class Item:
     id: int
     kind: Kind
     deadline: float  # time.monotonic()
-    allowance: float | None  # all the time the request allowed, from its first byte (for the lateness limit)
+    allowance: float  # all the time the request allowed, from its first byte (for the lateness limit)
     image: ByteArray | None  # [3, H, W], read-only (a view of the frame)
     tokens: TokenArray | None  # [L] token ids
 
@@ -163,13 +163,13 @@ def encode_item(
     item_id: int,
     kind: Kind,
     deadline: float,
-    allowance: float | None,
+    allowance: float,
     image: ByteArray | None,
     tokens: TokenArray | None,
 ) -> list[bytes | memoryview]:
     height, width = (int(image.shape[1]), int(image.shape[2])) if image is not None else (0, 0)
     count = len(tokens) if tokens is not None else 0
-    head = _ITEM.pack(item_id, KINDS.index(kind), deadline, allowance or 0.0, height, width, count)
+    head = _ITEM.pack(item_id, KINDS.index(kind), deadline, allowance, height, width, count)
     pixels = np.ascontiguousarray(image).data.cast("B") if image is not None else b""  # no copy
     text = (tokens - 1).astype(np.uint8).tobytes() if tokens is not None else b""
     return frame(Message.ITEM, head, pixels, text)
@@ -187,7 +187,7 @@ def decode_item(body: memoryview) -> Item:
         tokens = np.frombuffer(body, np.uint8, count, offset).astype(np.int64) + 1 if count else None
         if offset + count != len(body):
             raise ProtocolError("an item's length does not match its header")
-        return Item(item_id, KINDS[kind], deadline, allowance or None, image, tokens)
+        return Item(item_id, KINDS[kind], deadline, allowance, image, tokens)
     except (struct.error, ValueError, IndexError) as exc:
         raise ProtocolError("an item frame does not parse") from exc
 
@@ -265,7 +265,7 @@ class DeviceState:
 def encode_state(state: DeviceState) -> list[bytes | memoryview]:
     alive, ready = (state.liveness or "")[:MAX_REASON].encode(), (state.readiness or "")[:MAX_REASON].encode()
     retry = min(state.retry_after_s, 0xFFFF)
-    late = [binding for binding in state.late if binding.deadline_class is not None][:255]
+    late = state.late[:255]
     head = _STATE.pack(state.queue_full, retry, len(alive), len(ready), len(late))
     classes = b"".join(_BINDING.pack(b.deadline_class, min(b.limit, 0xFFFFFFFF)) for b in late)
     return frame(Message.STATE, head, alive, ready, classes, state.info)

@@ -108,7 +108,7 @@ class DeviceLink:
         image: ByteArray | None,
         tokens: TokenArray | None,
         seconds_left: float,
-        allowance_s: float | None,
+        allowance_s: float,
         gone: asyncio.Future[None] | None,
     ) -> Row:
         """Hand one item to the device, with the time left and all the request allowed; its row, or
@@ -210,10 +210,10 @@ class RemoteTicket:
 
     __slots__ = ("_batcher", "_stage", "allowance_s")
 
-    def __init__(self, batcher: RemoteBatcher, allowance_s: float | None) -> None:
+    def __init__(self, batcher: RemoteBatcher, allowance_s: float) -> None:
         self._batcher = batcher
         self._stage: str | None = "decode"
-        self.allowance_s = allowance_s  # all the time the request allowed, from its first byte (None: unknown)
+        self.allowance_s = allowance_s  # all the time the request allowed, from its first byte
 
     def sent(self) -> None:
         """Decoded and handed over: the device's queue counts it from here."""
@@ -247,14 +247,14 @@ class RemoteBatcher:
         """Nothing of this front-end's on the device (for decoding a lone request on the loop)."""
         return self._link.in_flight == 0
 
-    def refusal(self, left_s: float | None = None, allowance_s: float | None = None) -> ServiceError | None:
-        """Refused before the body is read: 504 when its deadline has passed (`left_s` <= 0; None:
-        no deadline); 429 at this process's bound, or at the replica's, which the
-        device process reports (an item over it would be refused there, after its body and decode).
+    def refusal(self, left_s: float, allowance_s: float) -> ServiceError | None:
+        """Refused before the body is read: 504 when its deadline has passed (`left_s` <= 0); 429 at
+        this process's bound, or at the replica's, which the device process reports (an item over
+        it would be refused there, after its body and decode).
         A request's deadline is weighed against the queue where the queue is: in the device
         process, when the item arrives. The lateness limit of the request's deadline class, which
         the device process keeps, refuses here as well while the device says it does."""
-        if left_s is not None and left_s <= 0:
+        if left_s <= 0:
             return expired_before_queue(self.metrics)
         if self._closed or self._link.lost:
             return NotReady("the server is shutting down" if self._closed else DEVICE_GONE, retry_after_s=1)
@@ -270,7 +270,7 @@ class RemoteBatcher:
             return binding.error(device.retry_after_s)
         return None
 
-    def admit(self, left_s: float | None = None, allowance_s: float | None = None) -> RemoteTicket:
+    def admit(self, left_s: float, allowance_s: float) -> RemoteTicket:
         if (error := self.refusal(left_s, allowance_s)) is not None:
             raise error
         self.admitted += 1

@@ -120,11 +120,9 @@ class LatenessLimit:
             self._refused = False
 
 
-def deadline_class(allowance_s: float | None) -> int | None:
+def deadline_class(allowance_s: float) -> int:
     """The class of a request allowing `allowance_s`: allowances in (2^(k-1), 2^k] ms are class k
-    (1 ms or less: 0); None for an unknown allowance, a class of its own."""
-    if allowance_s is None:
-        return None
+    (1 ms or less: 0)."""
     return max(0, math.ceil(math.log2(max(allowance_s * 1000, 1.0)) - 1e-9))
 
 
@@ -136,13 +134,13 @@ class DeadlineClasses:
     its own answers had not come late yet, and fill the server far past what its deadlines bear
     before they did."""
 
-    def __init__(self, *, floor: int, ceiling: int, on_new: Callable[[int | None], None]) -> None:
+    def __init__(self, *, floor: int, ceiling: int, on_new: Callable[[int], None]) -> None:
         self.floor = floor
         self.ceiling = ceiling
-        self.limits: dict[int | None, LatenessLimit] = {}
+        self.limits: dict[int, LatenessLimit] = {}
         self._on_new = on_new  # e.g. a gauge for the class
 
-    def _of(self, allowance_s: float | None) -> tuple[int | None, LatenessLimit]:
+    def _of(self, allowance_s: float) -> tuple[int, LatenessLimit]:
         key = deadline_class(allowance_s)
         limit = self.limits.get(key)
         if limit is None:
@@ -150,36 +148,28 @@ class DeadlineClasses:
             self._on_new(key)
         return key, limit
 
-    def limit_of(self, key: int | None, now: float) -> float:
+    def limit_of(self, key: int, now: float) -> float:
         """The class's limit at `now`, with the cap from the tighter classes' limits."""
         return min(self.limits[key].limit_at(now), self._cap(key, now))
 
-    def _cap(self, key: int | None, now: float) -> float:
-        if key is None:
-            return math.inf
+    def _cap(self, key: int, now: float) -> float:
         return min(
-            (
-                limit.limit_at(now) * 2 ** (key - other)
-                for other, limit in self.limits.items()
-                if other is not None and other < key
-            ),
+            (limit.limit_at(now) * 2 ** (key - other) for other, limit in self.limits.items() if other < key),
             default=math.inf,
         )
 
-    def refusing(self, in_server: int, now: float, allowance_s: float | None) -> Binding | None:
+    def refusing(self, in_server: int, now: float, allowance_s: float) -> Binding | None:
         """What refuses one more request allowing `allowance_s` at `now`; None when it may come in."""
         key, limit = self._of(allowance_s)
         cap = self._cap(key, now)
         return Binding(key, math.ceil(min(limit.limit, cap))) if limit.refuses(in_server, now, cap) else None
 
-    def answered(
-        self, *, late: bool, in_server: int, admitted_at: float, now: float, allowance_s: float | None
-    ) -> None:
+    def answered(self, *, late: bool, in_server: int, admitted_at: float, now: float, allowance_s: float) -> None:
         self._of(allowance_s)[1].answered(late=late, in_server=in_server, admitted_at=admitted_at, now=now)
 
     def bindings(self, in_server: int, now: float) -> tuple[Binding, ...]:
         """The classes whose limits refuse their requests at `now`, for a device's front-ends."""
-        limits = {key: self.limit_of(key, now) for key in self.limits if key is not None}
+        limits = {key: self.limit_of(key, now) for key in self.limits}
         return tuple(Binding(key, math.ceil(limit)) for key, limit in limits.items() if in_server >= limit)
 
 
@@ -188,7 +178,7 @@ class Binding:
     """A deadline class's limit as it refuses: while `limit` or more requests are in the server.
     Also what a device process tells its front-ends."""
 
-    deadline_class: int | None
+    deadline_class: int
     limit: int
 
     def error(self, retry_after_s: int) -> Overloaded:
@@ -199,14 +189,14 @@ class Binding:
         )
 
 
-def describe(key: int | None) -> str:
+def describe(key: int) -> str:
     """A deadline class in words, as the 429's message names it."""
-    return "of unknown deadline" if key is None else f"allowing {_span_ms(key)} ms"
+    return f"allowing {_span_ms(key)} ms"
 
 
-def gauge_label(key: int | None) -> str:
+def gauge_label(key: int) -> str:
     """A deadline class as the admission-limit gauge labels it: its allowances in ms ("9-16")."""
-    return "unknown" if key is None else _span_ms(key)
+    return _span_ms(key)
 
 
 def _span_ms(key: int) -> str:

@@ -34,24 +34,24 @@ class ShedMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         batcher = self.state.batcher
         shed = scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths
-        allowed, left = self._allowance_and_left(scope) if shed else (None, None)
-        error = batcher.refusal(left, allowed) if shed and batcher is not None else None
+        times = self._left_and_allowance(scope) if shed and batcher is not None else None
+        error = batcher.refusal(*times) if batcher is not None and times is not None else None
         if error is None:
             await self.app(scope, receive, send)
             return
         scope.setdefault("state", {})["route"] = scope["path"]  # the metrics label the router would have set
         await service_error_response(error, request_id_of(scope.get("state")))(scope, receive, send)
 
-    def _allowance_and_left(self, scope: Scope) -> tuple[float | None, float | None]:
-        """All the time the request allows, and what its deadline leaves of it now (0 or less:
-        passed already); None and None for an invalid header, which the route refuses (422)."""
+    def _left_and_allowance(self, scope: Scope) -> tuple[float, float] | None:
+        """What the request's deadline leaves it now (0 or less: passed already), and all the time
+        it allows; None for an invalid header, which the route refuses (422) whatever the load."""
         raw = next((value for name, value in scope["headers"] if name == _TIMEOUT_HEADER), None)
         try:
             allowed = allowed_seconds(raw.decode("latin-1") if raw is not None else None, self.state.settings)
         except InvalidInput:
-            return None, None
+            return None
         now = asyncio.get_running_loop().time()
-        return allowed, deadline_of(scope["state"], allowed, now) - now
+        return deadline_of(scope["state"], allowed, now) - now, allowed
 
 
 _TIMEOUT_HEADER: Final = TIMEOUT_HEADER.encode()

@@ -685,7 +685,7 @@ def test_an_item_that_cannot_be_staged_leaves_nothing_queued_past_its_deadline(p
         async with serve(settings_for(probe_package)) as served:
             batcher = served.batcher
             assert batcher is not None
-            ticket = batcher.admit()
+            ticket = batcher.admit(0.05, 0.05)
             deadline = asyncio.get_running_loop().time() + 0.05
             try:
                 with pytest.raises(AssertionError):
@@ -736,7 +736,7 @@ def embeddings(kind: Kind, images: Any, tokens: Any) -> list[RowResult]:
 
 async def embed_text(batcher: MicroBatcher) -> Row:
     deadline = asyncio.get_running_loop().time() + 10
-    return await batcher.run(batcher.admit(), Kind.TEXT, None, np.arange(1, 6, dtype=np.int64), deadline)
+    return await batcher.run(batcher.admit(10.0, 10.0), Kind.TEXT, None, np.arange(1, 6, dtype=np.int64), deadline)
 
 
 def test_admission_answers_504_to_a_request_whose_deadline_has_passed_even_while_the_queue_is_full() -> None:

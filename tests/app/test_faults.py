@@ -146,7 +146,7 @@ def test_a_hung_forward_pass_fails_its_batch_and_turns_liveness_red(probe_packag
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
             # A request that was still decoding when the watchdog tripped is refused as it reaches
             # the queue, not left to wait for its deadline behind the hung pass.
-            ticket = batcher.admit()
+            ticket = batcher.admit(60.0, 60.0)
             deadline = asyncio.get_running_loop().time() + 60
             try:
                 late = batcher.run(ticket, Kind.TEXT, None, np.array([104, 105], dtype=np.int64), deadline)

@@ -63,12 +63,6 @@ def test_a_text_item_carries_no_image() -> None:
     assert (item.kind, item.image, item.tokens is not None and item.tokens.tolist()) == (Kind.TEXT, None, [5, 6])
 
 
-def test_an_unknown_allowance_travels_as_unknown() -> None:
-    """A request admitted without its allowance is in the unknown deadline class on both sides."""
-    item = handoff.decode_item(_body(handoff.encode_item(8, Kind.TEXT, 0.25, None, None, np.array([5])))[1])
-    assert (item.deadline, item.allowance) == (0.25, None)
-
-
 def test_rows_keep_their_fields() -> None:
     probs = np.array([0.25, 0.75], dtype=np.float32)
     embedding = np.array([1.0, -0.5, 0.125], dtype=np.float32)
@@ -171,15 +165,15 @@ def test_a_front_end_bound_leaves_room_for_a_running_batch_and_the_device_bound_
     link = DeviceLink(Path("unused.sock"), lambda: b"", retry_after_s=1, answer_margin_s=1.0)
     metrics = Metrics(8)
     batcher = RemoteBatcher(link, max_queue=3, max_running=8, metrics=metrics)
-    tickets = [batcher.admit() for _ in range(3 + 8)]
+    tickets = [batcher.admit(10.0, 10.0) for _ in range(3 + 8)]
     with pytest.raises(Overloaded, match="limit of 3 queued requests"):
-        batcher.admit()
+        batcher.admit(10.0, 10.0)
     tickets.pop().release()
     link.device = DeviceState(liveness=None, readiness="ready", info=b"", queue_full=True)
     with pytest.raises(Overloaded):
-        batcher.admit()
+        batcher.admit(10.0, 10.0)
     link.device = DeviceState(liveness=None, readiness="ready", info=b"")
-    tickets.append(batcher.admit())
+    tickets.append(batcher.admit(10.0, 10.0))
     assert batcher.admitted == 11
     assert metric(parse_metrics(metrics.render().decode()), "fusion_requests_shed_total", reason="queue_full") == 2
 
@@ -201,7 +195,7 @@ def test_a_front_end_refuses_the_deadline_classes_the_devices_lateness_limits_bi
         batcher.admit(0.0, 0.1)
     ticket = batcher.admit(0.01, 0.2)
     assert (batcher.admitted, ticket.allowance_s) == (1, 0.2)
-    assert batcher.admit(0.1).allowance_s is None  # no allowance given: the unknown class, which is not bound
+    assert batcher.admit(0.1, 0.2).allowance_s == 0.2  # its allowance, not its time left, classes it
     link.device = DeviceState(liveness=None, readiness=None, info=b"")
     assert batcher.admit(0.1, 0.1).allowance_s == 0.1
     samples = parse_metrics(metrics.render().decode())

@@ -102,17 +102,16 @@ def test_thirty_seconds_after_the_last_late_answer_it_is_back_at_the_ceiling() -
 
 
 def test_deadline_classes_are_allowances_within_a_factor_of_two() -> None:
-    allowances = [None, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.015, 0.016, 0.017, 0.1, 10.0]
-    assert [deadline_class(a) for a in allowances] == [None, 0, 0, 1, 2, 2, 4, 4, 5, 7, 14]
-    assert [describe(k) for k in (None, 0, 1, 2, 4, 7)] == [
-        "of unknown deadline",
+    allowances = [0.0005, 0.001, 0.002, 0.003, 0.004, 0.015, 0.016, 0.017, 0.1, 10.0]
+    assert [deadline_class(a) for a in allowances] == [0, 0, 1, 2, 2, 4, 4, 5, 7, 14]
+    assert [describe(k) for k in (0, 1, 2, 4, 7)] == [
         "allowing 1 ms",
         "allowing 2 ms",
         "allowing 3-4 ms",
         "allowing 9-16 ms",
         "allowing 65-128 ms",
     ]
-    assert [gauge_label(k) for k in (None, 0, 4)] == ["unknown", "1", "9-16"]
+    assert [gauge_label(k) for k in (0, 4)] == ["1", "9-16"]
 
 
 def test_each_deadline_class_learns_a_limit_of_its_own_and_binds_only_its_requests() -> None:
