@@ -128,7 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 for name, server in servers.items():
                     before = server.metrics()
-                    opened = open_run(server, requests, rate, args.open_seconds, repeat, hurried, args.hurried_share)
+                    opened = open_run(
+                        server, requests, rate, args.open_seconds, repeat, hurried, args.hurried_share, args.hurried_ms
+                    )
                     within = total(diff(server.metrics(), before), "fusion_requests_within_deadline_total")
                     open_results.setdefault(name, []).append(opened)
                     goodput.setdefault(name, []).append(within / args.open_seconds)
@@ -164,9 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if hurried:
             a_refused, b_refused = (statistics.median(run.refused for run in open_results[name]) for name in ("A", "B"))
+            a_in_time, b_in_time = (
+                statistics.median(run.hurried_in_time for run in open_results[name]) for name in ("A", "B")
+            )
             print(
                 f"beside {args.hurried_share:.0%} more with {args.hurried_ms} ms deadlines, the others refused with"
-                f" 429, medians of {args.repeats}: {a_refused:.1%} / {b_refused:.1%} (A / B)"
+                f" 429, medians of {args.repeats}: {a_refused:.1%} / {b_refused:.1%} (A / B); the hurried answered"
+                f" 200 within their deadlines (the generator's clock): {a_in_time:.1%} / {b_in_time:.1%} (A / B)"
             )
         if args.deadline_ms:
             a_good, b_good = (statistics.median(goodput[name]) for name in ("A", "B"))
@@ -183,9 +189,13 @@ class OpenOutcome:
     p99_s: float
     refused: float  # the share answered 429
     hurried: dict[int, int]  # the hurried requests' statuses (none sent: empty)
+    hurried_in_time: float = 0.0  # the share of them answered 200 within their deadline, by the generator's clock
 
     def describe_hurried(self) -> str:
-        return f"{self.refused:.1%} refused with 429; the hurried: {dict(sorted(self.hurried.items()))}"
+        return (
+            f"{self.refused:.1%} refused with 429; the hurried: {dict(sorted(self.hurried.items()))},"
+            f" {self.hurried_in_time:.1%} of them 200 in time"
+        )
 
 
 def open_run(
@@ -196,6 +206,7 @@ def open_run(
     seed: int,
     hurried: list[bytes] | None = None,
     hurried_share: float = 0.0,
+    hurried_ms: float = math.inf,
 ) -> OpenOutcome:
     """Poisson arrivals (bench.loadgen), latency from each intended send time, as in the report;
     with `hurried`, a second stream of them at `hurried_share` times the rate, beside it."""
@@ -212,11 +223,17 @@ def open_run(
     latencies = run.ok_latencies() + [math.inf] * run.unanswered
     answered = len(run.statuses) + run.unanswered
     refused = run.status_counts().get(429, 0) / answered if answered else 0.0
+    if len(runs) == 1:
+        return OpenOutcome(loadgen.percentile(latencies, 50), loadgen.percentile(latencies, 99), refused, {})
+    beside = runs[1]
+    sent = len(beside.statuses) + beside.unanswered
+    in_time = sum(latency <= hurried_ms / 1000 for latency in beside.ok_latencies())
     return OpenOutcome(
         loadgen.percentile(latencies, 50),
         loadgen.percentile(latencies, 99),
         refused,
-        runs[1].status_counts() if len(runs) > 1 else {},
+        beside.status_counts(),
+        in_time / sent if sent else 0.0,
     )
 
 

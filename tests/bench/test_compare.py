@@ -3,6 +3,7 @@ without the service is refused rather than silently running this checkout."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -82,11 +83,14 @@ def test_hurried_requests_go_beside_the_open_loop_and_the_others_refusals_are_re
     argv = ["--model", str(tiny_package), "--b", "--lookahead-ms 2", "--out", str(tmp_path / "out"), *QUICK]
     assert main([*argv, "--open-share", "0.5", "--open-seconds", "1", "--hurried-share", "0.25"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == (
-        "beside 25% more with 15 ms deadlines, the others refused with 429, medians of 1: 0.0% / 0.0% (A / B)"
+    assert re.fullmatch(
+        r"beside 25% more with 15 ms deadlines, the others refused with 429, medians of 1: 0\.0% / 0\.0% \(A / B\);"
+        r" the hurried answered 200 within their deadlines \(the generator's clock\): \d+\.\d% / \d+\.\d% \(A / B\)",
+        lines[-1],
     )
     per_run = [line for line in lines if " open loop at " in line]
     assert len(per_run) == 2 and all("; 0.0% refused with 429; the hurried: {" in line for line in per_run)
+    assert all(re.search(r"\}, \d+\.\d% of them 200 in time$", line) for line in per_run)
 
 
 def test_a_header_goes_after_the_request_line() -> None:
