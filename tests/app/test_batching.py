@@ -442,6 +442,9 @@ def test_a_full_queue_sheds_at_once_with_retry_after(probe_package: Path) -> Non
             assert shed.status_code == 429 and not slow.done()
             assert shed.json()["error"]["code"] == "overloaded"
             assert int(shed.headers["retry-after"]) >= 1
+            # A request that is wrong in itself says so whatever the load: a retry would not mend it.
+            invalid = await post(served, "/predict", picture(), "bad", headers={"X-Request-Timeout-Ms": "0"})
+            assert invalid.status_code == 422 and invalid.json()["error"]["code"] == "invalid_timeout"
             assert [r.status_code for r in await gather(slow, *queued)] == [200, 200, 200]
             assert (await post(served, "/predict", picture(), "room again")).status_code == 200
             samples = await served.metrics()
