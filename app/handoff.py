@@ -92,11 +92,13 @@ ERRORS: Final[tuple[type[ServiceError], ...]] = (
 )
 
 _FRAME = struct.Struct("<IB")
+# Ids are 64-bit: a front-end numbers its items from 1 for as long as it lives, and 32 bits would
+# run out after about 50 days at 1,000 items a second.
 # Id, kind, deadline (monotonic s), allowance (s), image height, width (0: none), tokens.
-_ITEM = struct.Struct("<IBddHHH")
-_ID = struct.Struct("<I")
-_ROW = struct.Struct("<IHHH")  # id, then the lengths of probs, image and text embedding (0: absent)
-_ERROR = struct.Struct("<IBiH")  # id, class, Retry-After (-1: none), length of the code
+_ITEM = struct.Struct("<QBddHHI")
+_ID = struct.Struct("<Q")
+_ROW = struct.Struct("<QIII")  # id, then the lengths of probs, image and text embedding (0: absent)
+_ERROR = struct.Struct("<QBiH")  # id, class, Retry-After (-1: none), length of the code
 # Queue full, Retry-After, lengths of the two reasons (UTF-8), the number of deadline classes whose
 # lateness limits refuse; the reasons, the classes (_BINDING each) and /info follow.
 _STATE = struct.Struct("<BHHHB")

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 DEVICE_GONE: Final = "the device process has gone"
 CONNECT_POLL_S: Final = 0.05
+# The device process answers a METRICS request after pulling the other front-ends' snapshots (at
+# most 1 s: app.handoff_server.PULL_TIMEOUT_S) and merging them; well past that, it is not answering.
+METRICS_TIMEOUT_S: Final = 5.0
 
 
 class DeviceLink:
@@ -116,10 +119,12 @@ class DeviceLink:
         if self.lost:
             raise NotReady(DEVICE_GONE, retry_after_s=self._retry_after_s)
         item_id = next(self._ids)
+        deadline = time.monotonic() + seconds_left
+        # Encoded before anything is pending: should it raise, no entry is left behind for good.
+        item = handoff.encode_item(item_id, kind, deadline, allowance_s, image, tokens)
         future: asyncio.Future[Row] = asyncio.get_running_loop().create_future()
         self._pending[item_id] = future
-        deadline = time.monotonic() + seconds_left
-        self._send(handoff.encode_item(item_id, kind, deadline, allowance_s, image, tokens))
+        self._send(item)
         if gone is not None:
             gone.add_done_callback(lambda _: self._cancel(item_id))
         try:
@@ -138,8 +143,9 @@ class DeviceLink:
         if item_id in self._pending and not self.lost:
             self._send(handoff.encode_id(Message.CANCEL, item_id))
 
-    async def metrics(self) -> bytes:
-        """The replica's merged exposition, from the device process."""
+    async def metrics(self, timeout_s: float = METRICS_TIMEOUT_S) -> bytes:
+        """The replica's merged exposition, from the device process; 503 when it does not answer
+        within `timeout_s` (its loop stalled): a scrape must not hold a handler, and a drain, for good."""
         if self.lost:
             raise NotReady(DEVICE_GONE, retry_after_s=self._retry_after_s)
         request_id = next(self._ids)
@@ -147,7 +153,10 @@ class DeviceLink:
         self._metrics[request_id] = future
         self._send(handoff.encode_id(Message.METRICS, request_id))
         try:
-            return await future
+            async with asyncio.timeout(timeout_s):
+                return await future
+        except TimeoutError:
+            raise NotReady("the device process did not answer", retry_after_s=self._retry_after_s) from None
         finally:
             self._metrics.pop(request_id, None)
 

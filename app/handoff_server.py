@@ -147,13 +147,14 @@ class HandoffServer:
         try:
             deadline = loop.time() + (item.deadline - time.monotonic())
             row = await serving.batcher.run(ticket, item.kind, item.image, item.tokens, deadline, gone)
+            answer = handoff.encode_row(item.id, row)
         except ServiceError as exc:
             link.send(handoff.encode_error(item.id, exc))
-        except Exception:  # never leave a front-end's request waiting: it gets a 500, as here
+        except Exception:  # never leave a front-end's request waiting (a row that does not encode): a 500, as here
             log.exception("an item from a front-end failed")
             link.send(handoff.encode_error(item.id, ModelFailure("the model could not run")))
         else:
-            link.send(handoff.encode_row(item.id, row))
+            link.send(answer)
         finally:
             ticket.release()
             link.gone.pop(item.id, None)

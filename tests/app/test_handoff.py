@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from app import handoff
 from app.config import Settings
-from app.errors import ClientGone, DeadlineExceeded, InsufficientStorage, Overloaded, ServiceError
+from app.errors import ClientGone, DeadlineExceeded, InsufficientStorage, NotReady, Overloaded, ServiceError
 from app.handoff import DeviceState, Message, ProtocolError
 from app.handoff_client import DeviceLink, RemoteBatcher
 from app.handoff_server import HandoffServer
@@ -71,6 +72,44 @@ def test_rows_keep_their_fields() -> None:
     assert item_id == 9 and row.image_embedding is None
     assert row.probs is not None and row.probs.tolist() == [0.25, 0.75]
     assert row.text_embedding is not None and row.text_embedding.tolist() == [1.0, -0.5, 0.125]
+
+
+def test_ids_and_lengths_outgrow_sixteen_and_thirty_two_bits() -> None:
+    """A front-end numbers its items for as long as it lives (past 2^32 after about 50 days at
+    1,000 a second), and a model may have more than 65,535 labels or tokens."""
+    many = np.arange(70_000, dtype=np.int64) % 256 + 1
+    item = handoff.decode_item(_body(handoff.encode_item(2**40, Kind.TEXT, 1.0, 1.0, None, many))[1])
+    assert item.id == 2**40 and item.tokens is not None and np.array_equal(item.tokens, many)
+    probs = np.full(70_000, 1 / 70_000, dtype=np.float32)
+    item_id, row = handoff.decode_row(_body(handoff.encode_row(2**40 + 1, Row(probs=probs)))[1])
+    assert item_id == 2**40 + 1 and row.probs is not None and np.array_equal(row.probs, probs)
+    assert handoff.decode_id(_body(handoff.encode_id(Message.CANCEL, 2**40 + 2))[1]) == (2**40 + 2, b"")
+    error = handoff.decode_error(_body(handoff.encode_error(2**40 + 3, Overloaded("full", retry_after_s=3)))[1])
+    assert error[0] == 2**40 + 3
+
+
+def test_an_item_that_does_not_encode_leaves_nothing_pending() -> None:
+    """Its request gets the error, and the link counts nothing in flight for it."""
+    link = DeviceLink(Path("unused.sock"), lambda: b"", retry_after_s=1, answer_margin_s=1.0)
+    too_tall = np.zeros((3, 70_000, 1), dtype=np.uint8)  # the wire's 16 bits of height
+
+    async def body() -> None:
+        with pytest.raises(struct.error):
+            await link.call(Kind.IMAGE, too_tall, None, 1.0, 1.0, None)
+        assert link.in_flight == 0
+
+    run(body())
+
+
+def test_a_scrape_the_device_does_not_answer_gets_503_in_time() -> None:
+    link = DeviceLink(Path("unused.sock"), lambda: b"", retry_after_s=2, answer_margin_s=1.0)
+
+    async def body() -> None:
+        with pytest.raises(NotReady, match="the device process did not answer") as refused:
+            await link.metrics(timeout_s=0.05)
+        assert refused.value.retry_after_s == 2
+
+    run(body())
 
 
 @pytest.mark.parametrize(
