@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -62,6 +63,7 @@ BatchRunner = Callable[[Kind, ByteArray | None, TokenArray | None], list[RowResu
 StageBuffers = tuple[ByteArray | None, TokenArray | None]  # images [N,3,H,W], tokens [N,L_max]
 
 _EWMA: Final = 0.2  # weight of the newest batch in the running estimate of batch time
+_DISPATCHER_STOPPED: Final = "the batcher has stopped taking batches"
 
 
 class _State(IntEnum):
@@ -199,6 +201,11 @@ class _Batch:
     abandoned: bool = False  # failed by `abandon`: its duration says nothing of the next batch's
 
 
+def _could_make(item: _Item, now: float, needed_s: float) -> bool:
+    """Still queued (not a request that has left), and due at least `needed_s` from now."""
+    return item.state is _State.QUEUED and item.deadline - now >= needed_s
+
+
 def _shape_of(kind: Kind, stage: _Stage) -> tuple[Kind, int, int]:
     """Kind, batch size, and the padded text length rounded up to a power of two: a batch of long
     texts runs several times longer than one of short texts of the same size."""
@@ -282,6 +289,26 @@ class MicroBatcher:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._dispatch_forever(), name="batcher")
+        self._task.add_done_callback(self._dispatcher_ended)
+
+    def _dispatcher_ended(self, task: asyncio.Task[None]) -> None:
+        """Cancelled by stop(); anything else is a bug. Nothing takes batches from then on, so the
+        queued requests get 503 now rather than 504 at their deadlines, new ones are refused, and
+        liveness says so (`broken`): the orchestrator restarts the replica."""
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        log.critical("the batcher's dispatcher stopped", exc_info=error)
+        for lane in self._lanes.values():
+            for item in [*lane.filling.items, *lane.overflow]:
+                self._drop(item, NotReady(_DISPATCHER_STOPPED, retry_after_s=1))
+
+    @property
+    def broken(self) -> str | None:
+        """Why this batcher can run no request (its dispatcher stopped on an error), or None."""
+        task = self._task
+        if task is None or not task.done() or task.cancelled() or task.exception() is None:
+            return None
+        return _DISPATCHER_STOPPED
 
     @property
     def queued(self) -> int:
@@ -348,7 +375,12 @@ class MicroBatcher:
         find their requests already answered and are dropped. A batch handed over early, behind
         it, never ran: its requests get `queued`, and the batch is skipped. Queued requests would otherwise wait
         behind it until their deadlines, and so would requests still decoding now: until `resume`,
-        they get `queued` the moment they would be queued."""
+        they get `queued` the moment they would be queued, and new requests are refused with it
+        before their bodies are read.
+
+        Each request gets its own copy of the error: an exception object raised again keeps every
+        earlier raise's frames in its traceback, and with them those requests' bodies, for as long
+        as the stall lasts."""
         self._stalled = queued
         for batch in self._on_device:
             batch.abandoned = True
@@ -360,10 +392,10 @@ class MicroBatcher:
             error = queued if never_ran else running
             for item in batch.stage.items:
                 if not item.future.done():
-                    item.future.set_exception(error)
+                    item.future.set_exception(copy.copy(error))
         for lane in self._lanes.values():
             for item in [*lane.filling.items, *lane.overflow]:
-                self._drop(item, queued)
+                self._drop(item, copy.copy(queued))
 
     def resume(self) -> None:
         """The hung pass has ended: queue requests again."""
@@ -389,6 +421,10 @@ class MicroBatcher:
             return expired_before_queue(self.metrics)
         if self._closed:
             return NotReady("the server is shutting down", retry_after_s=1)
+        if self._stalled is not None:
+            return copy.copy(self._stalled)
+        if (reason := self.broken) is not None:
+            return NotReady(reason, retry_after_s=1)
         if self.admitted >= self.max_queue:
             self.metrics.shed.labels("queue_full").inc()
             return Overloaded(
@@ -448,8 +484,10 @@ class MicroBatcher:
             raise ClientGone("the client disconnected")
         if self._closed:
             raise NotReady("the server is shutting down", retry_after_s=1)
-        if self._stalled is not None:
-            raise self._stalled
+        if self._stalled is not None:  # admitted before the stall
+            raise copy.copy(self._stalled)
+        if (reason := self.broken) is not None:
+            raise NotReady(reason, retry_after_s=1)
         length = len(tokens) if tokens is not None else 0
         item = _Item(kind, image, tokens, length, deadline, now, time.perf_counter(), loop.create_future(), ticket)
         item.timer = loop.call_at(deadline, self._on_deadline, item)  # before: enqueueing may hand it over
@@ -575,7 +613,12 @@ class MicroBatcher:
                 await self._linger(lane)
             if self.gather_s > 0:
                 await self._gather(lane)
-            self._dispatch(lane)
+            if not self._dispatch(lane) and lane.live > 0:
+                # Items counted as queued, none to run: a bug. Recount, rather than loop here without
+                # ever yielding, which would freeze the event loop and every request with it.
+                log.error("the %s lane counted %d queued items and had none to run", lane.kind.value, lane.live)
+                lane.live = sum(item.state is _State.QUEUED for item in chain(lane.filling.items, lane.overflow))
+                await asyncio.sleep(0)
 
     def _oldest_lane(self) -> _Lane | None:
         live = [lane for lane in self._lanes.values() if lane.live > 0]
@@ -674,7 +717,7 @@ class MicroBatcher:
             # When no queued item could make it by the estimate, the estimate may be what is wrong
             # (one slow run of this shape): the batch runs as it is, and its time corrects it.
             # Items topped up from the overflow are not checked again against their own shape.
-            if any(item.deadline - now >= needed for item in chain(stage.items, lane.overflow)):
+            if any(_could_make(item, now, needed) for item in chain(stage.items, lane.overflow)):
                 self._keep_wanted(lane, stage, now, needed)
                 if not stage.items:
                     return None
@@ -708,8 +751,13 @@ class MicroBatcher:
     def _refill(self, lane: _Lane, stage: _Stage, now: float, needed_s: float = 0.0) -> None:
         while lane.overflow and len(stage.items) < self.max_batch_size:
             item = lane.overflow.popleft()
-            if self._still_wanted(item, now, needed_s):
+            if not self._still_wanted(item, now, needed_s):
+                continue
+            try:
                 stage.add(item)
+            except Exception:  # a bug: out of every buffer, the item must not stay counted as queued
+                log.exception("a queued %s item could not be staged", lane.kind.value)
+                self._drop(item, ModelFailure("the request could not be queued for the model"))
 
     def _device_frees_in(self) -> float:
         """Seconds until the batch on the device is expected to end (0: none, or no estimate)."""
@@ -805,8 +853,8 @@ class MicroBatcher:
             return
         started = batch.stamps.started if batch.stamps.started is not None else batch.submitted
         elapsed = (batch.stamps.ended if batch.stamps.ended is not None else time.perf_counter()) - started
-        self._batch_seconds += _EWMA * (elapsed - self._batch_seconds)
-        if not (failed or batch.abandoned):  # a hung pass's time would hold the next windows shut
+        if not (failed or batch.abandoned):  # a hung pass's time would hold the next windows shut, and Retry-After up
+            self._batch_seconds += _EWMA * (elapsed - self._batch_seconds)
             per_item = elapsed / count
             self._item_seconds += (_EWMA if self._item_seconds else 1.0) * (per_item - self._item_seconds)
             previous = self._durations.get(batch.shape, elapsed)

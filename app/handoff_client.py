@@ -256,6 +256,11 @@ class RemoteBatcher:
         """Nothing of this front-end's on the device (for decoding a lone request on the loop)."""
         return self._link.in_flight == 0
 
+    @property
+    def broken(self) -> None:
+        """The device process's batcher says for itself, through its liveness (DeviceLink.liveness)."""
+        return None
+
     def refusal(self, left_s: float, allowance_s: float) -> ServiceError | None:
         """Refused before the body is read: 504 when its deadline has passed (`left_s` <= 0); 429 at
         this process's bound, or at the replica's, which the device process reports (an item over

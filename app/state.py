@@ -51,6 +51,9 @@ class Batcher(Protocol[TicketT]):
     @property
     def idle(self) -> bool: ...
 
+    @property
+    def broken(self) -> str | None: ...
+
     def refusal(self, left_s: float, allowance_s: float) -> ServiceError | None: ...
 
     def admit(self, left_s: float, allowance_s: float) -> TicketT: ...
@@ -126,6 +129,8 @@ class AppState:
             return "startup failed"
         if self.worker is not None and not self.worker.alive:
             return "the inference worker has stopped"
+        if self.batcher is not None and (reason := self.batcher.broken) is not None:
+            return reason
         return self.monitor.liveness() if self.monitor is not None else None
 
     def readiness(self) -> str | None:

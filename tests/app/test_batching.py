@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from app.batching import MicroBatcher, _Item, _Stage
-from app.errors import DeadlineExceeded, Overloaded
+from app.errors import ClientGone, DeadlineExceeded, ModelFailure, NotReady, Overloaded
 from app.items import Kind, Row, RowResult
 from app.lateness_limit import deadline_class, describe, gauge_label
 from app.metrics import Metrics
@@ -760,6 +761,105 @@ def test_admission_answers_504_to_a_request_whose_deadline_has_passed_even_while
             samples = parse_metrics(batcher.metrics.render().decode())
             assert metric(samples, "fusion_requests_expired_total", stage="before_queue") == 1
             assert metric(samples, "fusion_requests_shed_total", reason="queue_full") == 1
+
+    run(body())
+
+
+def test_a_stale_estimate_is_run_through_though_a_request_that_has_left_could_have_waited_for_it() -> None:
+    """When no queued request could finish by the batch's estimate (one slow run of its shape), the
+    batch runs as it is, and its time corrects the estimate. A request that has left the overflow
+    (its client gone) has a deadline too, but no longer counts as one that could make it."""
+    gate = threading.Event()
+    sizes: list[int] = []
+
+    def run_batch(kind: Kind, images: Any, tokens: Any) -> list[RowResult]:
+        sizes.append(len(tokens))
+        if len(sizes) == 1:
+            gate.wait(10)
+        return embeddings(kind, images, tokens)
+
+    async def body() -> None:
+        async with text_batcher(run_batch) as batcher:
+            loop = asyncio.get_running_loop()
+            texts = np.arange(1, 6, dtype=np.int64)
+
+            async def request(seconds: float, gone: asyncio.Future[None] | None = None) -> Row:
+                ticket = batcher.admit(seconds, seconds)
+                try:
+                    return await batcher.run(ticket, Kind.TEXT, None, texts, loop.time() + seconds, gone)
+                finally:
+                    ticket.release()
+
+            holder = asyncio.create_task(request(30.0))
+            await until(lambda: batcher.running == 1)
+            batcher._durations[(Kind.TEXT, 4, 8)] = 5.0  # stale: a full batch of short texts took 5 s once
+            tight = [asyncio.create_task(request(1.0)) for _ in range(4)]  # the filling buffer
+            gone: asyncio.Future[None] = loop.create_future()
+            patient = asyncio.create_task(request(100.0, gone))  # the overflow
+            await until(lambda: batcher.queued == 5)
+            gone.set_result(None)  # its client leaves
+            with pytest.raises(ClientGone):
+                await patient
+            gate.set()
+            assert all(isinstance(row, Row) for row in await gather(holder, *tight))
+            samples = parse_metrics(batcher.metrics.render().decode())
+            assert metric(samples, "fusion_requests_expired_total", stage="cannot_finish") == 0
+        assert sizes == [1, 4]
+
+    run(body())
+
+
+def test_an_item_that_fails_to_stage_from_the_overflow_fails_alone_and_the_loop_goes_on() -> None:
+    """Items that do not fit the filling buffer are staged later, from the overflow. Should one fail
+    there (a bug: here a text longer than the buffers), its request gets 500, the others are
+    served, and it is not left counted as queued, which would spin the dispatcher for good."""
+    gate = threading.Event()
+
+    def run_batch(kind: Kind, images: Any, tokens: Any) -> list[RowResult]:
+        gate.wait(10)
+        return embeddings(kind, images, tokens)
+
+    async def body() -> None:
+        async with text_batcher(run_batch) as batcher:
+            holder = asyncio.create_task(embed_text(batcher))
+            await until(lambda: batcher.running == 1)
+            fitting = [asyncio.create_task(embed_text(batcher)) for _ in range(4)]  # the filling buffer
+            await until(lambda: batcher.queued == 4)
+            deadline = asyncio.get_running_loop().time() + 10
+            ticket = batcher.admit(10.0, 10.0)
+            too_long = asyncio.create_task(
+                batcher.run(ticket, Kind.TEXT, None, np.arange(1, 21, dtype=np.int64), deadline)  # 20 > 16
+            )
+            await until(lambda: batcher.queued == 5)
+            gate.set()
+            with pytest.raises(ModelFailure, match="could not be queued"):
+                await too_long
+            ticket.release()
+            assert all(isinstance(row, Row) for row in await gather(holder, *fitting))
+            assert (batcher.queued, batcher.admitted, batcher.idle) == (0, 0, True)
+            assert isinstance(await embed_text(batcher), Row)
+
+    run(body())
+
+
+def test_a_dispatcher_that_stops_on_an_error_fails_the_queue_at_once_and_refuses_new_requests() -> None:
+    """A bug in the dispatcher must not leave requests waiting for their deadlines while nothing
+    takes batches: the queued ones get 503, new ones are refused, and `broken` says why."""
+
+    def no_lane() -> None:
+        raise RuntimeError("a bug")
+
+    async def body() -> None:
+        async with text_batcher(embeddings) as batcher:
+            before = batcher.broken
+            assert before is None
+            batcher._oldest_lane = no_lane  # type: ignore[method-assign]
+            with pytest.raises(NotReady, match="the batcher has stopped taking batches"):
+                await embed_text(batcher)
+            assert batcher.broken == "the batcher has stopped taking batches"
+            refused = batcher.refusal(10.0, 10.0)
+            assert isinstance(refused, NotReady) and refused.retry_after_s == 1
+            assert (batcher.queued, batcher.admitted) == (0, 0)
 
     run(body())
 

@@ -128,6 +128,7 @@ def test_a_hung_forward_pass_fails_its_batch_and_turns_liveness_red(probe_packag
             await until(lambda: batcher.running == 1)
             queued = asyncio.create_task(post(served, "/predict", picture(), "behind it"))
             await until(lambda: batcher.queued == 1)
+            decoding = [batcher.admit(60.0, 60.0) for _ in range(2)]  # let in before the watchdog trips
             began = time.monotonic()
             answer = await hung
             assert worker.busy_since is not None, "answered while the forward pass still runs"
@@ -144,16 +145,21 @@ def test_a_hung_forward_pass_fails_its_batch_and_turns_liveness_red(probe_packag
             assert (await served.client.get("/readyz")).status_code == 503
             refused = await post(served, "/predict", picture(), "while hung")
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
+            assert isinstance(batcher.refusal(60.0, 60.0), NotReady)  # before its body is read
             # A request that was still decoding when the watchdog tripped is refused as it reaches
-            # the queue, not left to wait for its deadline behind the hung pass.
-            ticket = batcher.admit(60.0, 60.0)
-            deadline = asyncio.get_running_loop().time() + 60
-            try:
-                late = batcher.run(ticket, Kind.TEXT, None, np.array([104, 105], dtype=np.int64), deadline)
-                with pytest.raises(NotReady):
-                    await asyncio.wait_for(late, 0.1)
-            finally:
-                ticket.release()
+            # the queue, not left to wait for its deadline behind the hung pass. Each gets an error
+            # of its own: one object raised again would keep every such request's frames alive.
+            raised = []
+            for ticket in decoding:
+                deadline = asyncio.get_running_loop().time() + 60
+                try:
+                    late = batcher.run(ticket, Kind.TEXT, None, np.array([104, 105], dtype=np.int64), deadline)
+                    with pytest.raises(NotReady) as failed:
+                        await asyncio.wait_for(late, 0.1)
+                    raised.append(failed.value)
+                finally:
+                    ticket.release()
+            assert raised[0] is not raised[1] and raised[0].message == raised[1].message
             samples = await served.metrics()
             assert metric(samples, "fusion_alive") == 0 and metric(samples, "fusion_forward_timeouts_total") == 1
             await until(lambda: served.state.liveness() is None, timeout_s=30)  # the pass ended after all
