@@ -119,7 +119,9 @@ class Decoder:
 
     def _text_too_long(self, limit: int) -> ServiceError:
         return InvalidInput(
-            f"the text is too long: at most {self.max_length} UTF-8 bytes are accepted", code="text_too_long"
+            f"the text is too long: at most {self.max_length} UTF-8 bytes are accepted, counted after Unicode NFC"
+            " normalization (which turns some characters into two)",
+            code="text_too_long",
         )
 
     def _bad_top_k(self, limit: int) -> ServiceError:

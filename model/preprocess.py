@@ -12,8 +12,9 @@ Image pipeline, cheapest first:
 1. open with an allowlist of decoders (only these formats are ever parsed);
 2. check the header's dimensions against the limits *before* any pixel is decoded, so a
    decompression bomb costs microseconds;
-3. JPEG only: decode at a reduced scale (libjpeg's DCT scaling via `draft`) when the photo is far
-   larger than the model input: a 12-megapixel photo decodes at 1/8 scale;
+3. JPEG only (MPO too: a JPEG with more pictures after it): decode at a reduced scale (libjpeg's
+   DCT scaling via `draft`) when the photo is far larger than the model input: a 12-megapixel
+   photo decodes at 1/8 scale;
 4. first frame of animations; EXIF orientation; any mode to RGB (alpha composited on white,
    16-bit samples scaled, not clipped);
 5. one antialiased resize to the model's size.
@@ -30,7 +31,7 @@ from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, JpegImagePlugin, UnidentifiedImageError
 
 ALLOWED_FORMATS: Final[tuple[str, ...]] = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 TOKENIZER: Final[str] = "utf8-bytes"
@@ -89,17 +90,16 @@ def decode_image(
     if before_decoding is not None:
         before_decoding(image.size)
     height, width = size
-    if image.format == "JPEG":
+    if isinstance(image, JpegImagePlugin.JpegImageFile):  # MPO too: a JPEG with more pictures after it
         # Reduced-scale DCT decoding; the scale chosen keeps both sides >= the request, and the
         # request is square so that a 90-degree EXIF rotation cannot leave a side short.
         side = max(height, width)
         image.draft("RGB", (side, side))
     try:
         image.load()
-        image = ImageOps.exif_transpose(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError("corrupt_image", "the image data is corrupt or truncated") from exc
-    rgb = _to_rgb(image)
+    rgb = _to_rgb(_upright(image))
     if rgb.size != (width, height):
         rgb = rgb.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
     array = np.array(rgb)  # [H, W, 3] uint8, writable (torch refuses to share a read-only buffer)
@@ -121,9 +121,34 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
         ) from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError("corrupt_image", "the image header is corrupt") from exc
-    if getattr(image, "n_frames", 1) > 1:
-        image.seek(0)  # animations: the first frame is the picture
+    # An animation opens at its first frame, which is the picture. Its frames are never counted:
+    # counting walks the whole file (3 us a frame, and a tiny frame takes 15 bytes), and a damaged
+    # frame after the first would fail a picture that is intact.
     return image
+
+
+# EXIF orientation -> the transpose that makes the picture upright (as ImageOps.exif_transpose).
+_UPRIGHT: Final = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The picture turned as its EXIF orientation says. Not ImageOps.exif_transpose: it also writes
+    the EXIF back, and fails on tags it cannot write (odd camera EXIF is common), though the
+    orientation was readable. EXIF is metadata: when it does not parse, the picture stands as stored."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # any parse failure of the metadata block (struct, type, value errors)
+        return image
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return image.transpose(method) if method is not None else image
 
 
 def sniff_format(data: bytes) -> str | None:

@@ -144,6 +144,46 @@ def test_exif_orientation_is_applied(
         assert tuple(out[:, 15, 0].tolist()) == top_left
 
 
+def odd_camera_exif(orientation: int) -> bytes:
+    """EXIF with an orientation and a tag stored in a type Pillow cannot write back (Make as the
+    type of StripByteCounts): readable, but ImageOps.exif_transpose fails on it."""
+    exif = Image.new("RGB", (4, 4)).getexif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "cam"
+    raw = bytearray(exif.tobytes())
+    at = raw.index(b"\x01\x0f")
+    raw[at + 1] = 0x17
+    return bytes(raw)
+
+
+def test_an_orientation_beside_odd_exif_tags_is_applied() -> None:
+    out = pixels(encode(split_image(), "PNG", exif=odd_camera_exif(6)), (16, 16))
+    assert tuple(out[:, 0, 0].tolist()) == RED and tuple(out[:, 0, 15].tolist()) == RED  # the top row
+    assert tuple(out[:, 15, 15].tolist()) == BLUE
+
+
+def test_exif_that_does_not_parse_leaves_the_picture_as_stored() -> None:
+    out = pixels(encode(split_image(), "PNG", exif=b"Exif\x00\x00not a TIFF block"), (16, 16))
+    assert tuple(out[:, 0, 0].tolist()) == RED and tuple(out[:, 0, 15].tolist()) == BLUE
+
+
+def test_a_gif_damaged_after_its_first_frame_still_gives_that_frame() -> None:
+    """Frames are never counted: a damaged trailer is no reason to refuse an intact picture."""
+    damaged = encode(solid(RED, "RGB"), "GIF")[:-1] + b"!"  # the trailer ';' replaced
+    assert_solid(pixels(damaged), RED)
+
+
+def test_a_multi_picture_jpeg_decodes_at_reduced_scale_as_a_jpeg_does() -> None:
+    """Pillow opens a JPEG with more pictures after it (a stereo pair, a depth map) as MPO. Fine
+    detail decodes differently at reduced scale than in full and resized: the same pixels as the
+    plain JPEG's say that both took the reduced-scale path."""
+    noise = np.random.default_rng(7).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)
+    photo = Image.fromarray(noise, "RGB")
+    mpo = encode(photo, "MPO", save_all=True, append_images=[photo], quality=90)
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    assert np.array_equal(pixels(mpo, (64, 64)), pixels(encode(photo, "JPEG", quality=90), (64, 64)))
+
+
 def test_large_jpeg_decodes_at_reduced_scale_to_the_same_picture() -> None:
     photo = Image.new("RGB", (4000, 3000), RED)
     photo.paste(BLUE, (2000, 0, 4000, 3000))
