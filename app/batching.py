@@ -340,7 +340,9 @@ class MicroBatcher:
 
     @property
     def idle(self) -> bool:
-        return self.queued == 0 and not self._on_device
+        """Nothing queued, and nothing on the device but batches abandoned to a hung pass (answered
+        already: a drain need not wait for them)."""
+        return self.queued == 0 and all(batch.abandoned for batch in self._on_device)
 
     async def stop(self, timeout_s: float) -> None:
         """Let queued and running work finish (up to timeout_s), then stop; leftovers get 503."""

@@ -122,20 +122,38 @@ class PrecisionUnsupported(Exception):
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """torch.cuda.OutOfMemoryError (a real allocator failure keeps its type through TorchScript), or
-    an error whose own message says "out of memory": a RuntimeError from another allocator, or
-    torch.jit.Error, which is what an exception raised by scripted code becomes."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
+    """torch.cuda.OutOfMemoryError (a real allocator failure keeps its type through TorchScript),
+    Python's MemoryError, or an error whose own message says so: a RuntimeError from another
+    allocator (the CPU's says "can't allocate memory"), or torch.jit.Error, which is what an
+    exception raised by scripted code becomes."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
         return True
+    message = _own_message(exc)
+    return message is not None and any(words in message.lower() for words in _OUT_OF_MEMORY_WORDS)
+
+
+def is_device_lost(exc: BaseException) -> bool:
+    """A device error other than running out of memory (an illegal memory access, a device-side
+    assert): it leaves the process's CUDA context unusable for good, and only a new process
+    serves again. torch.AcceleratorError, or "CUDA error" in the error's own message."""
+    if is_out_of_memory(exc):
+        return False
+    if isinstance(exc, torch.AcceleratorError):
+        return True
+    message = _own_message(exc)
+    return message is not None and "CUDA error" in message
+
+
+def _own_message(exc: BaseException) -> str | None:
+    """What a RuntimeError or torch.jit.Error says itself; None for other exceptions, which torch
+    does not raise."""
     if isinstance(exc, torch.jit.Error):
         # Its message quotes the scripted source around the failing line (which may well mention
-        # memory); the error itself is the last line.
-        message = str(exc).rstrip().rpartition("\n")[2]
-    elif isinstance(exc, RuntimeError):
-        message = str(exc)
-    else:
-        return False
-    return "out of memory" in message.lower()
+        # memory, or CUDA); the error itself is the last line.
+        return str(exc).rstrip().rpartition("\n")[2]
+    if isinstance(exc, RuntimeError):
+        return str(exc)
+    return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -162,6 +180,8 @@ def check_precision(device: torch.device, precision: Precision) -> None:
 
 _MODEL_FAILED: Final = "the model failed on this input"
 _OUT_OF_MEMORY: Final = "the model ran out of device memory on this input, even alone"
+# How allocators say so: CUDA's and the caching allocators' "out of memory", the CPU's "can't allocate memory".
+_OUT_OF_MEMORY_WORDS: Final = ("out of memory", "can't allocate memory", "not enough memory")
 _NOT_FINITE: Final = "the model produced a non-finite output for this input"
 
 
@@ -422,8 +442,11 @@ class Engine:
         With the optimized graph serving, the module as loaded runs the same inputs and the two
         must agree within GOLDEN_ATOL: oneDNN picks its kernels per shape, so the startup check of
         the rewrite (the golden batch, and each case alone) vouches for those shapes only, and the
-        warm-up runs the shapes requests will form. Where they differ, the module as loaded serves
-        from here on (it has just run this shape, and runs the rest of the warm-up)."""
+        warm-up adds the shapes it runs. On a CPU that is a sample of the shapes requests form (the
+        sizes of `warm_up_sizes`, a few text lengths), not all of them: the check vouches for the
+        rewrite's kernels at a spread of sizes and lengths, and a shape outside it is trusted by
+        likeness. Where they differ, the module as loaded serves from here on (it has just run this
+        shape, and runs the rest of the warm-up)."""
         image, text = self._inputs(step.kind, *self._synthetic(step))
         with torch.inference_mode(), self._precision():
             served = self._call_model(self._methods, step.kind, image, text, step.size)

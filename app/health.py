@@ -9,8 +9,16 @@ pass does finish after all, the replica is alive again.
 Readiness (/readyz) turns red when the model itself seems broken: after `max_failed_batches`
 batches in a row in which no item got an answer, the package's golden check runs on the inference
 thread. A poisoned input fails its own batches but not the golden check, so it costs one check
-and no readiness; a broken model fails both, and /readyz answers 503 until a batch succeeds again
-(a request the load balancer still sends, or the golden check, rerun every few seconds).
+and no readiness; a broken model fails both, and /readyz answers 503 until the golden check passes
+again: rerun every few seconds, and at once after a batch that succeeds (a request the load
+balancer still sends). A batch that succeeds is not proof enough by itself: a model broken for one
+method (say /predict's forward) still answers another (/embed's image encoder), and taking that
+for recovery turned readiness green and red again at every such batch.
+
+Liveness turns red for good, too, when the golden check fails with a device error (a CUDA error
+other than running out of memory: an illegal memory access, a device-side assert). That leaves the
+process's CUDA context unusable, and unlike a broken package, a restart mends it; left merely not
+ready, the replica would hold its GPU and serve nothing until someone noticed.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from collections.abc import Callable
 from typing import Final
 
 from app.batching import MicroBatcher
+from app.engine import is_device_lost
 from app.errors import ModelFailure, NotReady
 from app.metrics import Metrics
 from app.worker import InferenceWorker
@@ -48,7 +57,8 @@ class HealthMonitor:
         self.max_failed_batches = max_failed_batches
         self.golden_check = golden_check  # runs on the inference thread; raises when the model is broken
         self.retry_after_s = retry_after_s
-        self.hung: str | None = None  # why liveness is red
+        self.hung: str | None = None  # why liveness is red while a pass hangs
+        self.lost: str | None = None  # why liveness is red for good: the device failed beyond repair
         self.failing: str | None = None  # why readiness is red
         self.failed_batches = 0
         self._checking = False
@@ -57,7 +67,7 @@ class HealthMonitor:
         self._check_task: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
 
     def liveness(self) -> str | None:
-        return self.hung
+        return self.hung or self.lost
 
     def readiness(self) -> str | None:
         return self.failing
@@ -66,7 +76,10 @@ class HealthMonitor:
 
     def batch_done(self, answered: bool) -> None:
         if answered:
-            self._recovered("a batch succeeded")
+            if self.failing is None:
+                self._recovered("a batch succeeded")
+            else:
+                self._check_soon()  # recovered, or only this method works: the golden check says which
             return
         self.failed_batches += 1
         self.metrics.failed_batches.set(self.failed_batches)
@@ -94,6 +107,10 @@ class HealthMonitor:
                 log.error("the last %d batches failed, and so did the golden check: not ready", self.failed_batches)
                 log.error("golden check: %s", exc)
             self.failing = f"the model is failing: the last {self.failed_batches} batches and the golden check failed"
+            if is_device_lost(exc) and self.lost is None:
+                # Unlike a broken package, a new process does mend this: liveness asks for one.
+                log.critical("the device failed beyond repair in this process: /healthz is 503")
+                self.lost = "the device failed (a CUDA error): only a new process can use it again"
         else:
             self._recovered("the golden check passed")
         finally:

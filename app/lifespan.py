@@ -194,8 +194,6 @@ async def _phases(state: AppState, device: torch.device) -> None:
     metrics.startup.labels("total").set(total)
     metrics.model_info.labels(manifest.name, manifest.version, str(device)).set(1)
     state.phase = Phase.READY
-    if not state.draining:
-        metrics.ready.set(1)
     log.info("ready in %.2f s (%s)", total, ", ".join(f"{k} {v:.2f} s" for k, v in state.startup_seconds.items()))
 
 

@@ -111,7 +111,9 @@ class AppState:
     startup_seconds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Read at each scrape, from what /healthz and /readyz would answer then: never out of step.
         self.metrics.alive.set_function(lambda: float(self.liveness() is None))
+        self.metrics.ready.set_function(lambda: float(self.readiness() is None))
 
     @property
     def model_version(self) -> str | None:
@@ -167,9 +169,7 @@ class AppState:
 
     def begin_drain(self) -> None:
         self.draining = True
-        self.metrics.ready.set(0)
 
     def fail(self, message: str) -> None:
         self.phase = Phase.FAILED
         self.failure = message
-        self.metrics.ready.set(0)

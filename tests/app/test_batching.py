@@ -864,6 +864,33 @@ def test_a_dispatcher_that_stops_on_an_error_fails_the_queue_at_once_and_refuses
     run(body())
 
 
+def test_a_drain_does_not_wait_for_a_batch_abandoned_to_a_hung_pass() -> None:
+    """Its requests were answered when the watchdog tripped; waiting for the pass to return would
+    only hold the process past its grace period, and the orchestrator's restart with it."""
+    gate = threading.Event()
+
+    def hangs(kind: Kind, images: Any, tokens: Any) -> list[RowResult]:
+        gate.wait(10)
+        return embeddings(kind, images, tokens)
+
+    async def body() -> None:
+        async with text_batcher(hangs) as batcher:
+            try:
+                hung = asyncio.create_task(embed_text(batcher))
+                await until(lambda: batcher.running == 1)
+                batcher.abandon(running=ModelFailure("hung"), queued=NotReady("not responding"))
+                with pytest.raises(ModelFailure):
+                    await hung
+                assert batcher.idle
+                began = time.monotonic()
+                await batcher.stop(5.0)
+                assert time.monotonic() - began < 1.0
+            finally:
+                gate.set()  # the pass returns after all, before the worker shuts down
+
+    run(body())
+
+
 def test_a_batch_is_answered_one_turn_of_a_busy_event_loop_after_its_pass_returns() -> None:
     """Under load every turn of the event loop is a burst of other requests' work. The answers of a
     batch reach their requests in the loop's first turns after the pass returns: its delivery is

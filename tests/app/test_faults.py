@@ -13,9 +13,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from app.engine import Engine, is_out_of_memory
+from app.engine import Engine, is_device_lost, is_out_of_memory
 from app.errors import InsufficientStorage, ModelFailure, NotReady
+from app.health import HealthMonitor
 from app.items import Kind, Row
+from app.metrics import Metrics
+from app.worker import InferenceWorker
 from model.manifest import read_manifest
 from model.package import ModelPackage
 from tests.app.conftest import Running, form, gather, metric, picture, run, serve, settings_for, until
@@ -111,8 +114,19 @@ def test_the_engine_splits_on_torch_cuda_out_of_memory(probe_package: Path) -> N
 def test_out_of_memory_is_recognized_by_type_or_message() -> None:
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: not enough memory: out of memory"))
+    with pytest.raises(RuntimeError) as cpu:  # the CPU allocator's own words: a petabyte cannot be had
+        torch.empty(2**50, dtype=torch.uint8)
+    assert is_out_of_memory(cpu.value) and is_out_of_memory(MemoryError())
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_out_of_memory(ValueError("out of memory"))  # not an error torch raises
+
+
+def test_a_cuda_error_other_than_out_of_memory_is_a_device_lost_for_good() -> None:
+    assert is_device_lost(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
+    assert is_device_lost(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not is_device_lost(RuntimeError("CUDA error: out of memory"))  # split and retried: 507 at worst
+    assert not is_device_lost(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert not is_device_lost(RuntimeError("probe: the model is broken"))
 
 
 def test_a_hung_forward_pass_fails_its_batch_and_turns_liveness_red(probe_package: Path) -> None:
@@ -223,7 +237,8 @@ def test_a_poisoned_input_costs_no_readiness(probe_package: Path) -> None:
 def test_a_failing_model_turns_readiness_red_until_a_batch_succeeds(probe_package: Path) -> None:
     """'*' breaks the probe model for good, golden inputs included: after three failed batches the
     golden check fails too and /readyz answers 503; liveness stays green (restarting would not
-    help a broken package any more than waiting); the first batch that succeeds restores it."""
+    help a broken package any more than waiting); the first batch that succeeds reruns the golden
+    check at once, and its passing restores readiness."""
 
     async def body() -> None:
         async with serve(settings_for(probe_package, max_failed_batches=3)) as served:
@@ -240,11 +255,87 @@ def test_a_failing_model_turns_readiness_red_until_a_batch_succeeds(probe_packag
             assert (await served.client.get("/healthz")).status_code == 200
             samples = await served.metrics()
             assert metric(samples, "fusion_consecutive_failed_batches") == 3
+            assert metric(samples, "fusion_ready") == 0  # as /readyz says
             assert await answer_one_by_one(served, ["+mends"]) == [200]
+            await until(lambda: monitor.failing is None)  # the golden check, rerun at once, passes
             assert (await served.client.get("/readyz")).json() == {"status": "ready"}
-            assert metric(await served.metrics(), "fusion_consecutive_failed_batches") == 0
+            samples = await served.metrics()
+            assert metric(samples, "fusion_consecutive_failed_batches") == 0 and metric(samples, "fusion_ready") == 1
 
     run(body())
+
+
+def test_a_batch_that_succeeds_while_the_golden_check_fails_does_not_make_the_replica_ready() -> None:
+    """A model broken for one method still answers the others' batches: such a success reruns the
+    golden check, which keeps readiness red while it fails, rather than turning it green until the
+    next three failures (and red, and green again)."""
+    worker = InferenceWorker(threads=1)
+    worker.start()
+    broken = True
+
+    def golden_check() -> None:
+        if broken:
+            raise RuntimeError("the forward pass is broken")
+
+    async def body() -> None:
+        nonlocal broken
+        monitor = HealthMonitor(
+            worker=worker,
+            metrics=Metrics(8),
+            forward_timeout_s=30.0,
+            max_failed_batches=3,
+            golden_check=golden_check,
+            retry_after_s=1,
+        )
+        for _ in range(3):
+            monitor.batch_done(False)
+        await until(lambda: monitor.failing is not None and not monitor._checking)
+        monitor.batch_done(True)  # another method's batch
+        await until(lambda: not monitor._checking)
+        assert monitor.readiness() == "the model is failing: the last 3 batches and the golden check failed"
+        assert monitor.liveness() is None  # a broken model: a restart would not mend it
+        broken = False
+        monitor.batch_done(True)
+        await until(lambda: monitor.readiness() is None)
+        await monitor.stop()
+
+    try:
+        run(body())
+    finally:
+        worker.shutdown()
+
+
+def test_a_golden_check_failing_with_a_device_error_turns_liveness_red_for_good() -> None:
+    """A CUDA error leaves the process's context unusable: a restart mends it, so liveness asks for
+    one, and it stays red though a batch of another method succeeds afterwards."""
+    worker = InferenceWorker(threads=1)
+    worker.start()
+
+    def golden_check() -> None:
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    async def body() -> None:
+        monitor = HealthMonitor(
+            worker=worker,
+            metrics=Metrics(8),
+            forward_timeout_s=30.0,
+            max_failed_batches=3,
+            golden_check=golden_check,
+            retry_after_s=1,
+        )
+        for _ in range(3):
+            monitor.batch_done(False)
+        await until(lambda: monitor.liveness() is not None)
+        assert monitor.liveness() == "the device failed (a CUDA error): only a new process can use it again"
+        monitor.batch_done(True)
+        await until(lambda: not monitor._checking)
+        assert monitor.liveness() is not None and monitor.readiness() is not None
+        await monitor.stop()
+
+    try:
+        run(body())
+    finally:
+        worker.shutdown()
 
 
 def test_non_finite_and_misshapen_outputs_are_json_errors(probe_package: Path) -> None:
