@@ -78,6 +78,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     # Read by the NVIDIA container toolkit when a GPU is requested; ignored otherwise.
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    # Where GKE's device plugin mounts the driver (libcuda), without running ldconfig; the toolkit
+    # and the GPU Operator put it on the default path instead. Nothing there on a CPU node.
+    LD_LIBRARY_PATH=/usr/local/nvidia/lib64 \
     FUSION_MODEL=/srv/fusionserve/weights/shapesqa \
     FUSION_HOST=0.0.0.0 \
     FUSION_PORT=8000 \
@@ -86,7 +89,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     FUSION_DEVICE=${DEVICE} \
     # Below the orchestrator's grace periods (README, "Deployment": the arithmetic).
     FUSION_DRAIN_DELAY_S=5 \
-    FUSION_GRACEFUL_TIMEOUT_S=20
+    FUSION_GRACEFUL_TIMEOUT_S=20 \
+    # A client may ask for no longer than a drain lets a request finish; longer gets 422 at once,
+    # where it would have been cut by the drain, or by the load balancer's server timeout.
+    FUSION_MAX_REQUEST_TIMEOUT_MS=20000
 
 USER 10001:10001
 EXPOSE 8000

@@ -234,6 +234,17 @@ class Settings(BaseSettings):
     graceful_timeout_s: Annotated[
         float, Field(gt=0, description="after the drain delay: seconds for accepted work to finish")
     ] = 30.0
+    exit_when_dead_s: Annotated[
+        float,
+        Field(
+            ge=0,
+            description=(
+                "once /healthz has answered 503 this long, stop as on SIGTERM and exit 1, for a supervisor that"
+                " restarts processes that exit but does not probe (docker compose); 0: never (Kubernetes' liveness"
+                " probe restarts the replica)"
+            ),
+        ),
+    ] = 0.0
 
     # Input limits.
     max_body_bytes: Annotated[int, Field(ge=1, description="largest request body; 413 beyond")] = 20 * MiB

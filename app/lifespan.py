@@ -106,10 +106,12 @@ async def stop(state: AppState) -> None:
     if state.startup_task is not None and not state.startup_task.done():
         state.startup_task.cancel()
         await asyncio.gather(state.startup_task, return_exceptions=True)
+    if state.batcher is not None:
+        # The watchdog still watches meanwhile: a pass that hangs during the drain is failed (and
+        # its batch no longer waited for) rather than holding the process to the grace period's end.
+        await state.batcher.stop(max(0.0, end - time.monotonic()))
     if state.monitor is not None:
         await state.monitor.stop()
-    if state.batcher is not None:
-        await state.batcher.stop(max(0.0, end - time.monotonic()))
     if state.decode_pool is not None:
         state.decode_pool.shutdown(wait=False, cancel_futures=True)
     if state.worker is not None:

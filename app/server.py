@@ -6,6 +6,11 @@ Shutdown on SIGTERM (or Ctrl+C), in order:
    keep-alive clients move on);
 3. the listener closes; accepted requests (queued and running) finish, up to graceful_timeout_s;
 4. the process exits 0. A second signal stops at once.
+
+With `exit_when_dead_s`, a replica whose /healthz has answered 503 that long (a hung forward pass,
+a device lost, a dead inference thread) stops the same way by itself and exits 1: under a
+supervisor that restarts a process when it exits but never probes it (docker compose), it would
+otherwise stay up, out of the load balancer's pool, until someone restarted it by hand.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class DrainingServer(uvicorn.Server):
         self.state = state
         self.exit_code = 0
         self._drain_until: float | None = None
+        self._dead_since: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_until is None and not self.should_exit and sig in (signal.SIGTERM, signal.SIGINT):
@@ -62,7 +68,27 @@ class DrainingServer(uvicorn.Server):
         if self.state.phase is Phase.FAILED and not self.should_exit:
             self.exit_code = 1
             self.should_exit = True
+        self._exit_if_dead_too_long()
         return await super().on_tick(counter)
+
+    def _exit_if_dead_too_long(self) -> None:
+        limit = self.state.settings.exit_when_dead_s
+        # The device process (or the one process) decides: a front-end's liveness is the device's,
+        # and the device process stops its front-ends as it stops.
+        if limit <= 0 or self.state.link is not None or self._drain_until is not None or self.should_exit:
+            return
+        reason = self.state.liveness()
+        if reason is None:
+            self._dead_since = None
+            return
+        now = time.monotonic()
+        if self._dead_since is None:
+            self._dead_since = now
+        elif now - self._dead_since >= limit:
+            log.critical("/healthz has answered 503 for %g s (%s): stopping, to be restarted", limit, reason)
+            self.exit_code = 1
+            self.state.begin_drain()
+            self._drain_until = now + self.state.settings.drain_delay_s
 
 
 def build_server(app: FastAPI, settings: Settings) -> DrainingServer:

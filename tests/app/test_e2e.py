@@ -199,6 +199,22 @@ class LoadLog:
             self.outcomes.append(outcome)
 
 
+def test_with_exit_when_dead_a_replica_dead_that_long_stops_by_itself_and_exits_1(
+    probe_package: Path, tmp_path: Path
+) -> None:
+    """A forward pass hangs ('@', about two seconds); the watchdog allows 0.3 s, so /healthz turns
+    503; half a second later the process drains and exits 1, for a supervisor that restarts what
+    exits (docker compose) to restart it. Without the flag it would stay up, dead, until restarted."""
+    args = (*SERVER_ARGS, "--forward-timeout-s", "0.3", "--exit-when-dead-s", "0.5", "--graceful-timeout-s", "5")
+    with running_server(probe_package, tmp_path, *args) as server:
+        began = time.monotonic()
+        hung = httpx.post(f"{server.url}/predict", timeout=30, **form(picture(), "@hangs"))
+        assert hung.status_code == 500 and hung.json()["error"]["code"] == "model_timeout"
+        assert server.process.wait(30) == 1
+        assert time.monotonic() - began < 30
+        assert "/healthz has answered 503 for 0.5 s" in server.output()
+
+
 def test_sigterm_under_load_drains_and_loses_no_accepted_request(probe_package: Path, tmp_path: Path) -> None:
     """/readyz turns 503 at once; requests are still served during the drain delay; the listener
     then closes; requests already accepted (queued and running) finish; the process exits 0."""

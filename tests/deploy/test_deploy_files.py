@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from app.config import Settings
+from app.metrics import Metrics
 from tests.deploy.conftest import COMPOSE_SERVERS_CFG, HAPROXY_CFG, REPO
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -288,10 +289,19 @@ def test_k8s_service_autoscaler_and_budget_select_the_deployment() -> None:
     target = autoscaler["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert 2 <= autoscaler["spec"]["minReplicas"] <= autoscaler["spec"]["maxReplicas"]
-    # The GPU variant replaces the same Deployment, so the same Service, budget and autoscaler apply.
+    # The GPU variant replaces the same Deployment, so the same Service and budget apply; its
+    # autoscaler scales the same Deployment on queue depth, from no more replicas than it starts
+    # with (a floor above that would ask for GPUs the rollout arithmetic did not plan for).
     gpu = yaml.safe_load(DEPLOYMENTS[1].read_text())
     assert gpu["metadata"]["name"] == deployment["metadata"]["name"]
     assert gpu["spec"]["template"]["metadata"]["labels"].items() >= pod_labels.items()
+    gpu_autoscaler = yaml.safe_load((K8S / "gpu" / "hpa.yaml").read_text())
+    gpu_target = gpu_autoscaler["spec"]["scaleTargetRef"]
+    assert (gpu_target["kind"], gpu_target["name"]) == ("Deployment", gpu["metadata"]["name"])
+    assert gpu_autoscaler["spec"]["minReplicas"] <= gpu["spec"]["replicas"] <= gpu_autoscaler["spec"]["maxReplicas"]
+    (metric,) = gpu_autoscaler["spec"]["metrics"]
+    assert (metric["type"], metric["pods"]["metric"]["name"]) == ("Pods", "fusion_queue_depth")
+    assert "fusion_queue_depth" in Metrics(1).render().decode()  # a gauge the service exports
 
 
 # --- docker compose ------------------------------------------------------------------------------
@@ -351,13 +361,17 @@ def haproxy_setting(pattern: str) -> str:
 
 def test_haproxy_limits_match_the_service() -> None:
     defaults = Settings()
+    image = container_settings({})
     # The body limit is the service's.
     assert int(haproxy_setting(r"req\.hdr_val\(content-length\) gt (\d+)")) == defaults.max_body_bytes
-    # The service answers a request past its default deadline (504), or one stuck in a hung forward
-    # pass (500 model_timeout), before HAProxy gives up on it.
+    # The service answers before HAProxy gives up on it, even a request that starts on the device
+    # just before the largest deadline a client may ask for and then hangs until the watchdog
+    # (checked every quarter second at most) answers 500 model_timeout.
     server_timeout = seconds(haproxy_setting(r"^\s*timeout server (\S+)"))
-    assert server_timeout > defaults.request_timeout_ms / 1000
-    assert server_timeout > defaults.forward_timeout_s
+    longest = image.max_request_timeout_ms / 1000 + image.forward_timeout_s + 0.25
+    assert server_timeout > longest, f"timeout server {server_timeout} s, the service may take {longest} s"
+    # And a drain lets any request the image accepts finish.
+    assert image.max_request_timeout_ms / 1000 <= image.graceful_timeout_s
     # The production check intervals notice a drain inside the service's drain window: the first
     # failed check comes within `inter`, the next ones every `fastinter`, each taking up to
     # `timeout check`.
