@@ -738,6 +738,20 @@ def embeddings(kind: Kind, images: Any, tokens: Any) -> list[RowResult]:
     return [Row(text_embedding=np.zeros(4, dtype=np.float32)) for _ in range(len(tokens))]
 
 
+class GatedModel:
+    """A stand-in model (as `embeddings`) whose passes wait until `gate` is set: one holds the
+    device, or hangs, for as long as a test needs. It records each batch's size."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.sizes: list[int] = []
+
+    def __call__(self, kind: Kind, images: Any, tokens: Any) -> list[RowResult]:
+        self.sizes.append(len(tokens))
+        self.gate.wait(10)
+        return embeddings(kind, images, tokens)
+
+
 async def embed_text(batcher: MicroBatcher) -> Row:
     deadline = asyncio.get_running_loop().time() + 10
     return await batcher.run(batcher.admit(10.0, 10.0), Kind.TEXT, None, np.arange(1, 6, dtype=np.int64), deadline)
@@ -769,17 +783,10 @@ def test_a_stale_estimate_is_run_through_though_a_request_that_has_left_could_ha
     """When no queued request could finish by the batch's estimate (one slow run of its shape), the
     batch runs as it is, and its time corrects the estimate. A request that has left the overflow
     (its client gone) has a deadline too, but no longer counts as one that could make it."""
-    gate = threading.Event()
-    sizes: list[int] = []
-
-    def run_batch(kind: Kind, images: Any, tokens: Any) -> list[RowResult]:
-        sizes.append(len(tokens))
-        if len(sizes) == 1:
-            gate.wait(10)
-        return embeddings(kind, images, tokens)
+    model = GatedModel()
 
     async def body() -> None:
-        async with text_batcher(run_batch) as batcher:
+        async with text_batcher(model) as batcher:
             loop = asyncio.get_running_loop()
             texts = np.arange(1, 6, dtype=np.int64)
 
@@ -800,11 +807,11 @@ def test_a_stale_estimate_is_run_through_though_a_request_that_has_left_could_ha
             gone.set_result(None)  # its client leaves
             with pytest.raises(ClientGone):
                 await patient
-            gate.set()
+            model.gate.set()
             assert all(isinstance(row, Row) for row in await gather(holder, *tight))
             samples = parse_metrics(batcher.metrics.render().decode())
             assert metric(samples, "fusion_requests_expired_total", stage="cannot_finish") == 0
-        assert sizes == [1, 4]
+        assert model.sizes == [1, 4]
 
     run(body())
 
@@ -813,14 +820,10 @@ def test_an_item_that_fails_to_stage_from_the_overflow_fails_alone_and_the_loop_
     """Items that do not fit the filling buffer are staged later, from the overflow. Should one fail
     there (a bug: here a text longer than the buffers), its request gets 500, the others are
     served, and it is not left counted as queued, which would spin the dispatcher for good."""
-    gate = threading.Event()
-
-    def run_batch(kind: Kind, images: Any, tokens: Any) -> list[RowResult]:
-        gate.wait(10)
-        return embeddings(kind, images, tokens)
+    model = GatedModel()
 
     async def body() -> None:
-        async with text_batcher(run_batch) as batcher:
+        async with text_batcher(model) as batcher:
             holder = asyncio.create_task(embed_text(batcher))
             await until(lambda: batcher.running == 1)
             fitting = [asyncio.create_task(embed_text(batcher)) for _ in range(4)]  # the filling buffer
@@ -831,7 +834,7 @@ def test_an_item_that_fails_to_stage_from_the_overflow_fails_alone_and_the_loop_
                 batcher.run(ticket, Kind.TEXT, None, np.arange(1, 21, dtype=np.int64), deadline)  # 20 > 16
             )
             await until(lambda: batcher.queued == 5)
-            gate.set()
+            model.gate.set()
             with pytest.raises(ModelFailure, match="could not be queued"):
                 await too_long
             ticket.release()
@@ -867,11 +870,7 @@ def test_a_dispatcher_that_stops_on_an_error_fails_the_queue_at_once_and_refuses
 def test_a_drain_does_not_wait_for_a_batch_abandoned_to_a_hung_pass() -> None:
     """Its requests were answered when the watchdog tripped; waiting for the pass to return would
     only hold the process past its grace period, and the orchestrator's restart with it."""
-    gate = threading.Event()
-
-    def hangs(kind: Kind, images: Any, tokens: Any) -> list[RowResult]:
-        gate.wait(10)
-        return embeddings(kind, images, tokens)
+    hangs = GatedModel()
 
     async def body() -> None:
         async with text_batcher(hangs) as batcher:
@@ -886,7 +885,7 @@ def test_a_drain_does_not_wait_for_a_batch_abandoned_to_a_hung_pass() -> None:
                 await batcher.stop(5.0)
                 assert time.monotonic() - began < 1.0
             finally:
-                gate.set()  # the pass returns after all, before the worker shuts down
+                hangs.gate.set()  # the pass returns after all, before the worker shuts down
 
     run(body())
 

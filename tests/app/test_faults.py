@@ -4,7 +4,9 @@ and a model that keeps failing (readiness), through the app's lifespan with the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -265,21 +267,14 @@ def test_a_failing_model_turns_readiness_red_until_a_batch_succeeds(probe_packag
     run(body())
 
 
-def test_a_batch_that_succeeds_while_the_golden_check_fails_does_not_make_the_replica_ready() -> None:
-    """A model broken for one method still answers the others' batches: such a success reruns the
-    golden check, which keeps readiness red while it fails, rather than turning it green until the
-    next three failures (and red, and green again)."""
+@contextlib.contextmanager
+def golden_monitor(golden_check: Callable[[], None]) -> Iterator[HealthMonitor]:
+    """A health monitor on a real inference thread, without the app, whose golden check is
+    `golden_check`; three failed batches in a row run it."""
     worker = InferenceWorker(threads=1)
     worker.start()
-    broken = True
-
-    def golden_check() -> None:
-        if broken:
-            raise RuntimeError("the forward pass is broken")
-
-    async def body() -> None:
-        nonlocal broken
-        monitor = HealthMonitor(
+    try:
+        yield HealthMonitor(
             worker=worker,
             metrics=Metrics(8),
             forward_timeout_s=30.0,
@@ -287,6 +282,22 @@ def test_a_batch_that_succeeds_while_the_golden_check_fails_does_not_make_the_re
             golden_check=golden_check,
             retry_after_s=1,
         )
+    finally:
+        worker.shutdown()
+
+
+def test_a_batch_that_succeeds_while_the_golden_check_fails_does_not_make_the_replica_ready() -> None:
+    """A model broken for one method still answers the others' batches: such a success reruns the
+    golden check, which keeps readiness red while it fails, rather than turning it green until the
+    next three failures (and red, and green again)."""
+    broken = True
+
+    def golden_check() -> None:
+        if broken:
+            raise RuntimeError("the forward pass is broken")
+
+    async def body(monitor: HealthMonitor) -> None:
+        nonlocal broken
         for _ in range(3):
             monitor.batch_done(False)
         await until(lambda: monitor.failing is not None and not monitor._checking)
@@ -299,30 +310,18 @@ def test_a_batch_that_succeeds_while_the_golden_check_fails_does_not_make_the_re
         await until(lambda: monitor.readiness() is None)
         await monitor.stop()
 
-    try:
-        run(body())
-    finally:
-        worker.shutdown()
+    with golden_monitor(golden_check) as monitor:
+        run(body(monitor))
 
 
 def test_a_golden_check_failing_with_a_device_error_turns_liveness_red_for_good() -> None:
     """A CUDA error leaves the process's context unusable: a restart mends it, so liveness asks for
     one, and it stays red though a batch of another method succeeds afterwards."""
-    worker = InferenceWorker(threads=1)
-    worker.start()
 
     def golden_check() -> None:
         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
 
-    async def body() -> None:
-        monitor = HealthMonitor(
-            worker=worker,
-            metrics=Metrics(8),
-            forward_timeout_s=30.0,
-            max_failed_batches=3,
-            golden_check=golden_check,
-            retry_after_s=1,
-        )
+    async def body(monitor: HealthMonitor) -> None:
         for _ in range(3):
             monitor.batch_done(False)
         await until(lambda: monitor.liveness() is not None)
@@ -332,10 +331,8 @@ def test_a_golden_check_failing_with_a_device_error_turns_liveness_red_for_good(
         assert monitor.liveness() is not None and monitor.readiness() is not None
         await monitor.stop()
 
-    try:
-        run(body())
-    finally:
-        worker.shutdown()
+    with golden_monitor(golden_check) as monitor:
+        run(body(monitor))
 
 
 def test_non_finite_and_misshapen_outputs_are_json_errors(probe_package: Path) -> None:
