@@ -184,7 +184,7 @@ def _check_dimensions(size: tuple[int, int], limits: ImageLimits) -> None:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in image.info:
         return image
     if mode in _SIXTEEN_BIT_MODES:
         # Pillow's convert() clips 16-bit samples to 255 (a white image); scale the range instead.

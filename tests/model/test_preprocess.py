@@ -106,6 +106,14 @@ def test_sixteen_bit_is_scaled_not_clipped(value: int, expected: int) -> None:
     assert_solid(pixels(encode(image, "PNG")), (expected, expected, expected))
 
 
+def test_a_transparent_colour_in_an_rgb_png_becomes_white_as_in_a_gray_one() -> None:
+    """What optimizers (optipng, oxipng) write for an image whose alpha is all or nothing."""
+    rgb = encode(solid((0, 0, 0), "RGB"), "PNG", transparency=(0, 0, 0))
+    gray = encode(solid((0,), "L"), "PNG", transparency=0)
+    for picture in (rgb, gray):
+        assert_solid(pixels(picture), (255, 255, 255))
+
+
 def test_animated_gif_uses_the_first_frame() -> None:
     frames = [solid(RED), solid(BLUE)]
     buffer = io.BytesIO()
