@@ -48,7 +48,6 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import partial
-from itertools import chain
 from typing import Final
 
 from app.errors import ClientGone, DeadlineExceeded, ModelFailure, NotReady, Overloaded, ServiceError
@@ -166,6 +165,11 @@ class _Lane:
     free: list[_Stage]  # neither filling nor on the device: the running batch's and the next one's are out
     overflow: deque[_Item] = field(default_factory=deque)
     live: int = 0  # QUEUED items in filling + overflow
+
+    def items(self) -> list[_Item]:
+        """Every item in the filling buffer and the overflow, queued or left (a copy: dropping one
+        while going through it changes nothing)."""
+        return [*self.filling.items, *self.overflow]
 
     def oldest(self) -> float:
         for item in self.filling.items:
@@ -298,9 +302,7 @@ class MicroBatcher:
         if task.cancelled() or (error := task.exception()) is None:
             return
         log.critical("the batcher's dispatcher stopped", exc_info=error)
-        for lane in self._lanes.values():
-            for item in [*lane.filling.items, *lane.overflow]:
-                self._drop(item, NotReady(_DISPATCHER_STOPPED, retry_after_s=1))
+        self._drop_queued(lambda: NotReady(_DISPATCHER_STOPPED, retry_after_s=1))
 
     @property
     def broken(self) -> str | None:
@@ -358,9 +360,7 @@ class MicroBatcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for lane in self._lanes.values():
-            for item in [*lane.filling.items, *lane.overflow]:
-                self._drop(item, NotReady("the server is shutting down"))
+        self._drop_queued(lambda: NotReady("the server is shutting down"))
         for batch in list(self._on_device):
             if batch.future.done():  # it ended just as the grace period did: its answers stand
                 self._complete(batch)
@@ -395,13 +395,28 @@ class MicroBatcher:
             for item in batch.stage.items:
                 if not item.future.done():
                     item.future.set_exception(copy.copy(error))
-        for lane in self._lanes.values():
-            for item in [*lane.filling.items, *lane.overflow]:
-                self._drop(item, copy.copy(queued))
+        self._drop_queued(lambda: copy.copy(queued))
 
     def resume(self) -> None:
         """The hung pass has ended: queue requests again."""
         self._stalled = None
+
+    def _drop_queued(self, error: Callable[[], ServiceError]) -> None:
+        """Answer every queued request, each with an error of its own (see `abandon`)."""
+        for lane in self._lanes.values():
+            for item in lane.items():
+                self._drop(item, error())
+
+    def _unavailable(self) -> ServiceError | None:
+        """503 while shutting down, while a forward pass hangs (a copy of the watchdog's error for
+        each request), or once the dispatcher has stopped; None when requests may be queued."""
+        if self._closed:
+            return NotReady("the server is shutting down", retry_after_s=1)
+        if self._stalled is not None:
+            return copy.copy(self._stalled)
+        if (reason := self.broken) is not None:
+            return NotReady(reason, retry_after_s=1)
+        return None
 
     # -- admission and requests ------------------------------------------------------------------
 
@@ -421,12 +436,8 @@ class MicroBatcher:
         request admitted to an idle device is also what brings a stale estimate back down."""
         if left_s <= 0:  # spent before the server read it: no place in the queue
             return expired_before_queue(self.metrics)
-        if self._closed:
-            return NotReady("the server is shutting down", retry_after_s=1)
-        if self._stalled is not None:
-            return copy.copy(self._stalled)
-        if (reason := self.broken) is not None:
-            return NotReady(reason, retry_after_s=1)
+        if (error := self._unavailable()) is not None:
+            return error
         if self.admitted >= self.max_queue:
             self.metrics.shed.labels("queue_full").inc()
             return Overloaded(
@@ -484,12 +495,8 @@ class MicroBatcher:
         if gone is not None and gone.done():
             self.metrics.cancelled.labels("client_disconnected").inc()
             raise ClientGone("the client disconnected")
-        if self._closed:
-            raise NotReady("the server is shutting down", retry_after_s=1)
-        if self._stalled is not None:  # admitted before the stall
-            raise copy.copy(self._stalled)
-        if (reason := self.broken) is not None:
-            raise NotReady(reason, retry_after_s=1)
+        if (error := self._unavailable()) is not None:  # since it was admitted
+            raise error
         length = len(tokens) if tokens is not None else 0
         item = _Item(kind, image, tokens, length, deadline, now, time.perf_counter(), loop.create_future(), ticket)
         item.timer = loop.call_at(deadline, self._on_deadline, item)  # before: enqueueing may hand it over
@@ -619,7 +626,7 @@ class MicroBatcher:
                 # Items counted as queued, none to run: a bug. Recount, rather than loop here without
                 # ever yielding, which would freeze the event loop and every request with it.
                 log.error("the %s lane counted %d queued items and had none to run", lane.kind.value, lane.live)
-                lane.live = sum(item.state is _State.QUEUED for item in chain(lane.filling.items, lane.overflow))
+                lane.live = sum(item.state is _State.QUEUED for item in lane.items())
                 await asyncio.sleep(0)
 
     def _oldest_lane(self) -> _Lane | None:
@@ -719,7 +726,7 @@ class MicroBatcher:
             # When no queued item could make it by the estimate, the estimate may be what is wrong
             # (one slow run of this shape): the batch runs as it is, and its time corrects it.
             # Items topped up from the overflow are not checked again against their own shape.
-            if any(_could_make(item, now, needed) for item in chain(stage.items, lane.overflow)):
+            if any(_could_make(item, now, needed) for item in lane.items()):  # the stage is the filling one
                 self._keep_wanted(lane, stage, now, needed)
                 if not stage.items:
                     return None

@@ -44,9 +44,7 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_until is None and not self.should_exit and sig in (signal.SIGTERM, signal.SIGINT):
-            # In a signal handler: set flags only; on_tick logs and acts.
-            self.state.begin_drain()
-            self._drain_until = time.monotonic() + self.state.settings.drain_delay_s
+            self._begin_drain()  # in a signal handler: flags only; on_tick logs and acts
             return
         if self.state.frontends is not None:  # front-ends hear each further signal as this process does
             if self.should_exit:
@@ -54,6 +52,11 @@ class DrainingServer(uvicorn.Server):
             else:
                 self.state.frontends.hurry()  # close now, finish what was accepted
         super().handle_exit(sig, frame)
+
+    def _begin_drain(self) -> None:
+        """/readyz 503 from now; the listener closes once the drain delay is over (on_tick)."""
+        self.state.begin_drain()
+        self._drain_until = time.monotonic() + self.state.settings.drain_delay_s
 
     async def on_tick(self, counter: int) -> bool:
         if self._drain_until is not None and not self.should_exit:
@@ -87,8 +90,7 @@ class DrainingServer(uvicorn.Server):
         elif now - self._dead_since >= limit:
             log.critical("/healthz has answered 503 for %g s (%s): stopping, to be restarted", limit, reason)
             self.exit_code = 1
-            self.state.begin_drain()
-            self._drain_until = now + self.state.settings.drain_delay_s
+            self._begin_drain()
 
 
 def build_server(app: FastAPI, settings: Settings) -> DrainingServer:

@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plain = [p.request() for p in payloads]
     requests = with_deadline(plain, args.deadline_ms) if args.deadline_ms else plain
     requests_file = write_requests(plain, args.out / "requests.bin")
-    hurried = with_deadline([p.request() for p in payloads], args.hurried_ms) if args.hurried_share else []
+    hurried = with_deadline(plain, args.hurried_ms) if args.hurried_share else []
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     variants = {"A": shlex.split(args.a), "B": shlex.split(args.b)}
     preludes = {"A": args.a_prelude, "B": args.b_prelude}
@@ -223,18 +223,14 @@ def open_run(
     latencies = run.ok_latencies() + [math.inf] * run.unanswered
     answered = len(run.statuses) + run.unanswered
     refused = run.status_counts().get(429, 0) / answered if answered else 0.0
-    if len(runs) == 1:
-        return OpenOutcome(loadgen.percentile(latencies, 50), loadgen.percentile(latencies, 99), refused, {})
-    beside = runs[1]
-    sent = len(beside.statuses) + beside.unanswered
-    in_time = sum(latency <= hurried_ms / 1000 for latency in beside.ok_latencies())
-    return OpenOutcome(
-        loadgen.percentile(latencies, 50),
-        loadgen.percentile(latencies, 99),
-        refused,
-        beside.status_counts(),
-        in_time / sent if sent else 0.0,
-    )
+    statuses: dict[int, int] = {}
+    in_time = 0.0
+    if len(runs) > 1:
+        beside = runs[1]
+        statuses = beside.status_counts()
+        sent = len(beside.statuses) + beside.unanswered
+        in_time = sum(latency <= hurried_ms / 1000 for latency in beside.ok_latencies()) / sent if sent else 0.0
+    return OpenOutcome(loadgen.percentile(latencies, 50), loadgen.percentile(latencies, 99), refused, statuses, in_time)
 
 
 def device_busy_share(server: Server, before: dict[Sample, float], elapsed_s: float) -> float:
