@@ -57,10 +57,13 @@ def test_the_open_loop_runs_at_a_share_of_as_best_throughput(
     argv = ["--model", str(tiny_package), "--b", "--lookahead-ms 2", "--out", str(tmp_path / "out"), *QUICK]
     assert main([*argv, "--open-share", "0.5", "--open-seconds", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    closed = float(lines[-3].split(" | ")[1])  # A's req/s at concurrency 1, the only one
-    assert lines[-1].startswith(
-        f"open loop at 0.5 x A's best closed-loop throughput ({0.5 * closed:.0f}/s), medians of 1:"
-    )
+    closed = float(lines[-3].split(" | ")[1])  # A's req/s at concurrency 1, the only one, as rounded in the table
+    heading = r"open loop at 0\.5 x A's best closed-loop throughput \((\d+)/s\), medians of 1: "
+    opened = re.match(heading, lines[-1])
+    assert opened is not None, lines[-1]
+    # The rate is half the unrounded throughput, itself within 0.5 of the table's figure, and is then rounded:
+    # a table's 261 may give 130 or 131 (CI saw 131).
+    assert abs(int(opened[1]) - 0.5 * closed) <= 0.75
     assert lines[-1].split("p99 B/A ")[1].replace(".", "").isdigit()
 
 
