@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model.preprocess import DEFAULT_LIMITS, ImageLimits
+from model.preprocess import DEFAULT_LIMITS, ImageLimits, largest_decode_bytes
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -206,6 +206,18 @@ class Settings(BaseSettings):
         int | None,
         Field(ge=1, le=256, description="threads that parse, decode and validate requests (default: min(cores, 4))"),
     ] = None
+    decode_memory_mb: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            description=(
+                "MiB the images decoding in the pool may hold at once, by their estimate; an image waits for"
+                " its share within its deadline, and one that alone needs more is refused with 413 (default:"
+                " what the costliest image --max-image-pixels admits needs: 1343 MiB at 50 megapixels, for a"
+                " WebP with transparency)"
+            ),
+        ),
+    ] = None
     decode_nice: Annotated[
         int,
         Field(
@@ -358,6 +370,11 @@ class Settings(BaseSettings):
 
     def decode_threads(self) -> int:
         return self.decode_workers if self.decode_workers is not None else min(available_cores(), 4)
+
+    def decode_memory_bytes(self) -> int:
+        if self.decode_memory_mb is not None:
+            return self.decode_memory_mb * MiB
+        return largest_decode_bytes(self.max_image_pixels)
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(

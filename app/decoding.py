@@ -15,6 +15,7 @@ from typing import Final
 import numpy as np
 
 from app.config import Settings
+from app.decode_memory import DecodeMemory
 from app.errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.forms import FieldLimit, Part, parse_form
 from app.items import ByteArray, TokenArray
@@ -37,6 +38,20 @@ class DecodeElsewhere(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeSite:
+    """Where a request decodes. On the event loop: `max_pixels` set; a larger image raises
+    DecodeElsewhere before any pixel is decoded. In the decode pool: `max_pixels` None, and the
+    image first holds its decode memory (app.decode_memory), waiting until `deadline`
+    (time.monotonic()) at the latest."""
+
+    max_pixels: int | None = None
+    deadline: float | None = None
+
+
+ANYWHERE: Final = DecodeSite()  # no pixel limit, no deadline: the tests' and the benchmark's own calls
+
+
+@dataclass(frozen=True, slots=True)
 class Decoded:
     image: ByteArray | None  # uint8 [3, H, W], contiguous
     tokens: TokenArray | None  # int64 [L], 1 <= L <= max_text_length
@@ -44,46 +59,54 @@ class Decoded:
 
 
 class Decoder:
-    def __init__(self, settings: Settings, manifest: Manifest) -> None:
+    def __init__(self, settings: Settings, manifest: Manifest, memory: DecodeMemory | None = None) -> None:
         self.image_size = manifest.image_size
         self.max_length = manifest.max_text_length
         self.num_labels = len(manifest.labels)
         self.limits = settings.image_limits()
+        self.memory = memory
         self.max_parts = settings.max_parts
         image = FieldLimit(settings.max_image_bytes, _image_too_large)
         text = FieldLimit(settings.max_text_bytes, self._text_too_long)
         self.predict_fields = {"image": image, "text": text, "top_k": FieldLimit(_TOP_K_BYTES, self._bad_top_k)}
         self.embed_fields = {"image": image, "text": text}
 
-    def predict(self, body: bytes, boundary: bytes, max_pixels_here: int | None = None) -> Decoded:
-        """image (file) and text required; top_k optional. With `max_pixels_here`, an image whose
-        header says more pixels (and is otherwise acceptable) raises DecodeElsewhere before any pixel
-        is decoded."""
+    def predict(self, body: bytes, boundary: bytes, site: DecodeSite = ANYWHERE) -> Decoded:
+        """image (file) and text required; top_k optional."""
         parts = parse_form(body, boundary, self.predict_fields, self.max_parts)
-        image = self._image(_required(parts, "image"), max_pixels_here)
+        image = self._image(_required(parts, "image"), site)
         tokens = self._text(_required(parts, "text"))
         top_k = self._top_k(parts["top_k"]) if "top_k" in parts else min(DEFAULT_TOP_K, self.num_labels)
         return Decoded(image=image, tokens=tokens, top_k=top_k)
 
-    def embed(self, body: bytes, boundary: bytes, max_pixels_here: int | None = None) -> Decoded:
-        """image and/or text: at least one. `max_pixels_here` as for predict."""
+    def embed(self, body: bytes, boundary: bytes, site: DecodeSite = ANYWHERE) -> Decoded:
+        """image and/or text: at least one."""
         parts = parse_form(body, boundary, self.embed_fields, self.max_parts)
         if not parts:
             raise InvalidInput("send an image, a text, or both", code="missing_field")
-        image = self._image(parts["image"], max_pixels_here) if "image" in parts else None
+        image = self._image(parts["image"], site) if "image" in parts else None
         tokens = self._text(parts["text"]) if "text" in parts else None
         return Decoded(image=image, tokens=tokens)
 
-    def _image(self, part: Part, max_pixels_here: int | None) -> ByteArray:
-        def within(size: tuple[int, int]) -> None:
-            if max_pixels_here is not None and size[0] * size[1] > max_pixels_here:
-                raise DecodeElsewhere
+    def _image(self, part: Part, site: DecodeSite) -> ByteArray:
+        held = 0
+
+        def before_decoding(size: tuple[int, int], needed: int) -> None:
+            nonlocal held
+            if site.max_pixels is not None:
+                if size[0] * size[1] > site.max_pixels:
+                    raise DecodeElsewhere
+            elif self.memory is not None:
+                held = self.memory.hold(size, needed, site.deadline)
 
         try:
-            pixels = decode_image(part.data, self.image_size, self.limits, within)
+            pixels = decode_image(part.data, self.image_size, self.limits, before_decoding)
         except ImageDecodeError as exc:
             error: type[ServiceError] = UnsupportedMediaType if exc.code == "unsupported_format" else InvalidInput
             raise error(str(exc), code=exc.code) from exc
+        finally:
+            if held and self.memory is not None:
+                self.memory.release(held)
         # [3, H, W] view of Pillow's [H, W, 3]: made contiguous here, before it queues, so that
         # staging it into a batch on the event loop is one plain copy.
         return np.ascontiguousarray(pixels)

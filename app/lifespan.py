@@ -25,6 +25,7 @@ import torch
 from fastapi import FastAPI
 
 from app.batching import MicroBatcher, StageBuffers, stages_per_kind
+from app.decode_memory import DecodeMemory
 from app.decode_pool import start_decode_pool
 from app.decoding import Decoder
 from app.engine import Engine, WarmUp, resolve_device
@@ -162,7 +163,7 @@ async def _phases(state: AppState, device: torch.device) -> None:
     lookahead_s = settings.lookahead_s(on_cuda=device.type == "cuda")
     stages = stages_per_kind(lookahead_s)
     buffers = await _on_worker(state, _staging_buffers, engine, settings.max_batch_size, stages)
-    state.decoder = Decoder(settings, manifest)
+    state.decoder = Decoder(settings, manifest, DecodeMemory(settings.decode_memory_bytes(), metrics))
     state.monitor = HealthMonitor(
         worker=_worker(state),
         metrics=metrics,

@@ -70,6 +70,16 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.decode_memory = Gauge(
+            "fusion_decode_memory_bytes",
+            "Bytes the images decoding in the pool hold now, by their estimate (--decode-memory-mb bounds it)",
+            registry=r,
+        )
+        self.decode_memory_waits = Counter(
+            "fusion_decode_memory_waits",
+            "Images that waited for decode memory before decoding (the budget was held by others)",
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "fusion_queue_wait_seconds",
             "Time from joining the batch queue to starting on the device (observed when the batch returns)",

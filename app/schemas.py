@@ -75,6 +75,9 @@ class BatchingInfo(BaseModel):
     max_queue: int = Field(description="admitted requests not yet running, beyond which 429")
     decode_workers: int = Field(description="decode threads of each process that answers HTTP")
     decode_nice: int = Field(description="how much nicer the decode threads run than the rest (0: the same)")
+    decode_memory_mb: float = Field(
+        description="MiB the images decoding in each process's pool may hold at once, by their estimate"
+    )
     frontends: int = Field(description="processes answering HTTP, all feeding one batcher")
     call_cost_tokens: dict[str, float | None] = Field(
         description=(

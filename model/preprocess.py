@@ -74,36 +74,81 @@ def decode_image(
     data: bytes,
     size: tuple[int, int],
     limits: ImageLimits = DEFAULT_LIMITS,
-    before_decoding: Callable[[tuple[int, int]], None] | None = None,
+    before_decoding: Callable[[tuple[int, int], int], None] | None = None,
 ) -> npt.NDArray[np.uint8]:
     """Decode image bytes into a uint8 array [3, H, W] of the given (H, W).
 
     Raises ImageDecodeError with a client-safe message for anything that is not an allowed,
     intact image within the limits. `before_decoding` gets the (width, height) the header
-    declares, once it is within the limits and before any pixel is decoded: a caller may raise
-    there to decode it some other way (the service sends large images to its decode pool).
+    declares and the bytes decoding it will take at most (`decode_bytes`), once it is within the
+    limits and before any pixel is decoded: a caller may raise there to decode it some other way
+    (the service sends large images to its decode pool), or wait until that memory is free.
     """
     if not data:
         raise ImageDecodeError("empty_image", "the image is empty (0 bytes)")
     image = _open(data, limits)
-    _check_dimensions(image.size, limits)
-    if before_decoding is not None:
-        before_decoding(image.size)
+    declared = image.size
+    _check_dimensions(declared, limits)
     height, width = size
     if isinstance(image, JpegImagePlugin.JpegImageFile):  # MPO too: a JPEG with more pictures after it
         # Reduced-scale DCT decoding; the scale chosen keeps both sides >= the request, and the
         # request is square so that a 90-degree EXIF rotation cannot leave a side short.
         side = max(height, width)
         image.draft("RGB", (side, side))
+    if before_decoding is not None:
+        before_decoding(declared, decode_bytes(image))
     try:
         image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError("corrupt_image", "the image data is corrupt or truncated") from exc
-    rgb = _to_rgb(_upright(image))
-    if rgb.size != (width, height):
-        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
+    turn = _upright_turn(image)
+    # Turned after the resize, on the small picture: a full-size turned copy would double the
+    # memory of a large PNG's decode. A quarter turn swaps the sides, so the resize swaps them first.
+    stored_size = (height, width) if turn in _QUARTER_TURNS else (width, height)
+    rgb = _to_rgb(image)
+    if rgb.size != stored_size:
+        rgb = rgb.resize(stored_size, Image.Resampling.BILINEAR, reducing_gap=None)
+    if turn is not None:
+        rgb = rgb.transpose(turn)
     array = np.array(rgb)  # [H, W, 3] uint8, writable (torch refuses to share a read-only buffer)
     return array.transpose(2, 0, 1)  # [3, H, W] view; collation makes it contiguous
+
+
+# Bytes a pixel takes in Pillow's storage: 8-bit single-band modes 1, 16-bit modes 2, every other
+# mode 4 (RGB too: Pillow stores it with a padding byte).
+_STORED_BYTES: Final = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
+_DECODER_BYTES: Final = 8 * 2**20  # the decoder's own buffers, the small resized picture, allocator slack
+
+
+def decode_bytes(image: Image.Image) -> int:
+    """The most memory decode_image holds at once for this opened (not yet loaded) image: the
+    decoded picture and the copies its conversion to RGB makes, all alive together at the peak
+    (the resize and the EXIF turn work on the small picture). It matches the peak resident growth
+    measured per mode and format (tests/model/test_decode_bytes.py): 4 bytes a pixel for RGB, 5 for
+    gray and palette, 8 for 16-bit gray, 20 with transparency, 8 more for WebP's own canvases. A
+    JPEG counts at its reduced DCT scale, once `draft` set it."""
+    width, height = image.size
+    stored = _STORED_BYTES.get(image.mode, 4)
+    if image.mode == "RGB" and "transparency" not in image.info:
+        converted = 0
+    elif image.mode in _SIXTEEN_BIT_MODES:
+        # numpy's copy of the samples and their float32 copy; later the uint8 array, its L image and RGB.
+        converted = max(stored + 4, 1 + 1 + 4)
+    elif image.mode in _ALPHA_MODES or "transparency" in image.info:
+        converted = 4 * 4  # RGBA, the white background, the composite, then RGB
+    else:
+        converted = 4
+    # libwebp decodes into canvases of its own (4 bytes a pixel, a second one for animations).
+    canvases = 8 if image.format == "WEBP" else 0
+    return width * height * (stored + converted + canvases) + _DECODER_BYTES
+
+
+def largest_decode_bytes(max_pixels: int) -> int:
+    """decode_bytes of the costliest image of `max_pixels`: a WebP with transparency, 4 + 16 + 8
+    bytes a pixel."""
+    return max_pixels * 28 + _DECODER_BYTES
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -139,16 +184,21 @@ _UPRIGHT: Final = {
 }
 
 
-def _upright(image: Image.Image) -> Image.Image:
-    """The picture turned as its EXIF orientation says. Not ImageOps.exif_transpose: it also writes
-    the EXIF back, and fails on tags it cannot write (odd camera EXIF is common), though the
-    orientation was readable. EXIF is metadata: when it does not parse, the picture stands as stored."""
+_QUARTER_TURNS: Final = frozenset(
+    {Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90}
+)
+
+
+def _upright_turn(image: Image.Image) -> Image.Transpose | None:
+    """The transpose that turns the loaded picture as its EXIF orientation says, if any. Not
+    ImageOps.exif_transpose: it also writes the EXIF back, and fails on tags it cannot write (odd
+    camera EXIF is common), though the orientation was readable. EXIF is metadata: when it does
+    not parse, the picture stands as stored."""
     try:
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception:  # any parse failure of the metadata block (struct, type, value errors)
-        return image
-    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
-    return image.transpose(method) if method is not None else image
+        return None
+    return _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -188,8 +238,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image
     if mode in _SIXTEEN_BIT_MODES:
         # Pillow's convert() clips 16-bit samples to 255 (a white image); scale the range instead.
+        # In place: a large picture's float copy is its largest one (decode_bytes counts it once).
         samples = np.asarray(image, dtype=np.float32)
-        gray = np.clip(np.rint(samples / 257.0), 0, 255).astype(np.uint8)
+        samples /= 257.0
+        np.rint(samples, out=samples)
+        gray = np.clip(samples, 0, 255, out=samples).astype(np.uint8)
+        del samples
         return Image.fromarray(gray, mode="L").convert("RGB")
     if mode in _ALPHA_MODES or "transparency" in image.info:  # palette or RGB/L with a transparent color
         rgba = image.convert("RGBA")

@@ -2,7 +2,8 @@
 
     deadline from X-Request-Timeout-Ms -> 415/413 from the headers -> admission (429; 504 when the
     deadline has passed already: the load-shedding middleware answers both first) -> read the
-    body (413 while streaming, 408 past body_timeout_s) -> decode in the pool, or on the loop when
+    body (413 while streaming, 408 past body_timeout_s) -> decode in the pool, once its image's
+    decode memory is free (413 when it never can be, 504 past the deadline), or on the loop when
     alone and small (400/413/415/422)
     -> batch queue (504, 500, 507)
 
@@ -22,7 +23,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from app.decoding import Decoded, DecodeElsewhere
+from app.decoding import Decoded, DecodeElsewhere, DecodeSite
 from app.errors import ClientGone, MalformedRequest, PayloadTooLarge, RequestTimeout
 from app.forms import multipart_boundary
 from app.items import Kind, Row
@@ -30,7 +31,7 @@ from app.request_timeout import TIMEOUT_HEADER, allowed_seconds, deadline_of, is
 from app.state import Serving
 from model.manifest import Manifest
 
-Decode = Callable[[bytes, bytes, int | None], Decoded]  # body, boundary, max pixels to decode here
+Decode = Callable[[bytes, bytes, DecodeSite], Decoded]  # body, boundary, where it decodes
 
 
 async def infer(
@@ -48,7 +49,7 @@ async def infer(
         gone = watch_disconnect(request)
         try:
             began = time.perf_counter()
-            decoded = await decode_request(serving, route, decode, body, boundary)
+            decoded = await decode_request(serving, route, decode, body, boundary, deadline)
             serving.metrics.decode.labels(route).observe(time.perf_counter() - began)
             row = await serving.batcher.run(ticket, kind_of(decoded), decoded.image, decoded.tokens, deadline, gone)
         finally:
@@ -60,7 +61,9 @@ async def infer(
     return decoded, row
 
 
-async def decode_request(serving: Serving, route: str, decode: Decode, body: bytes, boundary: bytes) -> Decoded:
+async def decode_request(
+    serving: Serving, route: str, decode: Decode, body: bytes, boundary: bytes, deadline: float
+) -> Decoded:
     """In the decode pool; or here, on the event loop, when nothing else is in the server (this
     request is the only one admitted, none queued, none running) and decoding is cheap (a small
     body, an image of few pixels by its header): then nobody waits on the loop meanwhile, and the
@@ -68,20 +71,24 @@ async def decode_request(serving: Serving, route: str, decode: Decode, body: byt
 
     Where the model runs on the CPU (Settings.decodes_inline_under_load), a cheap request decodes
     here whatever else is in the server: under load the pool's queue and hand-offs took a 0.3 ms
-    decode 5.4 ms (median), and a request that misses its batch that way waits a whole batch more."""
+    decode 5.4 ms (median), and a request that misses its batch that way waits a whole batch more.
+
+    In the pool, a large image waits for decode memory (app.decode_memory) until `deadline` (the
+    loop's clock) at the latest."""
     settings, batcher = serving.settings, serving.batcher
     alone = batcher.admitted == 1 and batcher.idle
     if (alone or serving.inline_under_load) and len(body) <= settings.inline_decode_bytes:
         here = True
         try:
-            return decode(body, boundary, settings.inline_decode_pixels)
+            return decode(body, boundary, DecodeSite(max_pixels=settings.inline_decode_pixels))
         except DecodeElsewhere:
             here = False  # too many pixels for the loop: the pool parses it again
         finally:
             if here:  # decoded, or refused, on the loop
                 serving.metrics.decoded_on_loop.labels(route).inc()
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(serving.decode_pool, decode, body, boundary, None)
+    in_pool = DecodeSite(deadline=time.monotonic() + (deadline - loop.time()))  # the pool's clock
+    return await loop.run_in_executor(serving.decode_pool, decode, body, boundary, in_pool)
 
 
 def check_content_length(request: Request, limit: int) -> None:

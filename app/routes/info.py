@@ -12,6 +12,7 @@ import sys
 from fastapi import APIRouter
 from starlette.responses import Response
 
+from app.config import MiB
 from app.decode_pool import decode_nice_in_force
 from app.deps import StateDep
 from app.errors import NotReady
@@ -20,7 +21,14 @@ from app.state import AppState
 
 # Batching fields whose value in force is not the setting as given.
 _COMPUTED_BATCHING_FIELDS = frozenset(
-    {"decode_workers", "decode_nice", "call_cost_tokens", "inline_decode_under_load", "lookahead_ms"}
+    {
+        "decode_workers",
+        "decode_nice",
+        "decode_memory_mb",
+        "call_cost_tokens",
+        "inline_decode_under_load",
+        "lookahead_ms",
+    }
 )
 
 router = APIRouter(tags=["info"])
@@ -71,6 +79,7 @@ def build_info(state: AppState) -> InfoResponse | None:
             **settings.model_dump(include=set(BatchingInfo.model_fields) - _COMPUTED_BATCHING_FIELDS),
             decode_workers=settings.decode_threads(),
             decode_nice=decode_nice_in_force(settings),
+            decode_memory_mb=round(settings.decode_memory_bytes() / MiB, 1),
             inline_decode_under_load=state.inline_under_load,
             lookahead_ms=settings.lookahead_s(on_cuda=engine.device.type == "cuda") * 1000,
             call_cost_tokens={
