@@ -28,6 +28,15 @@ them: one client sending a header forever grows the process without bound (200 M
   limit got ECONNRESET on send, none saw the 413).
 
 Requests refused here never reach the app: they get the one error shape with a fresh request id.
+
+And one repair: a request that offers an upgrade this server does not make (`Upgrade: h2c` with
+`Connection: Upgrade, HTTP2-Settings`, which Java's HttpClient, Spring's RestClient and Ktor send
+over plain HTTP) is served as the HTTP/1.1 request it also is (RFC 9110 7.8). httptools stops at
+the end of such a request's headers, as if it had no body, and uvicorn handed the app an empty
+body (a 422 "the 'image' field is required" to a request that sent one) and then parsed the body
+as the next request (uvicorn issue 2722). Here the body goes to the request: its framing header
+is replayed, with the bytes after the headers, into a fresh parser (_ResumableParser), and an
+offer without a body goes on to whatever the client sends next, without a warning logged.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import json
 from http import HTTPStatus
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.request_ids import new_request_id
@@ -70,6 +80,12 @@ class _Guarded(HttpToolsProtocol):
         self._drain_timer: asyncio.TimerHandle | None = None
         self._awaiting_continue = False  # `Expect: 100-continue` and no body byte yet
         self._unparsable = False  # answered 400 by uvicorn: nothing more is read from it
+        # The body framing header of a request whose upgrade offer is ignored, until its body is
+        # replayed; and whether the replayed head is being parsed (its callbacks are not a request).
+        self._ignored_upgrade: bytes | None = None
+        self._replaying_head = False
+        self._resumable = _ResumableParser(self.parser, self)
+        self.parser = self._resumable  # type: ignore[assignment]
 
     # -- the timer -------------------------------------------------------------------------------
 
@@ -169,6 +185,8 @@ class _Guarded(HttpToolsProtocol):
             self._refuse_too_large()
 
     def on_message_begin(self) -> None:
+        if self._replaying_head:
+            return
         super().on_message_begin()
         # The request's deadline counts from here, its first byte: under load the event loop reads
         # it, and starts its ASGI task, a turn or more after it arrived.
@@ -176,9 +194,22 @@ class _Guarded(HttpToolsProtocol):
         self._in_head = True
         self._arm()
 
+    def on_url(self, url: bytes) -> None:
+        if not self._replaying_head:
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._replaying_head:
+            super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
         if self._refused:
             return
+        if self._replaying_head:  # the request it continues was started at its own headers
+            self._replaying_head = False
+            self._ignored_upgrade = None
+            return
+        self._ignored_upgrade = self._body_framing_of_ignored_upgrade()
         self._in_head = False
         self._disarm()
         if self._head_size() > self.max_header_bytes:
@@ -194,8 +225,8 @@ class _Guarded(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        if self._refused:
-            return
+        if self._refused or self._ignored_upgrade is not None:
+            return  # after an ignored upgrade offer, its body is still to come (resume_ignored_upgrade)
         super().on_message_complete()
         self._in_body = False
         self._stop_draining()
@@ -211,6 +242,34 @@ class _Guarded(HttpToolsProtocol):
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler
             )
+
+    # -- an upgrade offer, ignored ----------------------------------------------------------------
+
+    def _body_framing_of_ignored_upgrade(self) -> bytes | None:
+        """For a request offering an upgrade other than uvicorn's websockets, and carrying a body,
+        the header that frames its body."""
+        if not self.parser.should_upgrade() or self._should_upgrade():
+            return None
+        headers = dict(self.headers)
+        if b"transfer-encoding" in headers:
+            return b"transfer-encoding: " + headers[b"transfer-encoding"]
+        if headers.get(b"content-length", b"0").strip() not in (b"", b"0"):
+            return b"content-length: " + headers[b"content-length"]
+        return None  # no body: the request was complete at its headers
+
+    def resume_ignored_upgrade(self, rest: bytes) -> None:
+        """httptools paused at the end of an ignored upgrade offer's headers. A fresh parser reads
+        `rest`, what followed them: the request's body, behind a head with its body framing, and
+        whatever the client sent next."""
+        parser = httptools.HttpRequestParser(self)
+        parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
+        self._resumable.replace(parser)
+        framing = self._ignored_upgrade
+        if framing is None:
+            self._resumable.feed_data(rest)
+            return
+        self._replaying_head = True
+        self._resumable.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n" + rest)
 
     def _head_size(self) -> int:
         method, version = self.parser.get_method(), self.parser.get_http_version()
@@ -234,6 +293,29 @@ class _Guarded(HttpToolsProtocol):
         )
         self.transport.write(head.encode("ascii") + body)
         self.transport.close()
+
+
+class _ResumableParser:
+    """uvicorn's httptools parser, which a request whose upgrade offer is ignored replaces with a
+    fresh one for its body (_Guarded.resume_ignored_upgrade). Everything else is the parser's own."""
+
+    def __init__(self, parser: httptools.HttpRequestParser, protocol: _Guarded) -> None:
+        self._parser = parser
+        self._protocol = protocol
+
+    def replace(self, parser: httptools.HttpRequestParser) -> None:
+        self._parser = parser
+
+    def feed_data(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as paused:
+            if self._protocol._should_upgrade():
+                raise  # a websocket: uvicorn's own handling
+            self._protocol.resume_ignored_upgrade(bytes(data[paused.args[0] :]))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
 
 
 class _LingeringTransport:

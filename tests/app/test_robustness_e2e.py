@@ -14,6 +14,7 @@ server's capacity.
 from __future__ import annotations
 
 import io
+import json
 import select
 import selectors
 import signal
@@ -745,6 +746,58 @@ def test_an_endless_header_is_refused_without_growing_the_process(server: Server
     assert sent < 8 << 20, "the server kept reading"
     assert status_line(reply) in (b"HTTP/1.1 431 Request Header Fields Too Large", b"")  # a reset may eat it
     assert metric(server.metrics(), "process_resident_memory_bytes") - before < 16 << 20
+    assert_fast_health(prober)
+
+
+# -- an upgrade offer, ignored ----------------------------------------------------------------------
+
+H2C_OFFER = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+
+
+def read_answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One answer from a kept-alive connection: its status line and its body."""
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        reply += sock.recv(65536)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
+    while len(body) < length:
+        body += sock.recv(65536)
+    assert len(body) == length, "more bytes than one answer"
+    return status_line(head), body
+
+
+def chunked(body: bytes, size: int) -> bytes:
+    pieces = [body[start : start + size] for start in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+
+
+def test_a_post_offering_h2c_is_served_as_http_1_1_with_its_body(
+    server: Server, reference: dict[str, Any], prober: httpx.Client
+) -> None:
+    """Java's HttpClient, Spring's RestClient and Ktor offer an h2c upgrade on plain-HTTP POSTs.
+    The server ignores the offer and serves the request with its body, framed by length or in
+    chunks, however the packets split it; the kept-alive connection then serves what follows,
+    an offer without a body and a request sent right behind it included."""
+    good = good_request()
+    body, content_type = good["content"], good["headers"]["Content-Type"].encode()
+    head = b"POST /predict HTTP/1.1\r\nHost: test\r\n" + H2C_OFFER + b"Content-Type: " + content_type + b"\r\n"
+    by_length = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    in_chunks = head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body, 1000)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        for request, split_at in ((by_length, len(by_length)), (in_chunks, len(head) + 40), (by_length, len(head))):
+            sock.sendall(request[:split_at])
+            time.sleep(0.05)
+            sock.sendall(request[split_at:])
+            status, answer = read_answer(sock)
+            assert status == b"HTTP/1.1 200 OK", answer
+            assert_answer(json.loads(answer), ranked(reference))
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: test\r\n" + H2C_OFFER + b"\r\nGET /readyz HTTP/1.1\r\nHost: test\r\n\r\n"
+        )
+        assert read_answer(sock) == (b"HTTP/1.1 200 OK", b'{"status": "alive"}')
+        assert read_answer(sock) == (b"HTTP/1.1 200 OK", b'{"status": "ready"}')
+    assert b"Unsupported upgrade request" not in server.output().encode()
     assert_fast_health(prober)
 
 
