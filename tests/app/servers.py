@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -60,6 +61,20 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def read_answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One answer, framed by its Content-Length, from a connection that may stay open: its head
+    (status line and headers) and its body."""
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        reply += sock.recv(65536)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
+    while len(body) < length:
+        body += sock.recv(65536)
+    assert len(body) == length, "more bytes than one answer"
+    return head, body
 
 
 def start_server(package: Path, tmp: Path, *args: str, own_session: bool = False) -> Server:

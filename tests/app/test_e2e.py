@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests.app.conftest import form, metric, picture
-from tests.app.servers import SERVER_ARGS, Server, broken_copy, running_server, start_server
+from tests.app.servers import SERVER_ARGS, Server, broken_copy, read_answer, running_server, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -105,13 +105,7 @@ def exchange(port: int, request: bytes, pause_after: int = 0, pause_s: float = 0
         sock.sendall(request[:pause_after])
         time.sleep(pause_s)
         sock.sendall(request[pause_after:])
-        reply = b""
-        while b"\r\n\r\n" not in reply:
-            reply += sock.recv(65536)
-        head, _, body = reply.partition(b"\r\n\r\n")
-        length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
-        while len(body) < length:
-            body += sock.recv(65536)
+        head, body = read_answer(sock)
     return int(head.split()[1]), body
 
 

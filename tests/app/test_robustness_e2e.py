@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 from model.package import ModelPackage, load_package
 from model.preprocess import decode_image, tokenize
 from tests.app.conftest import FormPart, image_file, metric, multipart, picture
-from tests.app.servers import SERVER_ARGS, Server, running_server
+from tests.app.servers import SERVER_ARGS, Server, read_answer, running_server
 from tests.conftest import TEST_LABELS
 
 pytestmark = pytest.mark.slow
@@ -754,19 +754,6 @@ def test_an_endless_header_is_refused_without_growing_the_process(server: Server
 H2C_OFFER = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
 
 
-def read_answer(sock: socket.socket) -> tuple[bytes, bytes]:
-    """One answer from a kept-alive connection: its status line and its body."""
-    reply = b""
-    while b"\r\n\r\n" not in reply:
-        reply += sock.recv(65536)
-    head, _, body = reply.partition(b"\r\n\r\n")
-    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
-    while len(body) < length:
-        body += sock.recv(65536)
-    assert len(body) == length, "more bytes than one answer"
-    return status_line(head), body
-
-
 def chunked(body: bytes, size: int) -> bytes:
     pieces = [body[start : start + size] for start in range(0, len(body), size)]
     return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
@@ -789,14 +776,15 @@ def test_a_post_offering_h2c_is_served_as_http_1_1_with_its_body(
             sock.sendall(request[:split_at])
             time.sleep(0.05)
             sock.sendall(request[split_at:])
-            status, answer = read_answer(sock)
-            assert status == b"HTTP/1.1 200 OK", answer
+            head, answer = read_answer(sock)
+            assert status_line(head) == b"HTTP/1.1 200 OK", answer
             assert_answer(json.loads(answer), ranked(reference))
         sock.sendall(
             b"GET /healthz HTTP/1.1\r\nHost: test\r\n" + H2C_OFFER + b"\r\nGET /readyz HTTP/1.1\r\nHost: test\r\n\r\n"
         )
-        assert read_answer(sock) == (b"HTTP/1.1 200 OK", b'{"status": "alive"}')
-        assert read_answer(sock) == (b"HTTP/1.1 200 OK", b'{"status": "ready"}')
+        for expected in (b'{"status": "alive"}', b'{"status": "ready"}'):
+            head, answer = read_answer(sock)
+            assert (status_line(head), answer) == (b"HTTP/1.1 200 OK", expected)
     assert b"Unsupported upgrade request" not in server.output().encode()
     assert_fast_health(prober)
 
