@@ -206,6 +206,16 @@ class Settings(BaseSettings):
         int | None,
         Field(ge=1, le=256, description="threads that parse, decode and validate requests (default: min(cores, 4))"),
     ] = None
+    body_memory_mb: Annotated[
+        int,
+        Field(
+            ge=1,
+            description=(
+                "MiB of request bodies the process may hold at once (read, not yet decoded): a body that does"
+                " not fit is refused with 429, by its Content-Length before it is read"
+            ),
+        ),
+    ] = 1024
     decode_memory_mb: Annotated[
         int | None,
         Field(
@@ -333,6 +343,8 @@ class Settings(BaseSettings):
             raise ValueError("request_timeout_ms must not exceed max_request_timeout_ms")
         if self.max_image_bytes > self.max_body_bytes:
             raise ValueError("max_image_bytes must not exceed max_body_bytes")
+        if self.max_body_bytes > self.body_memory_bytes():
+            raise ValueError("body_memory_mb must hold one body of max_body_bytes at least")
         return self
 
     @property
@@ -370,6 +382,9 @@ class Settings(BaseSettings):
 
     def decode_threads(self) -> int:
         return self.decode_workers if self.decode_workers is not None else min(available_cores(), 4)
+
+    def body_memory_bytes(self) -> int:
+        return self.body_memory_mb * MiB
 
     def decode_memory_bytes(self) -> int:
         if self.decode_memory_mb is not None:

@@ -96,6 +96,7 @@ class BatchingInfo(BaseModel):
 
 class LimitsInfo(BaseModel):
     max_body_bytes: int
+    body_memory_mb: int = Field(description="MiB of request bodies held at once (read, not yet decoded)")
     max_image_bytes: int
     max_text_bytes: int
     max_parts: int

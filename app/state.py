@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
+from app.body_memory import BodyMemory
 from app.config import Settings
 from app.decoding import Decoder
 from app.errors import NotReady, ServiceError
@@ -81,6 +82,7 @@ class Serving(NamedTuple):
     batcher: Batcher[Any]
     decode_pool: ThreadPoolExecutor
     inline_under_load: bool  # cheap requests decode on the event loop whatever else is in the server
+    bodies: BodyMemory
 
 
 @dataclass(eq=False)
@@ -109,8 +111,10 @@ class AppState:
     link: DeviceLink | None = None
     startup_task: asyncio.Task[None] | None = None
     startup_seconds: dict[str, float] = field(default_factory=dict)
+    bodies: BodyMemory = field(init=False)  # the request bodies this process holds (--body-memory-mb)
 
     def __post_init__(self) -> None:
+        self.bodies = BodyMemory(self.settings.body_memory_bytes(), self.metrics, self.settings.retry_after_s)
         # Read at each scrape, from what /healthz and /readyz would answer then: never out of step.
         self.metrics.alive.set_function(lambda: float(self.liveness() is None))
         self.metrics.ready.set_function(lambda: float(self.readiness() is None))
@@ -165,6 +169,7 @@ class AppState:
             self.batcher,
             self.decode_pool,
             self.inline_under_load,
+            self.bodies,
         )
 
     def begin_drain(self) -> None:

@@ -1,8 +1,8 @@
 """The per-request flow shared by /predict and /embed.
 
     deadline from X-Request-Timeout-Ms -> 415/413 from the headers -> admission (429; 504 when the
-    deadline has passed already: the load-shedding middleware answers both first) -> read the
-    body (413 while streaming, 408 past body_timeout_s) -> decode in the pool, once its image's
+    deadline has passed already: the load-shedding middleware answers both first) -> the body
+    budget (429) -> read the body (413 while streaming, 408 past body_timeout_s) -> decode in the pool, once its image's
     decode memory is free (413 when it never can be, 504 past the deadline), or on the loop when
     alone and small (400/413/415/422)
     -> batch queue (504, 500, 507)
@@ -23,6 +23,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from app.body_memory import BodyHold
 from app.decoding import Decoded, DecodeElsewhere, DecodeSite
 from app.errors import ClientGone, MalformedRequest, PayloadTooLarge, RequestTimeout
 from app.forms import multipart_boundary
@@ -42,19 +43,21 @@ async def infer(
     now = loop.time()
     deadline = deadline_of(request.scope["state"], allowed, now)
     boundary = multipart_boundary(request.headers.get("content-type"))
-    check_content_length(request, serving.settings.max_body_bytes)
+    declared = declared_length(request, serving.settings.max_body_bytes)
     ticket = serving.batcher.admit(deadline - now, allowed)
+    gone: asyncio.Future[None] | None = None
     try:
-        body = await read_body(request, serving.settings.max_body_bytes, serving.settings.body_timeout_s)
-        gone = watch_disconnect(request)
-        try:
+        with serving.bodies.hold(declared) as held:
+            body = await read_body(request, serving.settings.max_body_bytes, serving.settings.body_timeout_s, held)
+            gone = watch_disconnect(request)
             began = time.perf_counter()
             decoded = await decode_request(serving, route, decode, body, boundary, deadline)
             serving.metrics.decode.labels(route).observe(time.perf_counter() - began)
-            row = await serving.batcher.run(ticket, kind_of(decoded), decoded.image, decoded.tokens, deadline, gone)
-        finally:
-            gone.cancel()
+            del body  # the model's inputs go on; the body's bytes are given back here
+        row = await serving.batcher.run(ticket, kind_of(decoded), decoded.image, decoded.tokens, deadline, gone)
     finally:
+        if gone is not None:
+            gone.cancel()
         ticket.release()
     if loop.time() <= deadline:
         serving.metrics.within_deadline.labels(route).inc()
@@ -91,20 +94,22 @@ async def decode_request(
     return await loop.run_in_executor(serving.decode_pool, decode, body, boundary, in_pool)
 
 
-def check_content_length(request: Request, limit: int) -> None:
-    """413 from the declared length, before a byte of the body is read."""
+def declared_length(request: Request, limit: int) -> int | None:
+    """The body's declared length (None: chunked); 413 from it, before a byte of the body is read."""
     declared = request.headers.get("content-length")
     if declared is None:
-        return
+        return None
     if not is_small_number(declared.strip(), digits=18):
         raise MalformedRequest("the Content-Length header is not a number")
     if int(declared) > limit:
         raise PayloadTooLarge(f"the request body is too large: at most {limit} bytes are accepted")
+    return int(declared)
 
 
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float, held: BodyHold) -> bytes:
     """The whole body, counted while it streams in (chunked uploads declare no length), within
-    timeout_s: a client that trickles its body holds an admission slot, so it is cut off."""
+    timeout_s: a client that trickles its body holds an admission slot, so it is cut off. What
+    has arrived is held in the body budget (429 when it does not fit, app.body_memory)."""
     chunks: list[bytes] = []
     size = 0
     try:
@@ -113,6 +118,7 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(f"the request body is too large: at most {limit} bytes are accepted")
+                held.grow_to(size)
                 chunks.append(chunk)
     except ClientDisconnect as exc:
         raise ClientGone("the client disconnected while sending its body") from exc

@@ -79,6 +79,8 @@ def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
         {"max_wait_ms": -1},
         {"request_timeout_ms": 5000, "max_request_timeout_ms": 1000},
         {"max_image_bytes": 100, "max_body_bytes": 10},
+        {"body_memory_mb": 1, "max_body_bytes": 2 * 1024 * 1024, "max_image_bytes": 1024},
+        {"decode_memory_mb": 0},
         {"log_level": "loud"},
         {"max_header_bytes": 1023},
         {"header_timeout_s": 0},

@@ -1,0 +1,66 @@
+"""The request body budget: how many bytes of request bodies one process holds at once.
+
+A request holds its body from the first byte until it is decoded; from then on only the model's
+inputs go on (a few tens of KiB). Every admitted request (up to --max-queue) could hold a body at
+once: under a burst of photo uploads, 256 bodies of 5 MB are 1.3 GB, past a 2 GiB replica's limit
+beside the model. So each body counts here as it arrives, by its declared Content-Length before a
+byte is read, by what has arrived for a chunked one; a body that does not fit is refused with 429
+and Retry-After, as other overload is, before the rest of it is read.
+
+Only the event loop reads bodies and gives them back: no lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from app.config import MiB
+from app.errors import Overloaded
+from app.metrics import Metrics
+
+
+class BodyMemory:
+    def __init__(self, capacity_bytes: int, metrics: Metrics, retry_after_s: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.held_bytes = 0
+        self._metrics = metrics
+        self._retry_after_s = retry_after_s
+
+    @contextmanager
+    def hold(self, declared: int | None) -> Iterator[BodyHold]:
+        """What one request's body holds, given back on leaving the block."""
+        held = BodyHold(self)
+        try:
+            held.grow_to(declared or 0)
+            yield held
+        finally:
+            self._give(held.bytes)
+
+    def _take(self, size: int) -> None:
+        if self.held_bytes + size > self.capacity_bytes:
+            self._metrics.shed.labels("body_memory").inc()
+            raise Overloaded(
+                f"the server holds {self.held_bytes / MiB:.1f} MiB of request bodies, of at most"
+                f" {self.capacity_bytes / MiB:.0f} MiB: this one does not fit now",
+                retry_after_s=self._retry_after_s,
+            )
+        self.held_bytes += size
+        self._metrics.body_memory.set(self.held_bytes)
+
+    def _give(self, size: int) -> None:
+        self.held_bytes -= size
+        self._metrics.body_memory.set(self.held_bytes)
+
+
+class BodyHold:
+    """One request's share: its declared length at first, then what has arrived, if more."""
+
+    def __init__(self, memory: BodyMemory) -> None:
+        self._memory = memory
+        self.bytes = 0
+
+    def grow_to(self, size: int) -> None:
+        if size > self.bytes:
+            self._memory._take(size - self.bytes)
+            self.bytes = size
