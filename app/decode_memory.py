@@ -1,7 +1,7 @@
 """The decode memory budget: how many bytes the decode pool's images may hold at once.
 
 A compressed image's size says little about what decoding it takes: a 1.6 MB PNG of 50 megapixels
-with transparency grows to 950 MiB while it is converted to RGB (model.preprocess.decode_bytes),
+with transparency grows to 955 MiB while it is converted to RGB (model.preprocess.decode_bytes),
 and two such decodes at once would take a 2 GiB replica past its memory limit, where the kernel
 kills it with every request it holds. So each decode in the pool first holds its estimated bytes
 here, and waits, in arrival order, while the images already decoding hold too much; it waits no
@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 
 from app.config import MiB
-from app.errors import DeadlineExceeded, PayloadTooLarge
+from app.errors import DeadlineExceeded, DecodeTooLarge
 from app.metrics import Metrics
 
 TRIM_AFTER_BYTES = 64 * MiB
@@ -67,10 +67,9 @@ class DecodeMemory:
         """Block the calling decode thread until `needed` bytes fit, then hold them; give them back
         with release(). `deadline` is on the time.monotonic() clock; None waits as long as it takes."""
         if needed > self.capacity_bytes:
-            raise PayloadTooLarge(
+            raise DecodeTooLarge(
                 f"the image ({size[0]}x{size[1]}) would take {needed / MiB:.0f} MiB to decode; this server"
-                f" decodes images of at most {self.capacity_bytes / MiB:.0f} MiB (send it smaller, or as JPEG)",
-                code="image_too_large",
+                f" decodes images of at most {self.capacity_bytes / MiB:.0f} MiB (send it smaller, or as JPEG)"
             )
         with self._changed:
             if not self._waiting and self._held + needed <= self.capacity_bytes:

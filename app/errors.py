@@ -7,7 +7,9 @@
      ├── RequestTimeout          body_timeout                       408  the body did not arrive within
      │                                                                   body_timeout_s (the connection is closed)
      ├── PayloadTooLarge         payload_too_large, ...             413  body, image part or part count over a limit
-     │                                                                   (the connection is closed)
+     │    │                                                              (the connection is closed)
+     │    └── DecodeTooLarge     image_too_large                    413  decoding the image would take more than
+     │                                                                   --decode-memory-mb (the body was read whole)
      ├── UnsupportedMediaType    unsupported_media_type, ...        415  not multipart/form-data, or an image format
      │                                                                   outside the allowlist
      ├── InvalidInput            missing_field, empty_text, ...     422  a field missing, empty, too long, or unusable
@@ -71,6 +73,14 @@ class RequestTimeout(ServiceError):
 class PayloadTooLarge(ServiceError):
     default_code = "payload_too_large"
     closes_connection = True
+
+
+class DecodeTooLarge(PayloadTooLarge):
+    """An image that would take more decode memory than the server allows: its body was read
+    whole, so the connection can carry the next request."""
+
+    default_code = "image_too_large"
+    closes_connection = False
 
 
 class UnsupportedMediaType(ServiceError):

@@ -72,12 +72,12 @@ class Metrics:
         )
         self.body_memory = Gauge(
             "fusion_body_memory_bytes",
-            "Bytes of request bodies held now, read and not yet decoded (--body-memory-mb bounds it)",
+            "Bytes of request bodies held now, read and not yet decoded (--body-memory-mb bounds it per process)",
             registry=r,
         )
         self.decode_memory = Gauge(
             "fusion_decode_memory_bytes",
-            "Bytes the images decoding in the pool hold now, by their estimate (--decode-memory-mb bounds it)",
+            "Bytes the images decoding in the pool hold now, by estimate (--decode-memory-mb bounds it per process)",
             registry=r,
         )
         self.decode_memory_waits = Counter(

@@ -97,10 +97,21 @@ def decode_image(
         image.draft("RGB", (side, side))
     if before_decoding is not None:
         before_decoding(declared, decode_bytes(image))
+    transparent_at_open = "transparency" in image.info
     try:
         image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError("corrupt_image", "the image data is corrupt or truncated") from exc
+        failed = False
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        failed = True
+    if failed:
+        # Raised here, unchained, the picture closed: the decoder's error, with its traceback,
+        # would keep the full-size buffer alive for as long as the error is handled.
+        image.close()
+        raise ImageDecodeError("corrupt_image", "the image data is corrupt or truncated")
+    if image.format == "PNG" and not transparent_at_open:
+        # A tRNS chunk after the pixel data is out of place (the PNG spec puts it before IDAT;
+        # libpng ignores it): so it is ignored here too, and the decode stays within decode_bytes.
+        image.info.pop("transparency", None)
     turn = _upright_turn(image)
     # Turned after the resize, on the small picture: a full-size turned copy would double the
     # memory of a large PNG's decode. A quarter turn swaps the sides, so the resize swaps them first.
@@ -239,7 +250,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if mode in _SIXTEEN_BIT_MODES:
         # Pillow's convert() clips 16-bit samples to 255 (a white image); scale the range instead.
         # In place: a large picture's float copy is its largest one (decode_bytes counts it once).
-        samples = np.asarray(image, dtype=np.float32)
+        samples = np.array(image, dtype=np.float32)  # a copy: asarray of an F image is read-only
         samples /= 257.0
         np.rint(samples, out=samples)
         gray = np.clip(samples, 0, 255, out=samples).astype(np.uint8)

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from app.decode_memory import DecodeMemory
-from app.errors import DeadlineExceeded, PayloadTooLarge
+from app.errors import DeadlineExceeded, DecodeTooLarge
 from app.metrics import Metrics
 from model.preprocess import decode_bytes
 from tests.app.conftest import form, metric, run, serve, settings_for, until
@@ -80,7 +80,7 @@ def test_images_wait_in_arrival_order_while_the_budget_is_held() -> None:
 
 def test_an_image_needing_more_than_the_whole_budget_is_refused_at_once() -> None:
     memory, metrics = budget(768 * MiB)
-    with pytest.raises(PayloadTooLarge) as refused:
+    with pytest.raises(DecodeTooLarge) as refused:
         memory.hold((8660, 5773), 962 * MiB, None)
     assert refused.value.code == "image_too_large"
     assert str(refused.value) == (
@@ -147,6 +147,7 @@ def test_the_service_makes_a_large_image_wait_for_memory_and_refuses_one_over_th
             over = await served.client.post("/predict", **form(larger, "red circle"))
             assert over.status_code == 413
             assert over.json()["error"]["code"] == "image_too_large"
+            assert "connection" not in over.headers  # the body was read whole: the connection goes on
             assert over.json()["error"]["message"] == (
                 "the image (2000x1000) would take 46 MiB to decode; this server decodes images of at most 24 MiB"
                 " (send it smaller, or as JPEG)"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.preprocess import decode_bytes, largest_decode_bytes
+from model.preprocess import decode_bytes, decode_image, largest_decode_bytes
 
 MiB = 2**20
 WIDTH, HEIGHT = 2400, 1600  # 3.84 megapixels: large enough that the pixels dwarf the allocator's noise
@@ -75,10 +75,31 @@ CASES = {
     "16-bit gray PNG": lambda: encoded(Image.fromarray(gradient(1).astype(np.uint16) * 257), "PNG", compress_level=1),
     "RGB PNG with EXIF orientation 6": lambda: encoded(rgb(), "PNG", exif=_orientation(6), compress_level=1),
     "RGBA WebP": lambda: encoded(rgba(), "WEBP", quality=50, method=0),
+    "RGB PNG with a transparent colour after its pixel data (ignored)": lambda: with_transparency_after_the_pixels(
+        encoded(rgb(), "PNG", transparency=(0, 0, 0), compress_level=1)
+    ),
     "RGB BMP": lambda: encoded(rgb(), "BMP"),
     "GIF": lambda: encoded(rgb().quantize(64), "GIF"),
     "JPEG (decoded at 1/8 scale)": lambda: encoded(rgb(), "JPEG", quality=80),
 }
+
+
+def chunks_of(png: bytes) -> list[bytes]:
+    """A PNG's chunks, each whole (length, type, data, CRC), after the 8-byte signature."""
+    found, at = [], 8
+    while at < len(png):
+        length = int.from_bytes(png[at : at + 4], "big")
+        found.append(png[at : at + 12 + length])
+        at += 12 + length
+    return found
+
+
+def with_transparency_after_the_pixels(png: bytes) -> bytes:
+    """The PNG with its tRNS chunk moved after IDAT, where the spec does not allow it."""
+    chunks = chunks_of(png)
+    transparency = next(chunk for chunk in chunks if chunk[4:8] == b"tRNS")
+    chunks.remove(transparency)
+    return png[:8] + b"".join(chunks[:-1]) + transparency + chunks[-1]
 
 
 def _orientation(value: int) -> bytes:
@@ -116,3 +137,46 @@ def test_a_transparent_webp_is_the_costliest_picture_of_its_pixels() -> None:
     assert decode_bytes(opened["RGBA PNG"]) == WIDTH * HEIGHT * 20 + 8 * MiB
     assert decode_bytes(opened["RGBA WebP"]) == WIDTH * HEIGHT * 28 + 8 * MiB == largest_decode_bytes(WIDTH * HEIGHT)
     assert max(decode_bytes(image) for image in opened.values()) == largest_decode_bytes(WIDTH * HEIGHT)
+
+
+def test_a_transparent_colour_after_the_pixel_data_is_ignored() -> None:
+    """libpng ignores a tRNS chunk out of place; counted or not, the pixels are those of the RGB picture."""
+    stored = encoded(rgb(), "PNG", transparency=(0, 0, 0), compress_level=1)
+    assert chunks_of(stored)[1][4:8] == b"tRNS"  # before IDAT, where it belongs: it counts
+    moved = with_transparency_after_the_pixels(stored)
+    opaque = encoded(rgb(), "PNG", compress_level=1)
+    assert np.array_equal(decode_image(moved, (64, 64)), decode_image(opaque, (64, 64)))
+    assert not np.array_equal(decode_image(stored, (64, 64)), decode_image(opaque, (64, 64)))
+
+
+_HOLD_THE_ERROR = """
+import io, sys
+from model.preprocess import ImageDecodeError, decode_image
+
+def resident_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+data = open(sys.argv[1], "rb").read()
+before = resident_kib()
+try:
+    decode_image(data, (128, 128))
+except ImageDecodeError as error:
+    kept = error  # as a server keeps it while it answers
+    print((resident_kib() - before) * 1024)
+"""
+
+
+def test_a_corrupt_image_leaves_no_pixels_behind_in_its_error(tmp_path: Path) -> None:
+    """The decoder's own error, chained, would keep the full-size buffer alive while it is handled."""
+    whole = CASES["RGBA PNG"]()
+    last = chunks_of(whole)[-2]  # the last IDAT
+    cut = whole[: whole.index(last) + len(last) // 2]
+    path = tmp_path / "cut.png"
+    path.write_bytes(cut)
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _HOLD_THE_ERROR, str(path)], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) < 8 * MiB, f"{int(done.stdout) / MiB:.0f} MiB still resident with the error"
