@@ -83,6 +83,7 @@ class _Guarded(HttpToolsProtocol):
         # The body framing header of a request whose upgrade offer is ignored, until its body is
         # replayed; and whether the replayed head is being parsed (its callbacks are not a request).
         self._ignored_upgrade: bytes | None = None
+        self._upgrade_keeps_alive = True  # whether that request leaves the connection open
         self._replaying_head = False
         self._resumable = _ResumableParser(self.parser, self)
         self.parser = self._resumable  # type: ignore[assignment]
@@ -210,6 +211,7 @@ class _Guarded(HttpToolsProtocol):
             self._ignored_upgrade = None
             return
         self._ignored_upgrade = self._body_framing_of_ignored_upgrade()
+        self._upgrade_keeps_alive = self.parser.should_keep_alive()
         self._in_head = False
         self._disarm()
         if self._head_size() > self.max_header_bytes:
@@ -257,19 +259,24 @@ class _Guarded(HttpToolsProtocol):
             return b"content-length: " + headers[b"content-length"]
         return None  # no body: the request was complete at its headers
 
-    def resume_ignored_upgrade(self, rest: bytes) -> None:
-        """httptools paused at the end of an ignored upgrade offer's headers. A fresh parser reads
-        `rest`, what followed them: the request's body, behind a head with its body framing, and
-        whatever the client sent next."""
+    def resume_ignored_upgrade(self) -> bytes | None:
+        """httptools paused at the end of an ignored upgrade offer's headers; a fresh parser reads
+        what follows. Returns the head it reads first: one with the request's body framing when it
+        has a body (its callbacks are not a request), none otherwise; None when nothing that
+        follows is to be read (a request that closes the connection)."""
         parser = httptools.HttpRequestParser(self)
-        parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
+        # As uvicorn sets its own: after a request that closes the connection, the rest is skipped.
+        parser.set_dangerous_leniencies(lenient_data_after_close=True)
         self._resumable.replace(parser)
         framing = self._ignored_upgrade
+        closing = b"" if self._upgrade_keeps_alive else b"connection: close\r\n"
         if framing is None:
-            self._resumable.feed_data(rest)
-            return
+            if closing:
+                self._refused = True  # nothing after it is parsed, as after any closing request
+                return None
+            return b""
         self._replaying_head = True
-        self._resumable.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n" + rest)
+        return b"POST / HTTP/1.1\r\n" + framing + b"\r\n" + closing + b"\r\n"
 
     def _head_size(self) -> int:
         method, version = self.parser.get_method(), self.parser.get_http_version()
@@ -307,12 +314,20 @@ class _ResumableParser:
         self._parser = parser
 
     def feed_data(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as paused:
-            if self._protocol._should_upgrade():
-                raise  # a websocket: uvicorn's own handling
-            self._protocol.resume_ignored_upgrade(bytes(data[paused.args[0] :]))
+        # A loop, not a recursion: a read may hold hundreds of pipelined offers.
+        rest = memoryview(data)
+        while True:
+            try:
+                self._parser.feed_data(rest)
+                return
+            except httptools.HttpParserUpgrade as paused:
+                if self._protocol._should_upgrade():
+                    raise  # a websocket: uvicorn's own handling
+                rest = rest[paused.args[0] :]
+                head = self._protocol.resume_ignored_upgrade()
+                if head is None:
+                    return
+                self._parser.feed_data(head)  # no upgrade offer in it: it cannot pause
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._parser, name)

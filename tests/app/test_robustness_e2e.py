@@ -789,6 +789,51 @@ def test_a_post_offering_h2c_is_served_as_http_1_1_with_its_body(
     assert_fast_health(prober)
 
 
+def test_hundreds_of_offers_in_one_read_are_all_served(server: Server) -> None:
+    """Each offer pauses the parser once: a read holding 1000 of them (58 KB), with bodies or
+    without, is parsed in a loop, and every one is answered."""
+    bare = b"GET /healthz HTTP/1.1\r\nHost: test\r\n" + H2C_OFFER + b"\r\n"
+    with_body = b"GET /healthz HTTP/1.1\r\nHost: test\r\n" + H2C_OFFER + b"Content-Length: 1\r\n\r\nx"
+    for one in (bare, with_body):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(one * 1000)
+            answers = read_answers(sock, 1000)
+        assert set(answers) == {(b"HTTP/1.1 200 OK", b'{"status": "alive"}')}
+
+
+def read_answers(sock: socket.socket, count: int) -> list[tuple[bytes, bytes]]:
+    """`count` pipelined answers, each framed by its Content-Length: status lines and bodies."""
+    buffer, answers = b"", list[tuple[bytes, bytes]]()
+    while len(answers) < count:
+        head, separator, rest = buffer.partition(b"\r\n\r\n")
+        lengths = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+        if separator and len(rest) >= (length := int(lengths[0][15:])):
+            answers.append((status_line(head), rest[:length]))
+            buffer = rest[length:]
+            continue
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {len(answers)} answers"
+        buffer += chunk
+    return answers
+
+
+def test_an_offer_on_a_closing_request_reads_nothing_after_it(server: Server) -> None:
+    """HTTP/1.0, or `Connection: close`: what follows the request is not read, with or without an
+    upgrade offer, with a body or without; the request is answered and the connection closed."""
+    junk = b"\x16\x03\x01 junk\r\n\r\n"
+    requests = [
+        b"GET /healthz HTTP/1.0\r\n" + H2C_OFFER + b"Content-Length: 5\r\n\r\nhello",
+        b"GET /healthz HTTP/1.0\r\n" + H2C_OFFER + b"\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close, upgrade\r\nUpgrade: h2c\r\n"
+        b"Content-Length: 5\r\n\r\nhello",
+    ]
+    for request in requests:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(request + junk)
+            reply = read_until_closed(sock)
+        assert reply.count(b"HTTP/1.1 ") == 1 and status_line(reply) == b"HTTP/1.1 200 OK", reply
+
+
 # -- overload ------------------------------------------------------------------------------------------
 
 
