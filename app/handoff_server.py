@@ -32,27 +32,42 @@ from app.state import AppState
 log = logging.getLogger(__name__)
 
 STATE_POLL_S: Final = 0.05  # how stale a front-end's view of readiness may be
+# What a front-end may leave unread before its link is dropped: about a minute of state frames
+# (each carries /info) from a front-end that stopped reading (a stopped process, a stuck loop),
+# which otherwise grow this process, the one that holds the model, without bound.
+MAX_UNREAD_BYTES: Final = 4 << 20
 PULL_TIMEOUT_S: Final = 1.0  # a front-end that does not answer a pull in time counts with its last snapshot
 
 
 @dataclass(eq=False)
 class _Link:
     writer: asyncio.StreamWriter
+    max_unread_bytes: int
     gone: dict[int, asyncio.Future[None]] = field(default_factory=dict)  # items not answered yet
     pulls: dict[int, asyncio.Future[str]] = field(default_factory=dict)
     snapshot: str = ""  # the front-end's own exposition, as last pulled
     serving: bool = False  # said SERVING: a front-end's link, not its check before it listens
 
     def send(self, buffers: list[bytes | memoryview]) -> None:
-        if not self.writer.is_closing():
-            self.writer.writelines(buffers)
+        if self.writer.is_closing():
+            return
+        self.writer.writelines(buffers)
+        unread = self.writer.transport.get_write_buffer_size()
+        if unread > self.max_unread_bytes:
+            # Aborted, not closed: a close waits to flush what the front-end does not read. Its items
+            # are dropped as for any link that ends; the front-end, if it wakes, finds the device gone.
+            log.error("a front-end left %d bytes unread; dropping its link", unread)
+            self.writer.transport.abort()
 
 
 class HandoffServer:
-    def __init__(self, state: AppState, path: Path, info: Callable[[], bytes]) -> None:
+    def __init__(
+        self, state: AppState, path: Path, info: Callable[[], bytes], max_unread_bytes: int = MAX_UNREAD_BYTES
+    ) -> None:
         self._state = state
         self._path = path
         self._info = info  # the /info body once the model is loaded (b"" before)
+        self._max_unread_bytes = max_unread_bytes
         self._links: set[_Link] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -83,7 +98,7 @@ class HandoffServer:
     # -- one front-end's link ----------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        link = _Link(writer)
+        link = _Link(writer, self._max_unread_bytes)
         self._links.add(link)
         link.send(handoff.encode_state(self._current))
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import struct
 from pathlib import Path
 
@@ -305,6 +306,32 @@ def test_a_link_counts_as_a_front_end_once_it_says_it_serves(tmp_path: Path) -> 
         finally:
             for link in links:
                 await link.close()
+            await server.close()
+
+    run(body())
+
+
+def test_a_front_end_that_stops_reading_is_dropped_before_it_grows_the_device(tmp_path: Path) -> None:
+    """Every state frame carries /info; a front-end that reads none of them (a stopped process)
+    would have the device buffer them for ever. Past the bound the device drops its link: the
+    front-end, reading again, finds the end of the stream after what had been sent."""
+
+    async def body() -> None:
+        state = AppState(settings=Settings(), metrics=Metrics(8))
+        versions = itertools.count()
+        # An /info that changes at every poll: a 64 KiB state frame every 50 ms.
+        server = HandoffServer(state, tmp_path / "link.sock", lambda: b"%08d" % next(versions) * 8192, 1 << 20)
+        await server.start()
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "link.sock"))
+        try:
+            await asyncio.sleep(2.0)  # reading nothing: the socket's buffers fill, then the device's
+            received = 0
+            async with asyncio.timeout(5):
+                while chunk := await reader.read(1 << 16):
+                    received += len(chunk)
+            assert 0 < received < 4 << 20  # what the kernel held, and no more: the link ended
+        finally:
+            writer.close()
             await server.close()
 
     run(body())
