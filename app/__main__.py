@@ -9,6 +9,7 @@ with one clear line; invalid settings exit 2; an address it cannot bind, 3 (uvic
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = build_server(app, settings)
     if settings.frontends == 1:
         server.run()
-        return server.exit_code
+        return _exit_code(server.exit_code, app.state.fusion)
     # Bound here, before the lifespan, so that every front-end inherits the listening sockets and
     # the kernel hands each new connection to whichever process accepts first.
     try:
@@ -67,7 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if state.frontends is not None:
             state.frontends.kill()
         remove_link_folder(state)
-    return server.exit_code
+    return _exit_code(server.exit_code, state)
+
+
+def _exit_code(code: int, state: AppState) -> int:
+    """The process's exit code. With the inference thread still inside a torch call (a hung pass,
+    a load that never returned), the interpreter's exit would run C++ destructors under it, and
+    libtorch aborts (SIGABRT, not the code): so the process ends here, its logs flushed."""
+    if state.worker is not None and state.worker.alive:
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -267,6 +267,17 @@ class Settings(BaseSettings):
             ),
         ),
     ] = 0.0
+    startup_timeout_s: Annotated[
+        float,
+        Field(
+            ge=0,
+            description=(
+                "not ready this long after the server started (loading, warming up, self-checking: a hang in any"
+                " of them), fail startup and exit 1, for a supervisor that restarts processes that exit but does"
+                " not probe (docker compose); 0: never (Kubernetes' startup probe restarts the replica)"
+            ),
+        ),
+    ] = 0.0
 
     # Input limits.
     max_body_bytes: Annotated[int, Field(ge=1, description="largest request body; 413 beyond")] = 20 * MiB

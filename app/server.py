@@ -10,7 +10,9 @@ Shutdown on SIGTERM (or Ctrl+C), in order:
 With `exit_when_dead_s`, a replica whose /healthz has answered 503 that long (a hung forward pass,
 a device lost, a dead inference thread) stops the same way by itself and exits 1: under a
 supervisor that restarts a process when it exits but never probes it (docker compose), it would
-otherwise stay up, out of the load balancer's pool, until someone restarted it by hand.
+otherwise stay up, out of the load balancer's pool, until someone restarted it by hand. With
+`startup_timeout_s`, one not ready that long after it started (a load, warm-up or self-check that
+hangs) fails its startup and exits 1 for the same reason.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class DrainingServer(uvicorn.Server):
         self.exit_code = 0
         self._drain_until: float | None = None
         self._dead_since: float | None = None
+        self._started = time.monotonic()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_until is None and not self.should_exit and sig in (signal.SIGTERM, signal.SIGINT):
@@ -68,11 +71,24 @@ class DrainingServer(uvicorn.Server):
                 log.info("drain delay over: closing the listener and finishing accepted requests")
                 self.state.shutdown_deadline = time.monotonic() + self.state.settings.graceful_timeout_s
                 self.should_exit = True
+        self._fail_if_not_ready_in_time()
         if self.state.phase is Phase.FAILED and not self.should_exit:
             self.exit_code = 1
             self.should_exit = True
         self._exit_if_dead_too_long()
         return await super().on_tick(counter)
+
+    def _fail_if_not_ready_in_time(self) -> None:
+        limit = self.state.settings.startup_timeout_s
+        # The device process decides: a front-end listens only once the device process is ready.
+        if limit <= 0 or self.state.link is not None or self.should_exit or self.state.phase.settled:
+            return
+        if time.monotonic() - self._started >= limit:
+            phase = self.state.phase.value
+            log.critical("not ready %g s after starting (still %s): failing, to be restarted", limit, phase)
+            if self.state.startup_task is not None:
+                self.state.startup_task.cancel()  # or it would go on to the next phase, or to ready
+            self.state.fail(f"not ready within --startup-timeout-s {limit:g} s (still {phase})")
 
     def _exit_if_dead_too_long(self) -> None:
         limit = self.state.settings.exit_when_dead_s

@@ -43,6 +43,11 @@ class Phase(enum.StrEnum):
     READY = "ready"
     FAILED = "failed"
 
+    @property
+    def settled(self) -> bool:
+        """Startup is over, one way or the other."""
+        return self in (Phase.READY, Phase.FAILED)
+
 
 class Batcher(Protocol[TicketT]):
     """What the routes need of a batcher: the device's MicroBatcher, or a front-end's RemoteBatcher."""
