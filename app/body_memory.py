@@ -3,9 +3,12 @@
 A request holds its body from the first byte until it is decoded; from then on only the model's
 inputs go on (a few tens of KiB). Every admitted request (up to --max-queue) could hold a body at
 once: under a burst of photo uploads, 256 bodies of 5 MB are 1.3 GB, past a 2 GiB replica's limit
-beside the model. So each body counts here as it arrives, by its declared Content-Length before a
-byte is read, by what has arrived for a chunked one; a body that does not fit is refused with 429
-and Retry-After, as other overload is, before the rest of it is read.
+beside the model. So each body counts here, twice over (while it is decoded, its parts are
+copies beside it), as it arrives: a body whose declared Content-Length would not fit is refused
+with 429 and Retry-After, as other overload is, before a byte is read; one that stops fitting
+while it arrives (a chunked one, or several arriving at once), when it does. Counting what has
+arrived, not what is declared, keeps a client that declares 20 MB and trickles from holding a
+share it has not sent.
 
 Only the event loop reads bodies and gives them back: no lock.
 """
@@ -19,6 +22,8 @@ from app.config import MiB
 from app.errors import Overloaded
 from app.metrics import Metrics
 
+COPIES = 2  # the body, and the copies of its parts that parsing makes while it is decoded
+
 
 class BodyMemory:
     def __init__(self, capacity_bytes: int, metrics: Metrics, retry_after_s: int) -> None:
@@ -29,22 +34,27 @@ class BodyMemory:
 
     @contextmanager
     def hold(self, declared: int | None) -> Iterator[BodyHold]:
-        """What one request's body holds, given back on leaving the block."""
+        """What one request's body holds as it arrives, given back on leaving the block; 429 at
+        once when its declared length would not fit now."""
+        if declared is not None:
+            self._check(COPIES * declared)
         held = BodyHold(self)
         try:
-            held.grow_to(declared or 0)
             yield held
         finally:
             self._give(held.bytes)
 
-    def _take(self, size: int) -> None:
+    def _check(self, size: int) -> None:
         if self.held_bytes + size > self.capacity_bytes:
             self._metrics.shed.labels("body_memory").inc()
             raise Overloaded(
-                f"the server holds {self.held_bytes / MiB:.1f} MiB of request bodies, of at most"
+                f"the server holds {self.held_bytes / MiB:.1f} MiB for request bodies, of at most"
                 f" {self.capacity_bytes / MiB:.0f} MiB: this one does not fit now",
                 retry_after_s=self._retry_after_s,
             )
+
+    def _take(self, size: int) -> None:
+        self._check(size)
         self.held_bytes += size
         self._metrics.body_memory.set(self.held_bytes)
 
@@ -54,13 +64,15 @@ class BodyMemory:
 
 
 class BodyHold:
-    """One request's share: its declared length at first, then what has arrived, if more."""
+    """One request's share: what has arrived of its body, twice."""
 
     def __init__(self, memory: BodyMemory) -> None:
         self._memory = memory
         self.bytes = 0
 
-    def grow_to(self, size: int) -> None:
-        if size > self.bytes:
-            self._memory._take(size - self.bytes)
-            self.bytes = size
+    def arrived(self, size: int) -> None:
+        """`size` bytes of the body have arrived in all."""
+        needed = COPIES * size
+        if needed > self.bytes:
+            self._memory._take(needed - self.bytes)
+            self.bytes = needed

@@ -211,8 +211,9 @@ class Settings(BaseSettings):
         Field(
             ge=1,
             description=(
-                "MiB of request bodies the process may hold at once (read, not yet decoded): a body that does"
-                " not fit is refused with 429, by its Content-Length before it is read"
+                "MiB the process may hold for request bodies, from their first byte until decoded, each counted"
+                " twice (the body, and its parts copied while it is decoded): a body that does not fit is refused"
+                " with 429, by its Content-Length before it is read"
             ),
         ),
     ] = 1024
@@ -336,7 +337,10 @@ class Settings(BaseSettings):
     docs: Annotated[bool, Field(description="serve the interactive docs (/docs, /redoc) and /openapi.json")] = True
 
     # Operations.
-    retry_after_s: Annotated[int, Field(ge=1, description="Retry-After of 503 answers while not ready")] = 2
+    retry_after_s: Annotated[
+        int,
+        Field(ge=1, description="Retry-After of 503 answers while not ready, and of 429s for bodies that do not fit"),
+    ] = 2
     log_level: Annotated[LogLevel, Field(description="log level")] = "info"
     access_log: Annotated[bool, Field(description="log every request (uvicorn access log)")] = False
 
@@ -354,8 +358,8 @@ class Settings(BaseSettings):
             raise ValueError("request_timeout_ms must not exceed max_request_timeout_ms")
         if self.max_image_bytes > self.max_body_bytes:
             raise ValueError("max_image_bytes must not exceed max_body_bytes")
-        if self.max_body_bytes > self.body_memory_bytes():
-            raise ValueError("body_memory_mb must hold one body of max_body_bytes at least")
+        if 2 * self.max_body_bytes > self.body_memory_bytes():
+            raise ValueError("body_memory_mb must hold one body of max_body_bytes at least (counted twice)")
         return self
 
     @property

@@ -72,7 +72,8 @@ class Metrics:
         )
         self.body_memory = Gauge(
             "fusion_body_memory_bytes",
-            "Bytes of request bodies held now, read and not yet decoded (--body-memory-mb bounds it per process)",
+            "Bytes held now for request bodies not yet decoded, each counted twice (--body-memory-mb bounds it per"
+            " process)",
             registry=r,
         )
         self.decode_memory = Gauge(
@@ -112,7 +113,12 @@ class Metrics:
             ["stage"],
             registry=r,
         )
-        self.shed = Counter("fusion_requests_shed", "Requests refused at admission", ["reason"], registry=r)
+        self.shed = Counter(
+            "fusion_requests_shed",
+            "Requests refused for load: at admission, or as their body arrives",
+            ["reason"],
+            registry=r,
+        )
         self.admission_limit = Gauge(
             "fusion_admission_limit",
             "Requests the server lets in at once (admitted or running) of a deadline class (allowances,"

@@ -118,7 +118,7 @@ async def read_body(request: Request, limit: int, timeout_s: float, held: BodyHo
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(f"the request body is too large: at most {limit} bytes are accepted")
-                held.grow_to(size)
+                held.arrived(size)
                 chunks.append(chunk)
     except ClientDisconnect as exc:
         raise ClientGone("the client disconnected while sending its body") from exc
