@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,18 +27,15 @@ from app.batching import MicroBatcher
 from app.config import Settings
 from app.main import create_app
 from app.state import AppState
-from model.export import GoldenInput, PackageInfo, export_package, synthetic_golden_inputs
+from model.export import PackageInfo, export_package, synthetic_golden_inputs
 from tests.app.probe_model import ProbeModel
 from tests.conftest import TEST_LABELS
 
 T = TypeVar("T")
 
 
-def export_test_model(
-    model: torch.nn.Module, out: Path, name: str, version: str, golden: Sequence[GoldenInput] | None = None
-) -> Path:
-    """A package of a small hand-written model: 32x32 images, texts up to 64 bytes, embeddings of 16;
-    golden cases drawn ones, unless given."""
+def export_test_model(model: torch.nn.Module, out: Path, name: str, version: str) -> Path:
+    """A package of a small hand-written model: 32x32 images, texts up to 64 bytes, embeddings of 16."""
     info = PackageInfo(
         name=name,
         version=version,
@@ -50,7 +47,7 @@ def export_test_model(
         metrics={},
         model_config={},
     )
-    export_package(model, info, synthetic_golden_inputs() if golden is None else golden, out)
+    export_package(model, info, synthetic_golden_inputs(), out)
     return out
 
 
