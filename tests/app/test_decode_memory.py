@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -180,12 +181,14 @@ def test_a_served_replica_peaks_at_one_large_decode_when_the_budget_holds_one(
     with running_server(probe_package, tmp_path, *SERVER_ARGS, "--decode-memory-mb", "160") as server:
         assert httpx.post(f"{server.url}/predict", **form(transparent_png(64, 64), "warm"), timeout=30).is_success
         before = high_water_mib(server.process.pid)
+        # One at a time, on a busy machine the last of four may wait past the default 10 s deadline.
+        patient: dict[str, Any] = {"headers": {"X-Request-Timeout-Ms": "120000"}, "timeout": 180}
+
+        def post(_: int) -> httpx.Response:
+            return httpx.post(f"{server.url}/predict", **form(large, "red circle"), **patient)
+
         with ThreadPoolExecutor(4) as clients:
-            answers = list(
-                clients.map(
-                    lambda _: httpx.post(f"{server.url}/predict", **form(large, "red circle"), timeout=60), range(4)
-                )
-            )
+            answers = list(clients.map(post, range(4)))
         growth = high_water_mib(server.process.pid) - before
         samples = server.metrics()
     assert [answer.status_code for answer in answers] == [200] * 4
