@@ -75,7 +75,7 @@ def _exit_code(code: int, state: AppState) -> int:
     """The process's exit code. With the inference thread still inside a torch call (a hung pass,
     a load that never returned), the interpreter's exit would run C++ destructors under it, and
     libtorch aborts (SIGABRT, not the code): so the process ends here, its logs flushed."""
-    if state.worker is not None and state.worker.alive:
+    if state.worker is not None and state.worker.alive and state.worker.busy_since is not None:
         logging.shutdown()
         os._exit(code)
     return code

@@ -32,9 +32,11 @@ from app.state import AppState
 log = logging.getLogger(__name__)
 
 STATE_POLL_S: Final = 0.05  # how stale a front-end's view of readiness may be
-# What a front-end may leave unread before its link is dropped: about a minute of state frames
-# (each carries /info) from a front-end that stopped reading (a stopped process, a stuck loop),
-# which otherwise grow this process, the one that holds the model, without bound.
+# What a front-end may leave unread before its link is dropped: minutes of state frames (each
+# carries /info, about 1.2 KB, at most every 50 ms; an hour's heartbeats when nothing changes)
+# from a front-end that stopped reading (a stopped process, a stuck loop), which otherwise grow
+# this process, the one that holds the model, without bound. A healthy link carries far less:
+# the rows of at most its admitted requests.
 MAX_UNREAD_BYTES: Final = 4 << 20
 PULL_TIMEOUT_S: Final = 1.0  # a front-end that does not answer a pull in time counts with its last snapshot
 

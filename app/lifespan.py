@@ -119,7 +119,8 @@ async def stop(state: AppState) -> None:
         # Polled, not joined: a call still running on the worker (a hung forward pass) must not hold
         # the exit past the grace period (the thread is a daemon).
         state.worker.shutdown(wait=False)
-        while state.worker.alive and time.monotonic() < end:
+        # An idle worker stops as soon as it takes the stop from its queue, even past the grace period.
+        while state.worker.alive and (time.monotonic() < end or state.worker.busy_since is None):
             await asyncio.sleep(0.01)
         if state.worker.alive:
             log.error("the inference worker did not stop within the grace period; exiting without it")

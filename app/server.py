@@ -81,7 +81,9 @@ class DrainingServer(uvicorn.Server):
     def _fail_if_not_ready_in_time(self) -> None:
         limit = self.state.settings.startup_timeout_s
         # The device process decides: a front-end listens only once the device process is ready.
-        if limit <= 0 or self.state.link is not None or self.should_exit or self.state.phase.settled:
+        if limit <= 0 or self.state.link is not None or self._drain_until is not None or self.should_exit:
+            return  # draining: a signal's stop, which exits 0, goes on as it is
+        if self.state.phase.settled:
             return
         if time.monotonic() - self._started >= limit:
             phase = self.state.phase.value

@@ -223,6 +223,23 @@ def test_with_a_startup_timeout_a_replica_not_ready_in_time_exits_1(probe_packag
     assert "not ready 0.01 s after starting (still " in server.output()
 
 
+def test_a_grace_period_used_up_by_a_stuck_upload_still_stops_the_idle_worker_cleanly(
+    probe_package: Path, tmp_path: Path
+) -> None:
+    """A client sends the head and 10 bytes of a body, then nothing: its request outlives the
+    grace period, which is spent by the time the lifespan stops the inference thread. The thread
+    is idle, and stops as soon as it is told: no error about it, and an exit code of 0."""
+    args = (*SERVER_ARGS[:-2], "--drain-delay-s", "0", "--graceful-timeout-s", "1")
+    with running_server(probe_package, tmp_path, *args) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as stuck:
+            stuck.sendall(b"POST /embed HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n")
+            stuck.sendall(b"Content-Length: 1000\r\n\r\n--b\r\nConte")
+            time.sleep(0.2)
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(30) == 0
+    assert "did not stop within the grace period" not in server.output()
+
+
 def test_sigterm_under_load_drains_and_loses_no_accepted_request(probe_package: Path, tmp_path: Path) -> None:
     """/readyz turns 503 at once; requests are still served during the drain delay; the listener
     then closes; requests already accepted (queued and running) finish; the process exits 0."""
