@@ -41,14 +41,14 @@ class DecodeElsewhere(Exception):
 class DecodeSite:
     """Where a request decodes. On the event loop: `max_pixels` set; a larger image raises
     DecodeElsewhere before any pixel is decoded. In the decode pool: `max_pixels` None, and the
-    image first holds its decode memory (app.decode_memory), waiting until `deadline`
-    (time.monotonic()) at the latest."""
+    image first holds its decode memory (app.decode_memory), or raises MustWait; `reserved`: the
+    bytes the event loop holds for it already, after such a wait, which its decode gives back."""
 
     max_pixels: int | None = None
-    deadline: float | None = None
+    reserved: int = 0
 
 
-ANYWHERE: Final = DecodeSite()  # no pixel limit, no deadline: the tests' and the benchmark's own calls
+ANYWHERE: Final = DecodeSite()  # no pixel limit: the tests' and the benchmark's own calls
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,15 +89,16 @@ class Decoder:
         return Decoded(image=image, tokens=tokens)
 
     def _image(self, part: Part, site: DecodeSite) -> ByteArray:
-        held = 0
+        held = site.reserved
 
         def before_decoding(size: tuple[int, int], needed: int) -> None:
             nonlocal held
             if site.max_pixels is not None:
                 if size[0] * size[1] > site.max_pixels:
                     raise DecodeElsewhere
-            elif self.memory is not None:
-                held = self.memory.hold(size, needed, site.deadline)
+            elif self.memory is not None and not held:
+                self.memory.take(size, needed)
+                held = needed
 
         try:
             pixels = decode_image(part.data, self.image_size, self.limits, before_decoding)

@@ -67,7 +67,8 @@ async def frontend_lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.inline_under_load = state.settings.decodes_inline_under_load(on_cuda=True)
     manifest = await _link_up(link, state.settings)
     state.manifest = manifest
-    state.decoder = Decoder(state.settings, manifest, DecodeMemory(state.settings.decode_memory_bytes(), state.metrics))
+    memory = DecodeMemory(state.settings.decode_memory_bytes(), state.metrics, asyncio.get_running_loop())
+    state.decoder = Decoder(state.settings, manifest, memory)
     # The device may run a batch and hold the next one handed over early (--lookahead-ms): two batches.
     running = 2 * state.settings.max_batch_size
     state.batcher = RemoteBatcher(link, state.settings.max_queue, running, state.metrics)

@@ -164,7 +164,8 @@ async def _phases(state: AppState, device: torch.device) -> None:
     lookahead_s = settings.lookahead_s(on_cuda=device.type == "cuda")
     stages = stages_per_kind(lookahead_s)
     buffers = await _on_worker(state, _staging_buffers, engine, settings.max_batch_size, stages)
-    state.decoder = Decoder(settings, manifest, DecodeMemory(settings.decode_memory_bytes(), metrics))
+    memory = DecodeMemory(settings.decode_memory_bytes(), metrics, asyncio.get_running_loop())
+    state.decoder = Decoder(settings, manifest, memory)
     state.monitor = HealthMonitor(
         worker=_worker(state),
         metrics=metrics,

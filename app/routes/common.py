@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from app.body_memory import BodyHold
+from app.decode_memory import MustWait
 from app.decoding import Decoded, DecodeElsewhere, DecodeSite
 from app.errors import ClientGone, MalformedRequest, PayloadTooLarge, RequestTimeout
 from app.forms import multipart_boundary
@@ -76,8 +77,8 @@ async def decode_request(
     here whatever else is in the server: under load the pool's queue and hand-offs took a 0.3 ms
     decode 5.4 ms (median), and a request that misses its batch that way waits a whole batch more.
 
-    In the pool, a large image waits for decode memory (app.decode_memory) until `deadline` (the
-    loop's clock) at the latest."""
+    An image whose decode memory is not free (app.decode_memory) waits for it on the loop, until
+    `deadline` (the loop's clock) at the latest, then decodes in the pool."""
     settings, batcher = serving.settings, serving.batcher
     alone = batcher.admitted == 1 and batcher.idle
     if (alone or serving.inline_under_load) and len(body) <= settings.inline_decode_bytes:
@@ -90,8 +91,18 @@ async def decode_request(
             if here:  # decoded, or refused, on the loop
                 serving.metrics.decoded_on_loop.labels(route).inc()
     loop = asyncio.get_running_loop()
-    in_pool = DecodeSite(deadline=time.monotonic() + (deadline - loop.time()))  # the pool's clock
-    return await loop.run_in_executor(serving.decode_pool, decode, body, boundary, in_pool)
+    try:
+        return await loop.run_in_executor(serving.decode_pool, decode, body, boundary, DecodeSite())
+    except MustWait as must:
+        needed = must.needed
+    # Its decode memory is not free: the request waits here, holding no pool thread, then decodes
+    # with the bytes held for it, which its decode gives back (or this, if it never runs).
+    memory = serving.decoder.memory
+    assert memory is not None
+    await memory.wait(needed, deadline)
+    job = serving.decode_pool.submit(decode, body, boundary, DecodeSite(reserved=needed))
+    job.add_done_callback(lambda done: memory.release(needed) if done.cancelled() else None)
+    return await asyncio.wrap_future(job)
 
 
 def declared_length(request: Request, limit: int) -> int | None:

@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import sys
-import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.decode_memory import DecodeMemory
+from app.decode_memory import DecodeMemory, MustWait
 from app.errors import DeadlineExceeded, DecodeTooLarge
 from app.metrics import Metrics
 from model.preprocess import decode_bytes
@@ -31,20 +28,7 @@ MiB = 2**20
 
 def budget(capacity: int) -> tuple[DecodeMemory, Metrics]:
     metrics = Metrics(max_batch_size=8)
-    return DecodeMemory(capacity, metrics), metrics
-
-
-def holder(memory: DecodeMemory, needed: int, order: list[str], name: str) -> threading.Thread:
-    """A decode thread that holds `needed`, notes its turn, and gives it back."""
-
-    def body() -> None:
-        held = memory.hold((1, 1), needed, time.monotonic() + 10)
-        order.append(name)
-        memory.release(held)
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    return thread
+    return DecodeMemory(capacity, metrics, asyncio.get_running_loop()), metrics
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -55,55 +39,85 @@ def waits(metrics: Metrics) -> float:
     return sample(metrics, "fusion_decode_memory_waits_total")
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float = 10) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(0.001)
+def test_images_wait_in_arrival_order_on_the_loop_while_the_budget_is_held() -> None:
+    async def body() -> None:
+        memory, metrics = budget(100)
+        loop = asyncio.get_running_loop()
+        memory.take((1, 1), 60)
+        order: list[str] = []
 
+        async def waiter(needed: int, name: str) -> None:
+            with pytest.raises(MustWait):  # as a decode thread finds it
+                memory.take((1, 1), needed)
+            await memory.wait(needed, loop.time() + 10)
+            order.append(name)
 
-def test_images_wait_in_arrival_order_while_the_budget_is_held() -> None:
-    memory, metrics = budget(100)
-    first = memory.hold((1, 1), 60, None)
-    order: list[str] = []
-    large = holder(memory, 60, order, "large")
-    wait_for(lambda: waits(metrics) == 1)
-    # 10 bytes would fit beside the first 60, but the large image came first: it is not passed over.
-    small = holder(memory, 10, order, "small")
-    wait_for(lambda: waits(metrics) == 2)
-    assert order == [] and memory.held_bytes == 60
-    memory.release(first)
-    large.join(10)
-    small.join(10)
-    assert order == ["large", "small"]
-    assert memory.held_bytes == 0
+        large = asyncio.ensure_future(waiter(60, "large"))
+        await until(lambda: waits(metrics) == 1)
+        # 10 bytes would fit beside the first 60, but the large image came first: it is not passed over.
+        small = asyncio.ensure_future(waiter(10, "small"))
+        await until(lambda: waits(metrics) == 2)
+        assert order == [] and memory.held_bytes == 60
+        await loop.run_in_executor(None, memory.release, 60)  # a decode thread ends
+        await asyncio.gather(large, small)
+        assert order == ["large", "small"] and memory.held_bytes == 70  # held for them, until their decodes end
+        memory.release(60)
+        memory.release(10)
+        assert memory.held_bytes == 0
+
+    run(body())
 
 
 def test_an_image_needing_more_than_the_whole_budget_is_refused_at_once() -> None:
-    memory, metrics = budget(768 * MiB)
-    with pytest.raises(DecodeTooLarge) as refused:
-        memory.hold((8660, 5773), 962 * MiB, None)
-    assert refused.value.code == "image_too_large"
-    assert str(refused.value) == (
-        "the image (8660x5773) would take 962 MiB to decode; this server decodes images of at most 768 MiB"
-        " (send it smaller, or as JPEG)"
-    )
-    assert memory.held_bytes == 0 and waits(metrics) == 0
+    async def body() -> None:
+        memory, metrics = budget(768 * MiB)
+        with pytest.raises(DecodeTooLarge) as refused:
+            memory.take((8660, 5773), 962 * MiB)
+        assert refused.value.code == "image_too_large"
+        assert str(refused.value) == (
+            "the image (8660x5773) would take 962 MiB to decode; this server decodes images of at most 768 MiB"
+            " (send it smaller, or as JPEG)"
+        )
+        assert memory.held_bytes == 0 and waits(metrics) == 0
+
+    run(body())
 
 
 def test_a_wait_ends_at_the_deadline_and_leaves_the_line() -> None:
-    memory, metrics = budget(100)
-    first = memory.hold((1, 1), 80, None)
-    began = time.monotonic()
-    with pytest.raises(DeadlineExceeded):
-        memory.hold((1, 1), 30, began + 0.05)
-    assert time.monotonic() - began >= 0.05
-    assert sample(metrics, "fusion_requests_expired_total", stage="decode_memory") == 1
-    assert memory.hold((1, 1), 20, None) == 20  # the one that gave up no longer stands first in line
-    assert memory.held_bytes == 100
-    memory.release(first)
-    memory.release(20)
-    assert memory.held_bytes == 0
+    async def body() -> None:
+        memory, metrics = budget(100)
+        loop = asyncio.get_running_loop()
+        memory.take((1, 1), 80)
+        began = loop.time()
+        with pytest.raises(DeadlineExceeded):
+            await memory.wait(30, began + 0.05)
+        assert loop.time() - began >= 0.05
+        assert sample(metrics, "fusion_requests_expired_total", stage="decode_memory") == 1
+        memory.take((1, 1), 20)  # the one that gave up no longer stands first in line
+        assert memory.held_bytes == 100
+        memory.release(80)
+        memory.release(20)
+        assert memory.held_bytes == 0
+
+    run(body())
+
+
+def test_a_waiter_cancelled_after_its_grant_gives_the_bytes_back() -> None:
+    async def body() -> None:
+        memory, _ = budget(100)
+        loop = asyncio.get_running_loop()
+        memory.take((1, 1), 80)
+        waiting = asyncio.ensure_future(memory.wait(50, loop.time() + 10))
+        await asyncio.sleep(0)
+        memory.release(80)
+        await asyncio.sleep(0)  # the grant runs on the loop, before the waiter resumes
+        assert memory.held_bytes == 50
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert memory.held_bytes == 0
+
+    run(body())
 
 
 def transparent_png(width: int, height: int) -> bytes:
@@ -122,23 +136,31 @@ def test_the_service_makes_a_large_image_wait_for_memory_and_refuses_one_over_th
     assert needed == 1000 * 800 * 20 + 8 * MiB
     larger = transparent_png(2000, 1000)
 
+    # No inline decoding: every request decodes in the pool (two threads), as on a GPU host.
+    settings = settings_for(probe_package, decode_memory_mb=24, inline_decode_bytes=0)
+
     async def body() -> None:
-        async with serve(settings_for(probe_package, decode_memory_mb=24)) as served:
+        async with serve(settings) as served:
             assert served.state.decoder is not None
             memory = served.state.decoder.memory
             assert memory is not None and memory.capacity_bytes == 24 * MiB
-            loop = asyncio.get_running_loop()
-            # Another image holds all but 1 MiB of the budget (held from a thread, as a decode does).
-            other = await loop.run_in_executor(None, memory.hold, (1, 1), 23 * MiB, None)
-            answer = asyncio.ensure_future(served.client.post("/predict", **form(large, "red circle")))
-            await until(lambda: waits(served.state.metrics) == 1)
-            assert not answer.done() and memory.held_bytes == 23 * MiB
+            # Another image holds all but 1 MiB of the budget (taken as a decode thread takes it).
+            other = 23 * MiB
+            memory.take((1, 1), other)
+            answers = [asyncio.ensure_future(served.client.post("/predict", **form(large, "red circle"))) for _ in "ab"]
+            await until(lambda: waits(served.state.metrics) == 2)
+            assert not any(answer.done() for answer in answers) and memory.held_bytes == 23 * MiB
+            # Both wait on the event loop, not in the pool's two threads: a text decodes meanwhile.
+            text_only = await served.client.post("/embed", **form(text="red circle"))
+            assert text_only.status_code == 200, text_only.text
             memory.release(other)
-            ok = await answer
-            assert ok.status_code == 200, ok.text
+            for answer in answers:
+                ok = await answer
+                assert ok.status_code == 200, ok.text
 
             # The deadline passes in the line: 504, and the budget is as it was.
-            other = await loop.run_in_executor(None, memory.hold, (1, 1), 23 * MiB, None)
+            other = 23 * MiB
+            memory.take((1, 1), other)
             late = await served.client.post(
                 "/predict", **form(large, "red circle"), headers={"X-Request-Timeout-Ms": "200"}
             )
@@ -156,7 +178,7 @@ def test_the_service_makes_a_large_image_wait_for_memory_and_refuses_one_over_th
             info = (await served.client.get("/info")).json()
             assert info["batching"]["decode_memory_mb"] == 24
             samples = await served.metrics()
-        assert metric(samples, "fusion_decode_memory_waits_total") == 2
+        assert metric(samples, "fusion_decode_memory_waits_total") == 3
         assert metric(samples, "fusion_requests_expired_total", stage="decode_memory") == 1
         assert metric(samples, "fusion_decode_memory_bytes") == 0
 
