@@ -116,9 +116,13 @@ class DecodeMemory:
         self._hand_out()  # the next in line may fit now
 
     def release(self, held: int) -> None:
-        """From any thread: give back what a decode held."""
+        """From a decode thread, once its decode is over: give back what it held."""
         if held >= TRIM_AFTER_BYTES:
             _return_free_memory()
+        self.give_back(held)
+
+    def give_back(self, held: int) -> None:
+        """From any thread: give back bytes no decode used (no trim: nothing was allocated)."""
         with self._lock:
             self._add(-held)
             anyone_waiting = bool(self._waiting)

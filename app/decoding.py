@@ -41,11 +41,11 @@ class DecodeElsewhere(Exception):
 class DecodeSite:
     """Where a request decodes. On the event loop: `max_pixels` set; a larger image raises
     DecodeElsewhere before any pixel is decoded. In the decode pool: `max_pixels` None, and the
-    image first holds its decode memory (app.decode_memory), or raises MustWait; `reserved`: the
-    bytes the event loop holds for it already, after such a wait, which its decode gives back."""
+    image first holds its decode memory (app.decode_memory), or raises MustWait; `reserved`: its
+    bytes are held for it already, after such a wait, by the caller, which gives them back."""
 
     max_pixels: int | None = None
-    reserved: int = 0
+    reserved: bool = False
 
 
 ANYWHERE: Final = DecodeSite()  # no pixel limit: the tests' and the benchmark's own calls
@@ -89,14 +89,14 @@ class Decoder:
         return Decoded(image=image, tokens=tokens)
 
     def _image(self, part: Part, site: DecodeSite) -> ByteArray:
-        held = site.reserved
+        held = 0
 
         def before_decoding(size: tuple[int, int], needed: int) -> None:
             nonlocal held
             if site.max_pixels is not None:
                 if size[0] * size[1] > site.max_pixels:
                     raise DecodeElsewhere
-            elif self.memory is not None and not held:
+            elif self.memory is not None and not site.reserved:
                 self.memory.take(size, needed)
                 held = needed
 

@@ -82,7 +82,7 @@ def decode_image(
     intact image within the limits. `before_decoding` gets the (width, height) the header
     declares and the bytes decoding it will take at most (`decode_bytes`), once it is within the
     limits and before any pixel is decoded: a caller may raise there to decode it some other way
-    (the service sends large images to its decode pool), or wait until that memory is free.
+    (the service sends large images to its decode pool, and one whose memory is not free waits).
     """
     if not data:
         raise ImageDecodeError("empty_image", "the image is empty (0 bytes)")

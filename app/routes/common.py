@@ -96,12 +96,23 @@ async def decode_request(
     except MustWait as must:
         needed = must.needed
     # Its decode memory is not free: the request waits here, holding no pool thread, then decodes
-    # with the bytes held for it, which its decode gives back (or this, if it never runs).
+    # with the bytes held for it, given back when that decode ends, or if it never runs.
     memory = serving.decoder.memory
     assert memory is not None
     await memory.wait(needed, deadline)
-    job = serving.decode_pool.submit(decode, body, boundary, DecodeSite(reserved=needed))
-    job.add_done_callback(lambda done: memory.release(needed) if done.cancelled() else None)
+
+    def decode_reserved() -> Decoded:
+        try:
+            return decode(body, boundary, DecodeSite(reserved=True))
+        finally:
+            memory.release(needed)
+
+    try:
+        job = serving.decode_pool.submit(decode_reserved)
+    except BaseException:  # a pool already shut down
+        memory.give_back(needed)
+        raise
+    job.add_done_callback(lambda done: memory.give_back(needed) if done.cancelled() else None)
     return await asyncio.wrap_future(job)
 
 
