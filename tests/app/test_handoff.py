@@ -319,8 +319,8 @@ def test_a_front_end_that_stops_reading_is_dropped_before_it_grows_the_device(tm
     async def body() -> None:
         state = AppState(settings=Settings(), metrics=Metrics(8))
         versions = itertools.count()
-        # An /info that changes at every poll: a 64 KiB state frame every 50 ms.
-        server = HandoffServer(state, tmp_path / "link.sock", lambda: b"%08d" % next(versions) * 8192, 1 << 20)
+        # An /info that changes at every poll: a 256 KiB state frame every 50 ms, far past the bound in 2 s.
+        server = HandoffServer(state, tmp_path / "link.sock", lambda: b"%08d" % next(versions) * 32768, 1 << 20)
         await server.start()
         reader, writer = await asyncio.open_unix_connection(str(tmp_path / "link.sock"))
         try:
