@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import threading
+from asyncio import FIRST_COMPLETED
 from collections import deque
 from collections.abc import Callable
 
 from app.config import MiB
-from app.errors import DeadlineExceeded, DecodeTooLarge
+from app.errors import ClientGone, DeadlineExceeded, DecodeTooLarge
 from app.metrics import Metrics
 
 TRIM_AFTER_BYTES = 64 * MiB
@@ -88,9 +89,11 @@ class DecodeMemory:
                 raise MustWait(needed)
             self._add(needed)
 
-    async def wait(self, needed: int, deadline: float) -> None:
+    async def wait(self, needed: int, deadline: float, gone: asyncio.Future[None] | None = None) -> None:
         """On the event loop: wait in line until `needed` bytes are held for this request, until
-        `deadline` (the loop's clock) at most; the decode that uses them gives them back."""
+        `deadline` (the loop's clock) at most (504), or until `gone` completes, the client having
+        disconnected (499): its large image is not decoded for nobody. The decode that uses the
+        bytes gives them back."""
         self._metrics.decode_memory_waits.inc()
         granted: asyncio.Future[None] = self._loop.create_future()
         with self._lock:
@@ -98,7 +101,11 @@ class DecodeMemory:
         self._hand_out()  # the line may have been empty, and the bytes freed meanwhile
         try:
             async with asyncio.timeout_at(deadline):
-                await asyncio.shield(granted)  # shielded: a grant at the deadline is seen, and given back
+                # asyncio.wait cancels neither future: a grant at the deadline is seen, and given back.
+                await asyncio.wait([granted] if gone is None else [granted, gone], return_when=FIRST_COMPLETED)
+            if not granted.done():
+                self._metrics.cancelled.labels("client_disconnected").inc()
+                raise ClientGone("the client disconnected while its image waited for decode memory")
         except BaseException as stopped:
             self._leave_line(needed, granted)
             if isinstance(stopped, TimeoutError):

@@ -52,7 +52,7 @@ async def infer(
             body = await read_body(request, serving.settings.max_body_bytes, serving.settings.body_timeout_s, held)
             gone = watch_disconnect(request)
             began = time.perf_counter()
-            decoded = await decode_request(serving, route, decode, body, boundary, deadline)
+            decoded = await decode_request(serving, route, decode, body, boundary, deadline, gone)
             serving.metrics.decode.labels(route).observe(time.perf_counter() - began)
             del body  # the model's inputs go on; the body's bytes are given back here
         row = await serving.batcher.run(ticket, kind_of(decoded), decoded.image, decoded.tokens, deadline, gone)
@@ -66,7 +66,13 @@ async def infer(
 
 
 async def decode_request(
-    serving: Serving, route: str, decode: Decode, body: bytes, boundary: bytes, deadline: float
+    serving: Serving,
+    route: str,
+    decode: Decode,
+    body: bytes,
+    boundary: bytes,
+    deadline: float,
+    gone: asyncio.Future[None] | None = None,
 ) -> Decoded:
     """In the decode pool; or here, on the event loop, when nothing else is in the server (this
     request is the only one admitted, none queued, none running) and decoding is cheap (a small
@@ -78,7 +84,8 @@ async def decode_request(
     decode 5.4 ms (median), and a request that misses its batch that way waits a whole batch more.
 
     An image whose decode memory is not free (app.decode_memory) waits for it on the loop, until
-    `deadline` (the loop's clock) at the latest, then decodes in the pool."""
+    `deadline` (the loop's clock) at the latest, or until its client leaves (`gone`), then decodes
+    in the pool."""
     settings, batcher = serving.settings, serving.batcher
     alone = batcher.admitted == 1 and batcher.idle
     if (alone or serving.inline_under_load) and len(body) <= settings.inline_decode_bytes:
@@ -99,7 +106,7 @@ async def decode_request(
     # with the bytes held for it, given back when that decode ends, or if it never runs.
     memory = serving.decoder.memory
     assert memory is not None
-    await memory.wait(needed, deadline)
+    await memory.wait(needed, deadline, gone)
 
     def decode_reserved() -> Decoded:
         try:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from app.decode_memory import DecodeMemory, MustWait
-from app.errors import DeadlineExceeded, DecodeTooLarge
+from app.errors import ClientGone, DeadlineExceeded, DecodeTooLarge
 from app.metrics import Metrics
 from model.preprocess import decode_bytes
 from tests.app.conftest import form, metric, run, serve, settings_for, until
@@ -116,6 +116,27 @@ def test_a_waiter_cancelled_after_its_grant_gives_the_bytes_back() -> None:
         with pytest.raises(asyncio.CancelledError):
             await waiting
         assert memory.held_bytes == 0
+
+    run(body())
+
+
+def test_a_waiter_whose_client_leaves_gives_up_its_place() -> None:
+    """Its large image would be decoded for nobody: 499, counted as cancelled, and the line moves on."""
+
+    async def body() -> None:
+        memory, metrics = budget(100)
+        loop = asyncio.get_running_loop()
+        memory.take((1, 1), 80)
+        gone: asyncio.Future[None] = loop.create_future()
+        leaving = asyncio.ensure_future(memory.wait(50, loop.time() + 10, gone))
+        behind = asyncio.ensure_future(memory.wait(20, loop.time() + 10))
+        await until(lambda: waits(metrics) == 2)
+        gone.set_result(None)  # the client disconnects
+        with pytest.raises(ClientGone):
+            await leaving
+        await behind  # 80 + 20 fit once the one ahead has left the line
+        assert memory.held_bytes == 100
+        assert sample(metrics, "fusion_requests_cancelled_total", reason="client_disconnected") == 1
 
     run(body())
 
