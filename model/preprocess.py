@@ -131,6 +131,15 @@ _STORED_BYTES: Final = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 
 
 
 _DECODER_BYTES: Final = 8 * 2**20  # the decoder's own buffers, the small resized picture, allocator slack
+# Bytes a pixel the copies of each conversion to RGB take (the 16-bit one depends on the mode's).
+_CONVERTED_BYTES: Final = {
+    "none": 0,
+    "composite": 4 * 4,  # RGBA, the white background, the composite, then RGB
+    "convert": 4,  # RGB
+}
+_WEBP_CANVAS_BYTES: Final = 8  # libwebp decodes into canvases of its own (4 bytes a pixel, two for animations)
+
+_Conversion = Literal["none", "sixteen_bit", "composite", "convert"]
 
 
 def decode_bytes(image: Image.Image) -> int:
@@ -142,24 +151,19 @@ def decode_bytes(image: Image.Image) -> int:
     JPEG counts at its reduced DCT scale, once `draft` set it."""
     width, height = image.size
     stored = _STORED_BYTES.get(image.mode, 4)
-    if image.mode == "RGB" and "transparency" not in image.info:
-        converted = 0
-    elif image.mode in _SIXTEEN_BIT_MODES:
+    conversion = _conversion(image)
+    if conversion == "sixteen_bit":
         # numpy's copy of the samples and their float32 copy; later the uint8 array, its L image and RGB.
         converted = max(stored + 4, 1 + 1 + 4)
-    elif image.mode in _ALPHA_MODES or "transparency" in image.info:
-        converted = 4 * 4  # RGBA, the white background, the composite, then RGB
     else:
-        converted = 4
-    # libwebp decodes into canvases of its own (4 bytes a pixel, a second one for animations).
-    canvases = 8 if image.format == "WEBP" else 0
+        converted = _CONVERTED_BYTES[conversion]
+    canvases = _WEBP_CANVAS_BYTES if image.format == "WEBP" else 0
     return width * height * (stored + converted + canvases) + _DECODER_BYTES
 
 
 def largest_decode_bytes(max_pixels: int) -> int:
-    """decode_bytes of the costliest image of `max_pixels`: a WebP with transparency, 4 + 16 + 8
-    bytes a pixel."""
-    return max_pixels * 28 + _DECODER_BYTES
+    """decode_bytes of the costliest image of `max_pixels`: a WebP with transparency."""
+    return max_pixels * (4 + _CONVERTED_BYTES["composite"] + _WEBP_CANVAS_BYTES) + _DECODER_BYTES
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -243,11 +247,23 @@ def _check_dimensions(size: tuple[int, int], limits: ImageLimits) -> None:
         )
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _conversion(image: Image.Image) -> _Conversion:
+    """How the picture becomes RGB: one dispatch for _to_rgb and for decode_bytes, which counts its copies."""
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
-        return image
+        return "none"
     if mode in _SIXTEEN_BIT_MODES:
+        return "sixteen_bit"
+    if mode in _ALPHA_MODES or "transparency" in image.info:  # palette or RGB/L with a transparent color
+        return "composite"
+    return "convert"  # L, 1, P, CMYK (Adobe-inverted handled by the JPEG plugin), YCbCr
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    conversion = _conversion(image)
+    if conversion == "none":
+        return image
+    if conversion == "sixteen_bit":
         # Pillow's convert() clips 16-bit samples to 255 (a white image); scale the range instead.
         # In place: a large picture's float copy is its largest one (decode_bytes counts it once).
         samples = np.array(image, dtype=np.float32)  # a copy: asarray of an F image is read-only
@@ -256,11 +272,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         gray = np.clip(samples, 0, 255, out=samples).astype(np.uint8)
         del samples
         return Image.fromarray(gray, mode="L").convert("RGB")
-    if mode in _ALPHA_MODES or "transparency" in image.info:  # palette or RGB/L with a transparent color
+    if conversion == "composite":
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")  # L, 1, P, CMYK (Adobe-inverted handled by the JPEG plugin), YCbCr
+    return image.convert("RGB")
 
 
 TokenIds = npt.NDArray[np.int64]
