@@ -8,6 +8,7 @@ with one request fails that request alone, here, before it can touch a batch.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -19,6 +20,7 @@ from app.decode_memory import DecodeMemory
 from app.errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.forms import FieldLimit, Part, parse_form
 from app.items import ByteArray, TokenArray
+from app.metrics import Metrics
 from model.manifest import Manifest
 from model.preprocess import ImageDecodeError, decode_image, tokenize
 
@@ -59,6 +61,13 @@ class Decoded:
 
 
 class Decoder:
+    @classmethod
+    def serving(cls, settings: Settings, manifest: Manifest, metrics: Metrics) -> Decoder:
+        """The decoder of a process that serves: its images hold decode memory, from a budget of its own
+        waited for on this (the running) event loop."""
+        memory = DecodeMemory(settings.decode_memory_bytes(), metrics, asyncio.get_running_loop())
+        return cls(settings, manifest, memory)
+
     def __init__(self, settings: Settings, manifest: Manifest, memory: DecodeMemory | None = None) -> None:
         self.image_size = manifest.image_size
         self.max_length = manifest.max_text_length

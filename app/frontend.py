@@ -29,7 +29,6 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from app.config import Settings
-from app.decode_memory import DecodeMemory
 from app.decode_pool import start_decode_pool
 from app.decoding import Decoder
 from app.frontends import INDEX_ENV, LINK_ENV, LISTEN_FDS_ENV
@@ -67,8 +66,7 @@ async def frontend_lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.inline_under_load = state.settings.decodes_inline_under_load(on_cuda=True)
     manifest = await _link_up(link, state.settings)
     state.manifest = manifest
-    memory = DecodeMemory(state.settings.decode_memory_bytes(), state.metrics, asyncio.get_running_loop())
-    state.decoder = Decoder(state.settings, manifest, memory)
+    state.decoder = Decoder.serving(state.settings, manifest, state.metrics)
     # The device may run a batch and hold the next one handed over early (--lookahead-ms): two batches.
     running = 2 * state.settings.max_batch_size
     state.batcher = RemoteBatcher(link, state.settings.max_queue, running, state.metrics)

@@ -25,7 +25,6 @@ import torch
 from fastapi import FastAPI
 
 from app.batching import MicroBatcher, StageBuffers, stages_per_kind
-from app.decode_memory import DecodeMemory
 from app.decode_pool import start_decode_pool
 from app.decoding import Decoder
 from app.engine import Engine, WarmUp, resolve_device
@@ -164,8 +163,7 @@ async def _phases(state: AppState, device: torch.device) -> None:
     lookahead_s = settings.lookahead_s(on_cuda=device.type == "cuda")
     stages = stages_per_kind(lookahead_s)
     buffers = await _on_worker(state, _staging_buffers, engine, settings.max_batch_size, stages)
-    memory = DecodeMemory(settings.decode_memory_bytes(), metrics, asyncio.get_running_loop())
-    state.decoder = Decoder(settings, manifest, memory)
+    state.decoder = Decoder.serving(settings, manifest, metrics)
     state.monitor = HealthMonitor(
         worker=_worker(state),
         metrics=metrics,

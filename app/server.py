@@ -78,12 +78,16 @@ class DrainingServer(uvicorn.Server):
         self._exit_if_dead_too_long()
         return await super().on_tick(counter)
 
+    @property
+    def _may_stop_itself(self) -> bool:
+        """Whether this process may decide to stop on its own now: it is the device process (a
+        front-end's readiness and liveness are the device's, and the device stops its front-ends
+        as it stops), and no stop has begun (a signal's drain, which exits 0, goes on as it is)."""
+        return self.state.link is None and self._drain_until is None and not self.should_exit
+
     def _fail_if_not_ready_in_time(self) -> None:
         limit = self.state.settings.startup_timeout_s
-        # The device process decides: a front-end listens only once the device process is ready.
-        if limit <= 0 or self.state.link is not None or self._drain_until is not None or self.should_exit:
-            return  # draining: a signal's stop, which exits 0, goes on as it is
-        if self.state.phase.settled:
+        if limit <= 0 or not self._may_stop_itself or self.state.phase.settled:
             return
         if time.monotonic() - self._started >= limit:
             phase = self.state.phase.value
@@ -94,9 +98,7 @@ class DrainingServer(uvicorn.Server):
 
     def _exit_if_dead_too_long(self) -> None:
         limit = self.state.settings.exit_when_dead_s
-        # The device process (or the one process) decides: a front-end's liveness is the device's,
-        # and the device process stops its front-ends as it stops.
-        if limit <= 0 or self.state.link is not None or self._drain_until is not None or self.should_exit:
+        if limit <= 0 or not self._may_stop_itself:
             return
         reason = self.state.liveness()
         if reason is None:

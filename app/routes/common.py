@@ -2,9 +2,9 @@
 
     deadline from X-Request-Timeout-Ms -> 415/413 from the headers -> admission (429; 504 when the
     deadline has passed already: the load-shedding middleware answers both first) -> the body
-    budget (429) -> read the body (413 while streaming, 408 past body_timeout_s) -> decode in the pool, once its image's
-    decode memory is free (413 when it never can be, 504 past the deadline), or on the loop when
-    alone and small (400/413/415/422)
+    budget (429) -> read the body (413 while streaming, 408 past body_timeout_s) -> decode in the
+    pool, once its image's decode memory is free (413 when it never can be, 504 past the
+    deadline), or on the loop when alone and small (400/413/415/422)
     -> batch queue (504, 500, 507)
 
 Cheap refusals come first, so a request that cannot be served costs neither a queue slot nor a
@@ -101,9 +101,20 @@ async def decode_request(
     try:
         return await loop.run_in_executor(serving.decode_pool, decode, body, boundary, DecodeSite())
     except MustWait as must:
-        needed = must.needed
-    # Its decode memory is not free: the request waits here, holding no pool thread, then decodes
-    # with the bytes held for it, given back when that decode ends, or if it never runs.
+        return await decode_when_memory_frees(serving, decode, body, boundary, must.needed, deadline, gone)
+
+
+async def decode_when_memory_frees(
+    serving: Serving,
+    decode: Decode,
+    body: bytes,
+    boundary: bytes,
+    needed: int,
+    deadline: float,
+    gone: asyncio.Future[None] | None,
+) -> Decoded:
+    """The image's decode memory was not free: the request waits here, holding no pool thread,
+    then decodes with the bytes held for it, given back when that decode ends, or if it never runs."""
     memory = serving.decoder.memory
     assert memory is not None
     await memory.wait(needed, deadline, gone)
