@@ -14,9 +14,10 @@ from fastapi import FastAPI
 from app import handlers
 from app.auth import HEALTH_PATHS, ApiKeyMiddleware, load_api_keys
 from app.config import Settings, get_settings
+from app.direct_routes import DirectRoutes
 from app.metrics import Metrics
 from app.middleware import RequestContextMiddleware
-from app.routes import INFERENCE_PATHS, api_router
+from app.routes import INFERENCE_ENDPOINTS, INFERENCE_PATHS, api_router
 from app.shedding import ShedMiddleware
 from app.state import AppState
 
@@ -62,8 +63,10 @@ def create_app(settings: Settings | None = None, lifespan: Lifespan | None = Non
     app.state.fusion = state
     handlers.install(app)
     app.include_router(api_router)
-    # Outermost last: request context (X-Request-ID, metrics) -> API keys -> shedding -> routes. A
-    # 401 or an early 429 carries X-Request-ID and is counted; a stranger is refused before a shed.
+    # Outermost last: request context (X-Request-ID, metrics) -> API keys -> shedding -> the
+    # inference routes -> the router (everything else). A 401 or an early 429 carries X-Request-ID
+    # and is counted; a stranger is refused before a shed.
+    app.add_middleware(DirectRoutes, state=state, endpoints=INFERENCE_ENDPOINTS)
     app.add_middleware(ShedMiddleware, state=state, paths=INFERENCE_PATHS)
     open_paths = HEALTH_PATHS if settings.metrics_require_key else HEALTH_PATHS | {"/metrics"}
     app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths)
