@@ -40,13 +40,14 @@ async def embed(request: Request, serving: ServingDep) -> Response:
 
 def embed_body(manifest: Manifest, row: Row, image: bool, text: bool) -> dict[str, Any]:
     """The answer to /embed: the embeddings asked for, and their similarity when both were."""
+    # The float32 arrays themselves: json_response writes them without a Python float per value.
     payload: dict[str, Any] = {}
     if image:
         assert row.image_embedding is not None
-        payload["image_embedding"] = row.image_embedding.tolist()
+        payload["image_embedding"] = np.ascontiguousarray(row.image_embedding)
     if text:
         assert row.text_embedding is not None
-        payload["text_embedding"] = row.text_embedding.tolist()
+        payload["text_embedding"] = np.ascontiguousarray(row.text_embedding)
     if image and text:
         assert row.image_embedding is not None and row.text_embedding is not None
         payload["similarity"] = _cosine(row.image_embedding, row.text_embedding)
