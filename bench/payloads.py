@@ -166,7 +166,7 @@ class MixSpec:
     medium_photo: tuple[int, int] = (1024, 768)
     medium_weight: int = 6
     photo: tuple[int, int] = (4000, 3000)
-    photo_weight: int = 2  # of the 100 weight units: 1 % of requests carry a 12 MP photo
+    photo_weight: int = 2  # of the 100 weight units: 3 of the 200 requests (1.5 %) carry a 12 MP photo
     routes: tuple[tuple[str, str, int], ...] = ROUTE_WEIGHTS
 
     def scenes_only(self) -> MixSpec:
