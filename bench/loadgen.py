@@ -55,6 +55,7 @@ class RunResult:
     elapsed_s: float = 0.0  # from the first send to the last answer (closed) or the schedule's end (open)
     latencies: list[float] = field(default_factory=list)  # seconds, one per answered request
     statuses: list[int] = field(default_factory=list)  # parallel to latencies
+    indices: list[int] = field(default_factory=list)  # parallel to latencies: each one's place in the rotation
     send_lag: list[float] = field(default_factory=list)  # open loop: actual send - intended send
     unanswered: int = 0  # open loop: still without an answer when the drain time ran out
     connection_errors: int = 0
@@ -222,6 +223,7 @@ async def closed_loop(
                     continue
                 result.latencies.append(clock() - began)
                 result.statuses.append(status)
+                result.indices.append(index)
                 if expected is not None and status != expected[index]:
                     result.unexpected += 1
                 if not keep:
@@ -341,6 +343,7 @@ async def open_loop(
             return
         result.latencies.append(clock() - intended)
         result.statuses.append(status)
+        result.indices.append(index % len(requests))
         if expected is not None and status != expected[index % len(expected)]:
             result.unexpected += 1
         if keep:

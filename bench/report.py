@@ -10,7 +10,7 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +169,31 @@ def _per_workload(results: Results, workload: str) -> dict[str, Check]:
         # Two medians of a noisy quantity: within 2 % counts as equal, not as a collapse.
         checks["c64"] = (f"{c64['throughput']:.0f} vs {c32['throughput']:.0f} req/s = **{ratio:.2f}**", ratio >= 0.98)
     return checks
+
+
+def by_picture_section(open_runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The mix's open loop at 80 % of saturation, its 200s by picture: where the mix's p99 comes from."""
+    run = next(
+        (r for r in open_runs if r.get("workload", "mixed") == "mixed" and abs(r["fraction"] - 0.8) < 1e-9), None
+    )
+    if run is None or not run.get("by_picture"):
+        return []
+    pictures = run["by_picture"]
+    answered = sum(cell["count"] for cell in pictures.values())
+    slowest = max(pictures, key=lambda name: pictures[name]["p50_s"])
+    rows = [
+        (name, cell["count"], f"{100 * cell['count'] / answered:.1f}%", ms(cell["p50_s"]), ms(cell["p99_s"]))
+        for name, cell in sorted(pictures.items(), key=lambda item: item[1]["p50_s"])
+    ]
+    return [
+        "### The mix at 80 % of saturation, by picture",
+        "",
+        *_table(("picture", "200s", "share", "p50 ms", "p99 ms"), rows),
+        "",
+        f"The whole mix's p99 ({ms(run['p99_s'])} ms) falls among its slowest pictures whenever they are more "
+        f"than 1 % of the answers: here {slowest}, {100 * pictures[slowest]['count'] / answered:.1f}%.",
+        "",
+    ]
 
 
 def targets(results: Results) -> list[tuple[str, ...]]:
@@ -464,6 +489,7 @@ def write_report(results: Results, out: Path) -> Path:
         f"![open loop]({plots['open']})",
         "",
     ]
+    lines += by_picture_section(results["open"])
 
     lines += [
         "## Where the time goes",

@@ -62,6 +62,7 @@ def test_closed_loop_counts_statuses_and_reads_both_framings() -> None:
         result = asyncio.run(go(chunked))
         assert result.completed == 40
         assert result.status_counts() == {200: 20, 404: 20}
+        assert set(zip(result.indices, result.statuses, strict=True)) == {(0, 200), (1, 404)}  # who got which
         assert result.unexpected == 20  # the 404s were expected to be 200
         assert result.connections == 3  # keep-alive: one connection each
         assert result.connection_errors == 0

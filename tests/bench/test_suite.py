@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from bench import suite
+from bench import loadgen, suite
 from bench.inprocess import best_by_median, ceiling_batch, contenders_of
-from bench.payloads import MixSpec, build_mix, memory_rotation
+from bench.payloads import MixSpec, Payload, build_mix, memory_rotation
 from bench.report import (
     connection_error_sentence,
     contender_sentence,
@@ -64,6 +64,9 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
     assert all(r["non_2xx"] == 0 and r["errors"] == 0 and r["requests"] > 0 for r in results["closed"])
     assert all(r["unanswered"] == 0 and r["ok"] > 0 for r in results["open"])
     assert [r["workload"] for r in results["open"]] == ["mixed", "mixed", "scenes", "scenes-100ms"]
+    eighty = next(r for r in results["open"] if r["workload"] == "mixed" and r["fraction"] == 0.8)
+    assert sum(cell["count"] for cell in eighty["by_picture"].values()) == eighty["ok"]
+    assert "### The mix at 80 % of saturation, by picture" in text
     overload = results["open"][-1]  # twice the scenes' saturation, every request allowing 100 ms
     assert (overload["fraction"], overload["deadline_ms"]) == (2.0, 100)
     assert 0 <= overload["within_deadline"] <= overload["ok"] and overload["within_deadline_server"] >= 0
@@ -273,3 +276,21 @@ def test_gpu_check_dry_run() -> None:
     assert all(0 < float(row[7]) and row[8].endswith("%") for row in rows)
     assert all(0 < float(row[9].removesuffix("% |")) <= 100 for row in rows)  # the device ran batches
     assert lines[-1].startswith("(") and lines[-1].endswith(" s)")
+
+
+def test_latencies_by_picture_count_only_the_200s_of_each_picture() -> None:
+    payloads = [
+        Payload("/predict", "fuse", b"jpeg", "scene-64", "q", "en"),
+        Payload("/embed", "text", None, "", "t", "en"),
+        Payload("/predict", "fuse", b"jpeg", "photo-12MP", "q", "en"),
+    ]
+    result = loadgen.RunResult("open")
+    for latency, status, index in [(0.01, 200, 0), (0.03, 200, 0), (0.02, 429, 2), (0.2, 200, 2), (0.005, 200, 1)]:
+        result.latencies.append(latency)
+        result.statuses.append(status)
+        result.indices.append(index)
+    assert suite.latencies_by_picture(result, payloads) == {
+        "photo-12MP": {"count": 1, "p50_s": 0.2, "p99_s": 0.2},
+        "scene-64": {"count": 2, "p50_s": 0.01, "p99_s": 0.03},
+        "text": {"count": 1, "p50_s": 0.005, "p99_s": 0.005},
+    }
