@@ -25,6 +25,9 @@ MULTIPART = b"multipart/form-data"
 # Content-Disposition and Content-Type of one part need well under 1 KiB; a part whose headers grow
 # past this is an attack on the parser's memory, not a form.
 MAX_PART_HEADER_BYTES: Final = 8 * 1024
+# Per part, as python-multipart bounds them: a form's part needs two or three headers.
+MAX_PART_HEADERS: Final = 8
+MAX_HEADER_LINE_BYTES: Final = 4096 + 128
 _IDENTITY_ENCODINGS: Final = frozenset({b"7bit", b"8bit", b"binary"})
 
 
@@ -70,9 +73,11 @@ def parse_form(body: bytes, boundary: bytes, fields: Mapping[str, FieldLimit], m
     and per chunk: for a small request that was most of its parsing time on the event loop.
     Accepted, as python-multipart accepted them: CR and LF before the first delimiter; spaces or
     tabs after a later one; an epilogue after the closing one; a delimiter followed by anything
-    else, read as part of the data. Refused, as it refused them: a preamble, padding after the
-    first delimiter, a header line without a colon or with a bare CR or LF, a header name that is
-    not a token (RFC 9110), a folded header."""
+    but "--", padding or CRLF, read as part of the data. Refused, as it refused them: a preamble,
+    padding after the first delimiter, padding after a later one that does not end its line, a
+    header line without a colon or with a bare CR or LF, a header name that is not a token (RFC
+    9110), a folded header, more than MAX_PART_HEADERS headers or a line over
+    MAX_HEADER_LINE_BYTES."""
     delimiter = b"--" + boundary
     position = len(body) - len(body.lstrip(b"\r\n"))
     if not body.startswith(delimiter, position):
@@ -90,10 +95,8 @@ def parse_form(body: bytes, boundary: bytes, fields: Mapping[str, FieldLimit], m
             raise PayloadTooLarge(f"at most {max_parts} multipart parts are accepted", code="too_many_parts")
         headers, position = _part_headers(body, position)
         name, limit, filename, content_type = _disposition(headers, parts, fields)
-        end, following = _data_end(body, position, separator)
+        end, following = _data_end(body, position, separator, limit)
         if limit is not None:  # else a field this route does not take: skipped, never copied
-            if end - position > limit.max_bytes:
-                raise limit.too_large(limit.max_bytes)
             parts[name] = Part(name, body[position:end], filename, content_type)
         if following is None:
             break  # the closing delimiter: what follows it is ignored
@@ -105,12 +108,19 @@ def _part_headers(body: bytes, position: int) -> tuple[dict[bytes, bytes], int]:
     """A part's headers (names lower-cased; one sent twice: the last counts), and where its data begins."""
     headers: dict[bytes, bytes] = {}
     counted = 0  # header names and values, as MAX_PART_HEADER_BYTES counts them
+    lines = 0
     while True:
-        line_end = body.find(b"\r\n", position)
+        window = position + MAX_HEADER_LINE_BYTES + 2  # the longest line and its CRLF: no scan past it
+        line_end = body.find(b"\r\n", position, window)
         if line_end < 0:
-            raise _truncated()
+            if len(body) < window:
+                raise _truncated()
+            raise MalformedRequest(f"a multipart part's header line exceeds {MAX_HEADER_LINE_BYTES} bytes")
         if line_end == position:
             return headers, position + 2
+        lines += 1
+        if lines > MAX_PART_HEADERS:
+            raise MalformedRequest(f"a multipart part has more than {MAX_PART_HEADERS} headers")
         line = body[position:line_end]
         name, colon, value = line.partition(b":")
         value = value.lstrip(b" \t")
@@ -144,19 +154,26 @@ def _disposition(
     return name, limit, filename, headers.get(b"content-type")
 
 
-def _data_end(body: bytes, position: int, separator: bytes) -> tuple[int, int | None]:
+def _data_end(body: bytes, position: int, separator: bytes, limit: FieldLimit | None) -> tuple[int, int | None]:
     """Where the data that starts at `position` ends, at the next CRLF and delimiter followed by
     "--" or by the end of its line (spaces or tabs, then CRLF); and where the next part starts,
-    None after the closing delimiter. A delimiter followed by anything else is data."""
-    while (end := body.find(separator, position)) >= 0:
+    None after the closing delimiter. A delimiter followed by anything else is data. Data over the
+    part's limit is refused as soon as the search passes it, as a streaming parser would."""
+    start = position
+    bound = len(body) if limit is None else min(len(body), start + limit.max_bytes + len(separator))
+    while (end := body.find(separator, position, bound)) >= 0:
         follower = end + len(separator)
         if body.startswith(b"--", follower):
             return end, None
-        while body[follower : follower + 1] in (b" ", b"\t"):
-            follower += 1
-        if body.startswith(b"\r\n", follower):
-            return end, follower + 2
+        padding = _PADDING.match(body, follower)  # matches the empty string too
+        padded = padding.end() if padding else follower
+        if body.startswith(b"\r\n", padded):
+            return end, padded + 2
+        if padded > follower:
+            raise MalformedRequest("the multipart/form-data body is malformed")  # padding, then no line end
         position = end + 1
+    if limit is not None and len(body) - start > limit.max_bytes:
+        raise limit.too_large(limit.max_bytes)
     raise _truncated()
 
 
@@ -165,4 +182,5 @@ def _truncated() -> MalformedRequest:
     return MalformedRequest("the multipart/form-data body is truncated (no closing boundary)")
 
 
+_PADDING: Final = re.compile(rb"[ \t]*")
 _TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

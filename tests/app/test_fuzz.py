@@ -323,6 +323,12 @@ EDGES = [
     b'--b\r\nX\xc3\xa9: z\r\nContent-Disposition: form-data; name="text"\r\n\r\nhello\r\n--b--\r\n',
     b'--b\r\nX-A_b.c!: z\r\nContent-Disposition:\tform-data; name="text"  \r\n\r\nhe\r\nllo\r\n-\r\n--b--\r\n',
     b"--b\r\n\r\nno headers\r\n--b--\r\n",
+    b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\nhello\r\n--b \tX\r\n--b--\r\n',  # padding, no CRLF
+    b"--b\r\n" + b"X-A: 1\r\n" * 7 + b'Content-Disposition: form-data; name="text"\r\n\r\nhi\r\n--b--\r\n',  # 8 headers
+    b"--b\r\n" + b"X-A: 1\r\n" * 8 + b'Content-Disposition: form-data; name="text"\r\n\r\nhi\r\n--b--\r\n',  # 9 headers
+    b"--b\r\nX-A: " + b"p" * 4219 + b'\r\nContent-Disposition: form-data; name="text"\r\n\r\nhi\r\n--b--\r\n',  # 4224
+    b"--b\r\nX-A: " + b"p" * 4220 + b'\r\nContent-Disposition: form-data; name="text"\r\n\r\nhi\r\n--b--\r\n',  # 4225
+    b"--b\r\nX-A:" + b" " * 5000 + b'v\r\nContent-Disposition: form-data; name="text"\r\n\r\nhi\r\n--b--\r\n',
 ]
 
 
