@@ -86,6 +86,9 @@ class Ceilings:
     # empty when one candidate alone came that close.
     contenders: list[int] = field(default_factory=list)
     contender_share: float = CONTENDER_SHARE
+    # Per recheck given a spread time (`recheck`), every call's seconds of `forward_spread`: the same
+    # batch of best_batch requests, back to back.
+    spread_calls_s: list[list[float]] = field(default_factory=list)
 
     def ceiling(self, batch: int) -> float:
         return statistics.median(self.pipeline_rate[batch])
@@ -286,6 +289,34 @@ def pipeline_rate(
     return done / (time.perf_counter() - began)
 
 
+@torch.inference_mode()
+def forward_spread(
+    module: torch.jit.ScriptModule,
+    prepared: Sequence[Prepared],
+    batch: int,
+    seconds: float,
+    call_costs: Mapping[str, float] | None = None,
+) -> list[float]:
+    """Every call's seconds: one batch, the workload's first `batch` requests of its commonest lane,
+    run as the service runs it, back to back for `seconds`. Its inputs never change, so what varies
+    from call to call is the machine (a neighbour on the host, the clock): a served tail rides on
+    that spread, whatever the server does."""
+    kinds = [item.payload.kind for item in prepared]
+    kind = max(KINDS, key=kinds.count)
+    items = [item for item in prepared if item.payload.kind == kind][:batch]
+    images = _tensor(np.stack([item.image for item in items])) if items[0].image is not None else None  # type: ignore[misc]
+    tokens = _tensor(pad_tokens([item.tokens for item in items])) if items[0].tokens is not None else None  # type: ignore[misc]
+    call = partial(run_lane, module, kind, images, tokens, (call_costs or {}).get(kind, math.inf))
+    call()  # this shape's first call is not the machine's spread
+    calls = []
+    began = time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        start = time.perf_counter()
+        call()
+        calls.append(time.perf_counter() - start)
+    return calls
+
+
 def measure(
     package: ModelPackage,
     prepared: Sequence[Prepared],
@@ -385,9 +416,11 @@ def recheck(
     *,
     repeats: int,
     pipeline_seconds: float,
+    spread_seconds: float = 0.0,
 ) -> None:
     """Measure the in-process sides of the targets once more, between served runs: the pipeline at
-    the best batch size, and the batch-1 cost. A machine whose speed drifts during a run (a
+    the best batch size, and the batch-1 cost; with `spread_seconds`, the machine's spread too
+    (`forward_spread`, in `spread_calls_s`). A machine whose speed drifts during a run (a
     neighbour on the host, a busy disk) then weighs on both sides of each ratio alike, rather than
     on whichever side ran at the slow moment. Each measurement is appended to its series
     (`pipeline_rate[best]`, `batch1_cost_medians_s`), one per repeat, in order: bench.report pairs
@@ -400,6 +433,8 @@ def recheck(
     # The forward passes re-timed; each request's preprocessing time is the first measurement's.
     ceilings.batch1_cost_medians_s.append(statistics.median(batch1_costs(module, prepared, repeats, call_costs=costs)))
     ceilings.batch1_cost_median_s = statistics.median(ceilings.batch1_cost_medians_s)
+    if spread_seconds > 0:
+        ceilings.spread_calls_s.append(forward_spread(module, prepared, best, spread_seconds, costs))
     ceilings.rechecks += 1
 
 

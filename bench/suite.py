@@ -96,6 +96,7 @@ class Plan:
     pipeline_repeats: int
     all_sizes: bool
     extra_starts: int
+    spread_s: float  # the machine's spread (inprocess.forward_spread), before each repeat
 
     @classmethod
     def for_budget(
@@ -128,6 +129,7 @@ class Plan:
             # Five starts in all: a median that one or two starts after a page-cache eviction of torch's
             # libraries (the time goes to the disk, before the service runs) cannot move.
             extra_starts=4 if full else 0,
+            spread_s=max(0.5, 0.006 * budget_s),
         )
 
 
@@ -476,11 +478,17 @@ def recheck_ceilings(
                 ceiling,
                 repeats=plan.inprocess_repeats,
                 pipeline_seconds=plan.pipeline_s,
+                # Once, on the uniform workload: its calls all cost about the same.
+                spread_seconds=plan.spread_s if name == "scenes" else 0.0,
             )
+            spread = ""
+            if name == "scenes" and ceiling.spread_calls_s:
+                calls = ceiling.spread_calls_s[-1]
+                spread = f", spread p99/p50 {loadgen.percentile(calls, 99) / loadgen.percentile(calls, 50):.2f}"
             log(
                 f"in-process recheck {name}: best batch {ceiling.best_batch} "
                 f"{ceiling.pipeline_rate[ceiling.best_batch][-1]:.0f} items/s, "
-                f"batch-1 cost {ceiling.batch1_cost_medians_s[-1] * 1e3:.2f} ms"
+                f"batch-1 cost {ceiling.batch1_cost_medians_s[-1] * 1e3:.2f} ms{spread}"
             )
     finally:
         torch.set_num_threads(previous_threads)

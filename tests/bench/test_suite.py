@@ -92,6 +92,11 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
         costs = results["ceilings"][workload]["call_cost_tokens"]
         assert set(costs) <= {"fuse", "text"} and all(0 < cost < math.inf for cost in costs.values())
     assert "(in-process after 2 ms idle, first measurement: " in text
+    # The machine's spread, measured once before the repeat, on the uniform workload alone.
+    assert results["ceilings"]["mixed"]["spread_calls_s"] == []
+    (spread,) = results["ceilings"]["scenes"]["spread_calls_s"]
+    assert spread and all(seconds > 0 for seconds in spread)
+    assert "the machine's own spread: the model alone in-process" in text
     assert "measured again before the closed-loop repeat," in text
     assert "tokens per call)." in text
     assert "of the fastest once more, in turn (" in text
@@ -210,6 +215,23 @@ def test_the_targets_pair_each_repeat_with_the_measurement_just_before_it() -> N
     rows = {row[0].split(" (")[0]: row[1] for row in targets(results)}
     assert rows["throughput at c=32 / in-process ceiling"] == "475 / 550 req/s = **0.86**"
     assert rows["median at c=1 minus the in-process batch-1 cost"] == "5.00 - 3.30 ms = **+1.70 ms**"
+
+
+def test_the_machines_spread_is_the_p99_over_the_p50_of_the_unchanged_calls_pooled_over_the_repeats() -> None:
+    steady, shaky = [0.010] * 99 + [0.011], [0.010] * 90 + [0.016] * 10
+    results: dict[str, Any] = {
+        "closed": [],
+        "closed_medians": {},
+        "open": [],
+        "starts": [],
+        "memory": {},
+        "plan": {"spread_s": 2.0},
+        "ceilings": {"scenes": {"best_batch": 32, "rechecks": 2, "spread_calls_s": [steady, shaky]}},
+    }
+    (row,) = [row for row in targets(results) if row[0].startswith("the machine's own spread")]
+    assert "back to back for 2.0 s before each repeat" in row[0]
+    # Pooled, 200 calls: the 198th fastest is one of the ten slow calls of the second repeat.
+    assert row[1:] == ("–", "16.0 / 10.0 ms = **1.60** (200 calls; per repeat 1.00, 1.60)", "(reported)", "– / –")
 
 
 def test_the_report_names_the_generators_connection_errors() -> None:
