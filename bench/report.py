@@ -145,19 +145,27 @@ def _per_workload(results: Results, workload: str) -> dict[str, Check]:
             tail = found["p99_s"] / found["p50_s"]
             checks[name] = (f"{ms(found['p99_s'])} / {ms(found['p50_s'])} ms = **{tail:.2f}**", tail <= 1.25)
     if c1:
-        cost = measured["batch1_cost_median_s"]
+        # Each request once, in the clients' order (inprocess.batch1_in_order); results from before it:
+        # each call repeated back to back.
+        in_order = measured.get("batch1_in_order_medians_s") or []
+        costs = in_order or measured.get("batch1_cost_medians_s", [])
+        cost = statistics.median(in_order) if in_order else measured["batch1_cost_median_s"]
         over = c1["p50_s"] - cost
         whole_run = f"{ms(c1['p50_s'])} - {ms(cost)} ms"
         text = f"{whole_run} = **{over * 1e3:+.2f} ms**"
-        costs = measured.get("batch1_cost_medians_s", [])
         gaps = per_repeat(results, workload, 1, costs, lambda run, cost: run["p50_s"] - cost)
         if gaps:
             over = statistics.median(gaps)
             text = _per_repeat_text(whole_run, "cost", [f"{gap * 1e3:+.2f}" for gap in gaps], f"{over * 1e3:+.2f} ms")
+        others = []
+        if in_order:
+            others.append(f"each call repeated back to back: {ms(measured['batch1_cost_median_s'])} ms")
         if measured.get("batch1_idle_cost_median_s"):  # the thread asleep before each forward, as at c=1
-            idle = f"{measured['idle_gap_s'] * 1e3:.0f} ms idle"
             first = ", first measurement" if measured.get("rechecks") else ""
-            text += f" (in-process after {idle}{first}: {ms(measured['batch1_idle_cost_median_s'])} ms)"
+            idle = f"after {measured['idle_gap_s'] * 1e3:.0f} ms idle{first}"
+            others.append(f"{idle}: {ms(measured['batch1_idle_cost_median_s'])} ms")
+        if others:
+            text += f" (in-process {'; '.join(others)})"
         checks["c1"] = (text, over <= 0.001)
     spread = measured.get("spread_calls_s") or []
     if spread:
@@ -238,7 +246,8 @@ def targets(results: Results) -> list[tuple[str, ...]]:
     )
     add(
         "c1",
-        "median at c=1 minus the in-process batch-1 cost (the workload's median request)",
+        "median at c=1 minus the in-process batch-1 cost (the workload's median request; each request once, "
+        "in the clients' order, preprocessing + forward)",
         "<= 1.0 ms",
     )
     add("c64", "throughput at c=64 against c=32", ">= 1.0 (no collapse)")

@@ -82,6 +82,7 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
         ceiling = results["ceilings"][workload]
         assert ceiling["rechecks"] == 1 and len(ceiling["batch1_cost_medians_s"]) == 2
         assert ceiling["batch1_cost_median_s"] == statistics.median(ceiling["batch1_cost_medians_s"])
+        assert len(ceiling["batch1_in_order_medians_s"]) == 2 and min(ceiling["batch1_in_order_medians_s"]) > 0
         # Once in the first round, once more if it was a contender, once in the recheck.
         best, contenders = ceiling["best_batch"], ceiling["contenders"]
         assert len(ceiling["pipeline_rate"][str(best)]) == 2 + (best in contenders)
@@ -91,7 +92,8 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
         # fit (the service then does not split that lane either: `fit_call_cost` gives infinity).
         costs = results["ceilings"][workload]["call_cost_tokens"]
         assert set(costs) <= {"fuse", "text"} and all(0 < cost < math.inf for cost in costs.values())
-    assert "(in-process after 2 ms idle, first measurement: " in text
+    assert "(in-process each call repeated back to back: " in text
+    assert "; after 2 ms idle, first measurement: " in text
     # The machine's spread, measured once before the repeat, on the uniform workload alone.
     assert results["ceilings"]["mixed"]["spread_calls_s"] == []
     (spread,) = results["ceilings"]["scenes"]["spread_calls_s"]
@@ -211,6 +213,14 @@ def test_the_targets_pair_each_repeat_with_the_measurement_just_before_it() -> N
     assert rows["median at c=1 minus the in-process batch-1 cost"] == (
         "5.00 - 3.30 ms; per repeat, against the cost measured just before it: +1.90, +1.00, +0.80 = **+1.00 ms**"
     )
+    # Each request once, in the clients' order: the c=1 target's side where measured, the back-to-back one beside it.
+    results["ceilings"]["mixed"]["batch1_in_order_medians_s"] = [0.0035, 0.0037, 0.0034, 0.0054]
+    rows = {row[0].split(" (")[0]: row[1] for row in targets(results)}
+    assert rows["median at c=1 minus the in-process batch-1 cost"] == (
+        "5.00 - 3.60 ms; per repeat, against the cost measured just before it: +1.30, +1.10, +0.60 = **+1.10 ms**"
+        " (in-process each call repeated back to back: 3.30 ms)"
+    )
+    del results["ceilings"]["mixed"]["batch1_in_order_medians_s"]
     results["ceilings"]["mixed"]["rechecks"] = 0  # results from before the rechecks: whole-run medians
     rows = {row[0].split(" (")[0]: row[1] for row in targets(results)}
     assert rows["throughput at c=32 / in-process ceiling"] == "475 / 550 req/s = **0.86**"
