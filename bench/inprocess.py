@@ -459,9 +459,9 @@ def recheck(
     (`forward_spread`, in `spread_calls_s`). A machine whose speed drifts during a run (a
     neighbour on the host, a busy disk) then weighs on both sides of each ratio alike, rather than
     on whichever side ran at the slow moment. Each measurement is appended to its series
-    (`pipeline_rate[best]`, `batch1_cost_medians_s`, `batch1_in_order_medians_s`), one per repeat,
-    in order: bench.report pairs each repeat with its own; the tables show the medians over all
-    measurements."""
+    (`pipeline_rate[best]`, `batch1_cost_medians_s`), one per repeat, in order: bench.report pairs
+    each repeat with its own; the tables show the medians over all measurements. The in-order
+    batch-1 cost is measured apart (`recheck_in_order`), just before each concurrency-1 run."""
     module, manifest = package.module, package.manifest
     costs = {lane: ceilings.call_cost_tokens.get(lane, math.inf) for lane in KINDS}
     payloads = [item.payload for item in prepared]
@@ -470,10 +470,21 @@ def recheck(
     # The forward passes re-timed; each request's preprocessing time is the first measurement's.
     ceilings.batch1_cost_medians_s.append(statistics.median(batch1_costs(module, prepared, repeats, call_costs=costs)))
     ceilings.batch1_cost_median_s = statistics.median(ceilings.batch1_cost_medians_s)
-    ceilings.batch1_in_order_medians_s.append(statistics.median(batch1_in_order(module, payloads, manifest, costs)))
     if spread_seconds > 0:
         ceilings.spread_calls_s.append(forward_spread(module, prepared, best, spread_seconds, costs))
     ceilings.rechecks += 1
+
+
+def recheck_in_order(package: ModelPackage, prepared: Sequence[Prepared], ceilings: Ceilings) -> float:
+    """The in-order batch-1 cost once more (`batch1_in_order`), appended to its series; its median.
+    Run just before the served run at concurrency 1 it is paired with: the machine's speed swings
+    by a third within seconds here, so a reference measured a run or two earlier is often measured
+    at another speed."""
+    costs = {lane: ceilings.call_cost_tokens.get(lane, math.inf) for lane in KINDS}
+    payloads = [item.payload for item in prepared]
+    median = statistics.median(batch1_in_order(package.module, payloads, package.manifest, costs))
+    ceilings.batch1_in_order_medians_s.append(median)
+    return median
 
 
 def service_stages(package: ModelPackage, payloads: Sequence[Payload], batch: int, repeats: int) -> dict[str, float]:

@@ -494,6 +494,28 @@ def recheck_ceilings(
         torch.set_num_threads(previous_threads)
 
 
+def recheck_in_order(
+    package: ModelPackage,
+    prepared: Sequence[inprocess.Prepared],
+    ceiling: inprocess.Ceilings,
+    threads: int,
+    servers: Sequence[Server],
+) -> None:
+    """The concurrency-1 target's in-process side (inprocess.recheck_in_order), with the services
+    idle, just before the batched service's run at concurrency 1 it is paired with."""
+    import torch
+
+    for server in servers:
+        server.wait_idle()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        median = inprocess.recheck_in_order(package, prepared, ceiling)
+    finally:
+        torch.set_num_threads(previous_threads)
+    log(f"in-process batch-1 cost, each request once in order: {median * 1e3:.2f} ms")
+
+
 def median_cells(runs: Sequence[ClosedRun]) -> dict[str, dict[str, float]]:
     """Per "server/workload/concurrency": medians over the repeats of throughput and latency percentiles."""
     cells: dict[str, list[ClosedRun]] = {}
@@ -637,12 +659,15 @@ def run(
             f"{floor.server_cpu_s / max(1, floor.requests) * 1e3:.3f} ms of server CPU each"
         )
         for repeat in range(plan.repeats):
-            recheck_ceilings(package, prepared, ceilings, threads, plan, (batched, unbatched))
+            services = (batched, unbatched)
+            recheck_ceilings(package, prepared, ceilings, threads, plan, services)
             for concurrency in plan.concurrencies:
                 cells = [(batched, mixed), (unbatched, mixed)]
                 if concurrency in scenes_at:
                     cells.append((batched, workloads["scenes"]))
                 for server, workload in cells:
+                    if concurrency == 1 and server is batched:
+                        recheck_in_order(package, prepared[workload.name], ceilings[workload.name], threads, services)
                     run_ = closed_run(server, workload, concurrency, plan.run_s, generator, repeat)
                     closed.append(run_)
                     log(

@@ -82,6 +82,7 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
         ceiling = results["ceilings"][workload]
         assert ceiling["rechecks"] == 1 and len(ceiling["batch1_cost_medians_s"]) == 2
         assert ceiling["batch1_cost_median_s"] == statistics.median(ceiling["batch1_cost_medians_s"])
+        # The in-order batch-1 cost: first, then just before the batched c=1 run of the one repeat.
         assert len(ceiling["batch1_in_order_medians_s"]) == 2 and min(ceiling["batch1_in_order_medians_s"]) > 0
         # Once in the first round, once more if it was a contender, once in the recheck.
         best, contenders = ceiling["best_batch"], ceiling["contenders"]
