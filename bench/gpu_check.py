@@ -1,9 +1,10 @@
 """GPU check, one prepared script: `python -m bench.gpu_check [--model DIR]` (at most ~8 minutes on CUDA).
 
 1. parity: the package on CUDA (IEEE float32, as served) against the package on the CPU, on the
-   golden inputs and on a batch of the benchmark mix, for all three methods: max abs error against
-   the golden tolerance, and the arg-max agreement; then, as information, the error with cuDNN's
-   TF32 convolutions, and fp16 autocast against fp32;
+   golden inputs and on a batch of the benchmark mix, for all three methods, each compared on its
+   third call at a shape (the graph TorchScript specialized for it, kernels fused on CUDA, as it
+   serves): max abs error against the golden tolerance, and the arg-max agreement; then, as
+   information, the error with cuDNN's TF32 convolutions, and fp16 autocast against fp32;
 2. in-process GPU ceiling: forward only per lane at batch sizes 1..256, host-to-device copy from
    pinned memory included; the preprocessing rate on every core (a process pool) and on one; JPEG
    decoding with Pillow against torchvision's decode_jpeg on the GPU;
@@ -14,8 +15,11 @@
    `--frontends F` (F = half the cores, at most 8; 2 in the dry run), several processes answering
    HTTP into the one batcher, each at the two highest concurrencies; every served row says how
    busy the event loop and the device were;
-4. a short table, printed last, whatever happened before: a section that fails becomes a note, and
-   a served section that would not fit in `--budget-s` is skipped.
+4. a short table, printed last, whatever happened before: a section that fails becomes a note, a
+   served section that would not fit in `--budget-s` is skipped (and one that started waits for
+   its service only as long as the budget leaves), and 25 s past the budget a watchdog stops the
+   check where it is and prints the table; 25 s after that, a main thread stuck inside a CUDA call
+   is ended with every thread's traceback.
 
 `--dry-run` runs the same steps on the CPU with a tiny model and tiny durations (well under 30 s):
 the test suite runs it so the script cannot rot.
@@ -30,9 +34,11 @@ measured instead (the same cost), and the table says so.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib.util
 import io
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -64,6 +70,11 @@ LOOKAHEAD_MS = 2
 # self-check) and stop, beside its runs; and the longest it waits for the service to be ready.
 STARTUP_ALLOWANCE_S = 60.0
 READY_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 10.0  # the service drains nothing after a run: past this it is killed
+# Past the budget by this much the check stops where it is and prints its table; by twice this,
+# with the main thread stuck outside Python (a hung CUDA call), faulthandler dumps every thread
+# and exits, so the run still ends with a reason (arm_watchdog), within 8 minutes of a 420 s budget.
+OVERRUN_S = 25.0
 T = TypeVar("T")
 SERVICE_PACKAGES = ("fastapi", "starlette", "uvicorn", "python_multipart", "pydantic_settings", "prometheus_client")
 TINY = FusionConfig(
@@ -109,13 +120,20 @@ def pick_model(model: Path | None, dry_run: bool) -> tuple[Path, str]:
 # -- 1. parity -------------------------------------------------------------------------------------
 
 
+# TorchScript's profiling executor runs a shape's first calls as they are and, from the third, the
+# graph it specialized for the shape (on CUDA with kernels fused and compiled for it): what serves.
+CALLS_TO_SPECIALIZE = 3
+
+
 @torch.inference_mode()
 def outputs(package: ModelPackage, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every method's outputs on these inputs, from the call that runs the specialized graph."""
     device = package.device
     images, tokens = images.to(device), tokens.to(device)
-    result = dict(package.module(images, tokens))
-    result["encode_image"] = package.module.encode_image(images)
-    result["encode_text"] = package.module.encode_text(tokens)
+    for _ in range(CALLS_TO_SPECIALIZE):
+        result = dict(package.module(images, tokens))
+        result["encode_image"] = package.module.encode_image(images)
+        result["encode_text"] = package.module.encode_text(tokens)
     return {name: value.float().cpu() for name, value in result.items()}
 
 
@@ -322,7 +340,10 @@ def served(
     seconds: float,
     extra: list[str],
     cores: int,
+    ends: float,
 ) -> tuple[list[tuple[int, dict[str, float]]], str]:
+    """The service at each concurrency, within `ends` (time.perf_counter()): its start may take what
+    is left after the runs, and a concurrency that would end past it is not run."""
     missing = [name for name in SERVICE_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         return [], f"service not run: missing {', '.join(missing)} (carry them as wheels)"
@@ -330,11 +351,13 @@ def served(
     from bench.server import diff, start_server, total
 
     log_dir = Path(tempfile.mkdtemp(prefix="gpu-check-logs-"))
-    server = start_server("gpu-check", model, ["--device", device, *extra], log_dir, ready_timeout_s=READY_TIMEOUT_S)
+    runs_s = (len(concurrencies) + 1) * seconds
+    ready_timeout_s = min(READY_TIMEOUT_S, max(10.0, ends - time.perf_counter() - runs_s))
+    server = start_server("gpu-check", model, ["--device", device, *extra], log_dir, ready_timeout_s=ready_timeout_s)
     if "--frontends" in extra:  # the device process is ready first; its front-ends listen just after
         wanted = float(extra[extra.index("--frontends") + 1]) - 1
-        end = time.monotonic() + 60
-        while server.metrics().get(("fusion_frontends_connected", ()), 0.0) < wanted and time.monotonic() < end:
+        end = min(time.perf_counter() + 60, ends - runs_s)
+        while server.metrics().get(("fusion_frontends_connected", ()), 0.0) < wanted and time.perf_counter() < end:
             time.sleep(0.1)
     note = f"service ready in {server.ready_s:.1f} s (inside: {server.startup_phases.get('total', float('nan')):.1f} s)"
     requests = [p.request() for p in payloads]
@@ -343,6 +366,9 @@ def served(
     try:
         served_run(server.port, requests, max(concurrencies), min(seconds, 3.0), processes)  # warm the connections
         for concurrency in concurrencies:
+            if time.perf_counter() + seconds > ends:
+                note += f"; concurrency {concurrency} and above skipped: the time budget is spent"
+                break
             before, cpu, loop_cpu, began = server.metrics(), server.cpu_s(), server.main_thread_cpu_s(), time.time()
             row = served_run(server.port, requests, concurrency, seconds, processes)
             wall = time.time() - began
@@ -355,7 +381,7 @@ def served(
             rows.append((concurrency, row))
             say(f"served c={concurrency}: {row['throughput']:.0f} req/s, p50 {row['p50'] * 1e3:.1f} ms")
     finally:
-        server.stop()
+        server.stop(STOP_TIMEOUT_S)
     return rows, note
 
 
@@ -385,6 +411,24 @@ def tf32_convolutions() -> Iterator[None]:
         conv.fp32_precision = before
 
 
+class Overrun(BaseException):
+    """The check ran past its budget by OVERRUN_S: raised into whatever the main thread waits on. Not
+    an Exception, so that no section's handler takes it for that section's failure and goes on: the
+    table prints (main's `finally`), then the traceback says where it stopped."""
+
+
+def arm_watchdog(after_s: float, grace_s: float = OVERRUN_S) -> None:
+    """After `after_s`, Overrun in the main thread; after `grace_s` more, a traceback of every thread
+    and exit 1, for a main thread stuck where no signal reaches Python (inside a CUDA call, say)."""
+
+    def overrun(signum: int, frame: object) -> None:
+        raise Overrun(f"still running {after_s:.0f} s after the start: stopped here")
+
+    signal.signal(signal.SIGALRM, overrun)
+    signal.setitimer(signal.ITIMER_REAL, after_s)
+    faulthandler.dump_traceback_later(after_s + grace_s, exit=True)
+
+
 def attempt(notes: list[str], what: str, step: Callable[[], T], fallback: T) -> T:
     """Run one section; a failure becomes a note in the table (and its traceback goes to stderr)."""
     try:
@@ -411,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     began = time.perf_counter()
     ends = began + args.budget_s  # a served section that would not fit is skipped, so the table still comes
+    arm_watchdog(args.budget_s + OVERRUN_S)
     # The service's own setting: one intra-op thread on the inference thread (on CUDA it only
     # launches kernels; on the CPU dry run, more threads than the free cores make the timings noise).
     torch.set_num_threads(1)
@@ -510,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             say(f"served {label}")
             nothing: tuple[list[tuple[int, dict[str, float]]], str] = ([], "")
-            run = partial(served, model, str(device), payloads, levels, seconds, flags, cores)
+            run = partial(served, model, str(device), payloads, levels, seconds, flags, cores, ends)
             rows, note = attempt(notes, f"served {label}", run, nothing)
             if note:
                 notes.append(f"{label}: {note}")
@@ -537,6 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines.append(f"({time.perf_counter() - began:.0f} s)")
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        faulthandler.cancel_dump_traceback_later()
     return 0 if passed and any(rows for _, rows in served_rows) else 1
 
 

@@ -8,6 +8,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +310,26 @@ def test_gpu_check_dry_run() -> None:
     assert all(0 < float(row[7]) and row[8].endswith("%") for row in rows)
     assert all(0 < float(row[9].removesuffix("% |")) <= 100 for row in rows)  # the device ran batches
     assert lines[-1].startswith("(") and lines[-1].endswith(" s)")
+
+
+def _watched(stuck: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """A process that arms gpu_check's watchdog (0.3 s, then 0.3 s of grace) and then hangs."""
+    code = f"import signal, time\nfrom bench.gpu_check import arm_watchdog\narm_watchdog(0.3, 0.3)\n{stuck}\n"
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return done, time.monotonic() - began
+
+
+@pytest.mark.slow
+def test_gpu_checks_watchdog_stops_a_hung_main_thread_with_the_table_or_a_traceback() -> None:
+    # A wait Python can interrupt: Overrun, past any `except Exception`, so main's `finally` prints the table.
+    done, seconds = _watched("try:\n    time.sleep(30)\nexcept Exception:\n    pass")
+    assert done.returncode == 1 and seconds < 20
+    assert "Overrun: still running 0 s after the start: stopped here" in done.stderr
+    # A main thread no signal reaches (SIGALRM blocked, as inside a hung C call): faulthandler ends it.
+    done, seconds = _watched("signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\ntime.sleep(30)")
+    assert done.returncode == 1 and seconds < 20
+    assert "Timeout (0:00:00" in done.stderr and "Overrun" not in done.stderr
 
 
 def test_latencies_by_picture_count_only_the_200s_of_each_picture() -> None:
