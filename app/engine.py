@@ -122,10 +122,11 @@ class PrecisionUnsupported(Exception):
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """torch.cuda.OutOfMemoryError (a real allocator failure keeps its type through TorchScript),
-    Python's MemoryError, or an error whose own message says so: a RuntimeError from another
-    allocator (the CPU's says "can't allocate memory"), or torch.jit.Error, which is what an
-    exception raised by scripted code becomes."""
+    """torch.cuda.OutOfMemoryError, Python's MemoryError, or an error whose own message says so: a
+    RuntimeError from another allocator (the CPU's says "can't allocate memory"), or torch.jit.Error,
+    which is what an exception raised by scripted code becomes. Whether the CUDA allocator's error
+    keeps its type through a scripted call has not been seen on a GPU here: its message ("CUDA out
+    of memory") is caught either way."""
     if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
         return True
     message = _own_message(exc)
