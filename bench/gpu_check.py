@@ -17,9 +17,9 @@
    busy the event loop and the device were;
 4. a short table, printed last, whatever happened before: a section that fails becomes a note, a
    served section that would not fit in `--budget-s` is skipped (and one that started waits for
-   its service only as long as the budget leaves), and 25 s past the budget a watchdog stops the
-   check where it is and prints the table; 25 s after that, a main thread stuck inside a CUDA call
-   is ended with every thread's traceback.
+   its service only as long as the budget leaves), and 15 s past the budget a watchdog stops the
+   check where it is and prints the table with what was measured; 45 s after that, a main thread
+   stuck inside a CUDA call is ended with every thread's traceback.
 
 `--dry-run` runs the same steps on the CPU with a tiny model and tiny durations (well under 30 s):
 the test suite runs it so the script cannot rot.
@@ -71,10 +71,14 @@ LOOKAHEAD_MS = 2
 STARTUP_ALLOWANCE_S = 60.0
 READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 10.0  # the service drains nothing after a run: past this it is killed
-# Past the budget by this much the check stops where it is and prints its table; by twice this,
-# with the main thread stuck outside Python (a hung CUDA call), faulthandler dumps every thread
-# and exits, so the run still ends with a reason (arm_watchdog), within 8 minutes of a 420 s budget.
-OVERRUN_S = 25.0
+# Past the budget by this much the check stops where it is and prints its table; OVERRUN_GRACE_S
+# later, with the main thread stuck outside Python (a hung CUDA call), faulthandler dumps every
+# thread and exits, so the run still ends with a reason (arm_watchdog): 8 minutes for a 420 s budget.
+OVERRUN_S = 15.0
+# From Overrun to faulthandler's exit: a served run stopped by Overrun waits for its load processes,
+# whose requests end within the service's forward timeout (30 s) even when a pass hangs, then for
+# the service's stop (STOP_TIMEOUT_S).
+OVERRUN_GRACE_S = 45.0
 T = TypeVar("T")
 SERVICE_PACKAGES = ("fastapi", "starlette", "uvicorn", "python_multipart", "pydantic_settings", "prometheus_client")
 TINY = FusionConfig(
@@ -162,7 +166,8 @@ def half_parity(package: ModelPackage, batches: Sequence[tuple[torch.Tensor, tor
         for images, tokens in batches:
             full = outputs(package, images, tokens)
             with torch.autocast("cuda", dtype=torch.float16):
-                half = dict(package.module(images.to(device), tokens.to(device)))
+                for _ in range(CALLS_TO_SPECIALIZE):  # the specialized graph, as with `outputs`
+                    half = dict(package.module(images.to(device), tokens.to(device)))
             for name in ("image_embedding", "text_embedding"):
                 worst = max(worst, float((half[name].float().cpu() - full[name]).abs().max()))
             agree += int((half["logits"].float().cpu().argmax(1) == full["logits"].argmax(1)).sum())
@@ -341,12 +346,14 @@ def served(
     extra: list[str],
     cores: int,
     ends: float,
-) -> tuple[list[tuple[int, dict[str, float]]], str]:
+    rows: list[tuple[int, dict[str, float]]],
+) -> str:
     """The service at each concurrency, within `ends` (time.perf_counter()): its start may take what
-    is left after the runs, and a concurrency that would end past it is not run."""
+    is left after the runs, and a concurrency that would end past it is not run. Each row goes into
+    `rows` as it is measured, so a section stopped midway (the watchdog) keeps what it measured."""
     missing = [name for name in SERVICE_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        return [], f"service not run: missing {', '.join(missing)} (carry them as wheels)"
+        return f"service not run: missing {', '.join(missing)} (carry them as wheels)"
     from bench.analysis import stage_breakdown
     from bench.server import diff, start_server, total
 
@@ -354,16 +361,16 @@ def served(
     runs_s = (len(concurrencies) + 1) * seconds
     ready_timeout_s = min(READY_TIMEOUT_S, max(10.0, ends - time.perf_counter() - runs_s))
     server = start_server("gpu-check", model, ["--device", device, *extra], log_dir, ready_timeout_s=ready_timeout_s)
-    if "--frontends" in extra:  # the device process is ready first; its front-ends listen just after
-        wanted = float(extra[extra.index("--frontends") + 1]) - 1
-        end = min(time.perf_counter() + 60, ends - runs_s)
-        while server.metrics().get(("fusion_frontends_connected", ()), 0.0) < wanted and time.perf_counter() < end:
-            time.sleep(0.1)
-    note = f"service ready in {server.ready_s:.1f} s (inside: {server.startup_phases.get('total', float('nan')):.1f} s)"
-    requests = [p.request() for p in payloads]
-    processes = max(1, min(4, cores // 4))
-    rows = []
     try:
+        if "--frontends" in extra:  # the device process is ready first; its front-ends listen just after
+            wanted = float(extra[extra.index("--frontends") + 1]) - 1
+            end = min(time.perf_counter() + 60, ends - runs_s)
+            while server.metrics().get(("fusion_frontends_connected", ()), 0.0) < wanted and time.perf_counter() < end:
+                time.sleep(0.1)
+        phases = server.startup_phases.get("total", float("nan"))
+        note = f"service ready in {server.ready_s:.1f} s (inside: {phases:.1f} s)"
+        requests = [p.request() for p in payloads]
+        processes = max(1, min(4, cores // 4))
         served_run(server.port, requests, max(concurrencies), min(seconds, 3.0), processes)  # warm the connections
         for concurrency in concurrencies:
             if time.perf_counter() + seconds > ends:
@@ -382,7 +389,7 @@ def served(
             say(f"served c={concurrency}: {row['throughput']:.0f} req/s, p50 {row['p50'] * 1e3:.1f} ms")
     finally:
         server.stop(STOP_TIMEOUT_S)
-    return rows, note
+    return note
 
 
 # -- the check -------------------------------------------------------------------------------------
@@ -417,7 +424,7 @@ class Overrun(BaseException):
     table prints (main's `finally`), then the traceback says where it stopped."""
 
 
-def arm_watchdog(after_s: float, grace_s: float = OVERRUN_S) -> None:
+def arm_watchdog(after_s: float, grace_s: float = OVERRUN_GRACE_S) -> None:
     """After `after_s`, Overrun in the main thread; after `grace_s` more, a traceback of every thread
     and exit 1, for a main thread stuck where no signal reaches Python (inside a CUDA call, say)."""
 
@@ -455,7 +462,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     began = time.perf_counter()
     ends = began + args.budget_s  # a served section that would not fit is skipped, so the table still comes
-    arm_watchdog(args.budget_s + OVERRUN_S)
     # The service's own setting: one intra-op thread on the inference thread (on CUDA it only
     # launches kernels; on the CPU dry run, more threads than the free cores make the timings noise).
     torch.set_num_threads(1)
@@ -486,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes: list[str] = []
     served_rows: list[tuple[str, list[tuple[int, dict[str, float]]]]] = []
     passed = False
+    arm_watchdog(max(1.0, ends + OVERRUN_S - time.perf_counter()))  # disarmed in the `finally` below
     try:
         say(f"model {model} ({source}); building the payload mix")
         payloads = build_mix(mix, manifest.max_text_length)
@@ -554,12 +561,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say(notes[-1])
                 continue
             say(f"served {label}")
-            nothing: tuple[list[tuple[int, dict[str, float]]], str] = ([], "")
-            run = partial(served, model, str(device), payloads, levels, seconds, flags, cores, ends)
-            rows, note = attempt(notes, f"served {label}", run, nothing)
+            rows: list[tuple[int, dict[str, float]]] = []
+            served_rows.append((label, rows))  # filled as measured: a section the watchdog stops keeps its rows
+            run = partial(served, model, str(device), payloads, levels, seconds, flags, cores, ends, rows)
+            note = attempt(notes, f"served {label}", run, "")
             if note:
                 notes.append(f"{label}: {note}")
-            served_rows.append((label, rows))
     except Exception as exc:  # parity or the mix failed: say so, with what was measured before
         traceback.print_exc(file=sys.stderr)
         notes.append(f"stopped: {type(exc).__name__}: {exc}")
