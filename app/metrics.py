@@ -53,7 +53,7 @@ class Family(Generic[M]):
     """A labelled metric whose children are looked up once for each set of label values.
 
     prometheus_client's `labels()` checks its arguments, turns them into strings and takes a lock on
-    every call (2 us here), and a request passes about fifteen of them on the event loop; the child
+    every call (2 us here), and a request made twelve such calls on the event loop; the child
     it returns is the same object every time. The children are kept here, in a dict read without a
     lock: two threads that race on a first lookup both ask prometheus_client, which hands both the
     same child."""

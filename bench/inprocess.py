@@ -157,7 +157,7 @@ def batch1_in_order(
         texts = _tensor(pad_tokens([tokens])) if tokens is not None else None
         run_lane(module, payload.kind, images, texts, (call_costs or {}).get(payload.kind, math.inf))
 
-    for payload in payloads[:8]:  # the first calls of a text length at batch 1 are not what a request pays
+    for payload in payloads[:8]:  # the decoders' and the model's first calls here are not what a request pays
         one(payload)
     seconds = []
     for payload in payloads:
@@ -338,11 +338,10 @@ def forward_spread(
     that spread, whatever the server does."""
     kinds = [item.payload.kind for item in prepared]
     kind = max(KINDS, key=kinds.count)
-    items = [item for item in prepared if item.payload.kind == kind][:batch]
-    images = _tensor(np.stack([item.image for item in items])) if items[0].image is not None else None  # type: ignore[misc]
-    tokens = _tensor(pad_tokens([item.tokens for item in items])) if items[0].tokens is not None else None  # type: ignore[misc]
+    images, tokens = _batch([item for item in prepared if item.payload.kind == kind], batch)  # cycled to `batch`
     call = partial(run_lane, module, kind, images, tokens, (call_costs or {}).get(kind, math.inf))
-    call()  # this shape's first call is not the machine's spread
+    for _ in range(2):  # this shape's first calls are not the machine's spread
+        call()
     calls = []
     began = time.perf_counter()
     while time.perf_counter() - began < seconds:

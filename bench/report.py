@@ -109,7 +109,8 @@ def per_repeat(
     combine: Callable[[dict[str, Any], float], float],
 ) -> list[float]:
     """`combine(run, measured)` for each closed-loop repeat of the batched service at `concurrency`,
-    `measured` the in-process recheck made just before that repeat: `inprocess.recheck` appends one
+    `measured` the in-process recheck made just before that repeat (or just before its c=1 run, for
+    the in-order batch-1 cost): `inprocess.recheck` and `recheck_in_order` append one
     to the end of `series` per repeat, in order. Empty for results from before the rechecks."""
     rechecks = results["ceilings"][workload].get("rechecks", 0)
     if not rechecks or len(series) < rechecks:
@@ -244,10 +245,11 @@ def targets(results: Results) -> list[tuple[str, ...]]:
         f"back to back for {spread_s:.1f} s before each repeat: p99 / p50 of its calls",
         "(reported)",
     )
+    in_order = any(results["ceilings"].get(w, {}).get("batch1_in_order_medians_s") for w in WORKLOADS)
     add(
         "c1",
-        "median at c=1 minus the in-process batch-1 cost (the workload's median request; each request once, "
-        "in the clients' order, preprocessing + forward)",
+        "median at c=1 minus the in-process batch-1 cost (the workload's median request"
+        + ("; each request once, in the clients' order, preprocessing + forward)" if in_order else ")"),
         "<= 1.0 ms",
     )
     add("c64", "throughput at c=64 against c=32", ">= 1.0 (no collapse)")
@@ -947,10 +949,16 @@ def recheck_sentence(ceiling: dict[str, Any]) -> str:
         return "."
     medians = ", ".join(ms(value) for value in ceiling["batch1_cost_medians_s"])
     repeats = "the closed-loop repeat" if rechecks == 1 else f"each of the {rechecks} closed-loop repeats"
+    in_order = ceiling.get("batch1_in_order_medians_s") or []
+    each_once = (
+        f"; each request once, in order, just before each concurrency-1 run: {', '.join(ms(v) for v in in_order)} ms"
+        if in_order
+        else ""
+    )
     return (
         f"; it and the batch-1 cost were measured again before {repeats}, with the services idle (mix:"
         f" {medians} ms; the forward passes re-timed, each request's preprocessing time from the first"
-        " measurement), and the targets compare each repeat's served figures with the measurement made just"
+        f" measurement{each_once}), and the targets compare each repeat's served figures with the measurement made just"
         " before them, since the machine's speed drifts during a run: the targets are the medians of those"
         " per-repeat ratios and differences, the tables' figures medians over all measurements."
     )

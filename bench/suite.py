@@ -11,9 +11,10 @@ initialized package of the default FusionConfig, which costs the same as a train
    uniform workload, interleaved (batched c=1, unbatched c=1, uniform c=1, batched c=8, ...),
    repeated; medians over the repeats. wrk posts the pre-built requests when it is installed, else
    the raw-socket generator (bench.loadgen) does. Before each repeat, with the services idle, the
-   best batch size's pipeline and the batch-1 cost are measured again in-process (about 10 s), and
-   the targets compare each repeat's served figures with them (bench.report: medians of the
-   per-repeat ratios);
+   best batch size's pipeline and the batch-1 cost are measured again in-process (about 10 s), with
+   the machine's spread (one unchanged batch back to back, 2.5 s); the in-order batch-1 cost just
+   before each batched concurrency-1 run (about 1 s); the targets compare each repeat's served
+   figures with them (bench.report: medians of the per-repeat ratios);
 4. open loop on the batched service: Poisson arrivals at fractions of the measured saturation
    throughput, latency from the intended send time;
 5. resident memory of the batched service over 20,000 requests, one in four of them bad;

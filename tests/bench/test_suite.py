@@ -321,8 +321,8 @@ def _watched(stuck: str) -> tuple[subprocess.CompletedProcess[str], float]:
 
 
 @pytest.mark.slow
-def test_gpu_checks_watchdog_stops_a_hung_main_thread_with_the_table_or_a_traceback() -> None:
-    # A wait Python can interrupt: Overrun, past any `except Exception`, so main's `finally` prints the table.
+def test_gpu_checks_watchdog_raises_overrun_past_any_except_exception_or_ends_with_a_traceback() -> None:
+    # A wait Python can interrupt: Overrun, past any `except Exception` (main's `finally` then prints the table).
     done, seconds = _watched("try:\n    time.sleep(30)\nexcept Exception:\n    pass")
     assert done.returncode == 1 and seconds < 20
     assert "Overrun: still running 0 s after the start: stopped here" in done.stderr
