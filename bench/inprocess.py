@@ -41,8 +41,6 @@ from model.package import ModelPackage, load_package
 from model.preprocess import TokenIds, decode_image, pad_tokens, tokenize
 
 KINDS = ("fuse", "image", "text")
-# About what a lone client's round trip leaves the inference thread asleep between two requests.
-IDLE_GAP_S = 0.002
 # Candidate batch sizes whose first pipeline measurement came within this share of the fastest run
 # once more before one is chosen: one run each drifts by more than the sizes differ (the mix's batch
 # 28 once measured 486 items/s against 493 for 32, whose median over six was then 454).
@@ -72,14 +70,11 @@ class Ceilings:
     # rechecks (`recheck`), the median of their medians, and each measurement's own in `..._medians_s`.
     batch1_cost_median_s: float
     batch1_cost_mean_s: float
-    # The batch-1 cost again, each forward after idle_gap_s asleep (see batch1_costs).
-    batch1_idle_cost_median_s: float = 0.0
     batch1_cost_medians_s: list[float] = field(default_factory=list)
     # Each request once, in the rotation's order, preprocessing and forward together (`batch1_in_order`):
     # the median per request of each measurement, the first and one per recheck.
     batch1_in_order_medians_s: list[float] = field(default_factory=list)
     rechecks: int = 0  # measurements of the best batch's pipeline and the batch-1 cost between served runs
-    idle_gap_s: float = IDLE_GAP_S
     pipeline_rate: dict[int, list[float]] = field(default_factory=dict)  # batch size -> items/s per repeat
     stages_s: dict[str, float] = field(default_factory=dict)  # the service's own steps, mean per request
     # Per text lane, one more forward call's cost in padded tokens, as the service measures it (a lane
@@ -107,12 +102,10 @@ def load(model: Path, threads: int, optimize_graph: bool) -> tuple[ModelPackage,
     return (package, False) if optimized is None else (replace(package, module=optimized), True)
 
 
-def median_time(action: Callable[[], object], repeats: int, idle_s: float = 0.0) -> float:
-    """Median seconds of `action`; with `idle_s`, the thread sleeps that long (untimed) before each call."""
+def median_time(action: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `action`."""
     samples = []
     for _ in range(repeats):
-        if idle_s:
-            time.sleep(idle_s)
         began = time.perf_counter()
         action()
         samples.append(time.perf_counter() - began)
@@ -258,15 +251,14 @@ def batch1_costs(
     module: torch.jit.ScriptModule,
     prepared: Sequence[Prepared],
     repeats: int,
-    idle_s: float = 0.0,
     call_costs: Mapping[str, float] | None = None,
 ) -> list[float]:
     """Each request's own batch-1 cost: its preprocessing plus the median of `repeats` forward calls
-    on its own image and text (a text's length sets what the text encoder and the fusion cost, so
-    one item per lane would stand for every length). With `idle_s`, every timed call follows that
-    long asleep: back to back, a forward finds the weights in cache and the core at speed; at
-    concurrency 1 the inference thread sleeps while a request travels, so its forward starts cold,
-    a cost no server code can remove."""
+    on its own image and text, back to back (a text's length sets what the text encoder and the
+    fusion cost, so one item per lane would stand for every length). The concurrency-1 target's
+    side is `batch1_in_order`; an idle thread's forward, measured here once per request after 2 ms
+    asleep, came out 1.04x the back-to-back call when the two were interleaved call by call (a
+    2 ms spin instead, 1.03x), so it is not measured any more."""
     costs = []
     for item in prepared:
         kind = item.payload.kind
@@ -274,7 +266,7 @@ def batch1_costs(
         tokens = _tensor(pad_tokens([item.tokens])) if item.tokens is not None else None  # [1, L], L >= 1
         call = partial(run_lane, module, kind, images, tokens, (call_costs or {}).get(kind, math.inf))
         call()  # a text length's first call at this shape is not what a request pays
-        costs.append(item.preprocess_s + median_time(call, repeats, idle_s))
+        costs.append(item.preprocess_s + median_time(call, repeats))
     return costs
 
 
@@ -378,7 +370,6 @@ def measure(
     }
     best = min(predicted, key=predicted.__getitem__)
     batch1 = batch1_costs(module, prepared, repeats, call_costs=costs)
-    batch1_idle = batch1_costs(module, prepared, repeats, idle_s=IDLE_GAP_S, call_costs=costs)
     pictures: dict[str, list[float]] = {}
     for p in prepared:
         if p.payload.image is not None:
@@ -395,7 +386,6 @@ def measure(
         predicted_per_item_s=predicted,
         batch1_cost_median_s=statistics.median(batch1),
         batch1_cost_mean_s=statistics.fmean(batch1),
-        batch1_idle_cost_median_s=statistics.median(batch1_idle),
         batch1_cost_medians_s=[statistics.median(batch1)],
         batch1_in_order_medians_s=[statistics.median(batch1_in_order(module, payloads, manifest, costs))],
         call_cost_tokens={lane: cost for lane, cost in costs.items() if not math.isinf(cost)},

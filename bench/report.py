@@ -158,15 +158,8 @@ def _per_workload(results: Results, workload: str) -> dict[str, Check]:
         if gaps:
             over = statistics.median(gaps)
             text = _per_repeat_text(whole_run, "cost", [f"{gap * 1e3:+.2f}" for gap in gaps], f"{over * 1e3:+.2f} ms")
-        others = []
         if in_order:
-            others.append(f"each call repeated back to back: {ms(measured['batch1_cost_median_s'])} ms")
-        if measured.get("batch1_idle_cost_median_s"):  # the thread asleep before each forward, as at c=1
-            first = ", first measurement" if measured.get("rechecks") else ""
-            idle = f"after {measured['idle_gap_s'] * 1e3:.0f} ms idle{first}"
-            others.append(f"{idle}: {ms(measured['batch1_idle_cost_median_s'])} ms")
-        if others:
-            text += f" (in-process {'; '.join(others)})"
+            text += f" (in-process each call repeated back to back: {ms(measured['batch1_cost_median_s'])} ms)"
         checks["c1"] = (text, over <= 0.001)
     spread = measured.get("spread_calls_s") or []
     if spread:

@@ -78,7 +78,6 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
     assert memory["requests"] > 0 and memory["unexpected_status"] == 0 and memory["bad"] > 0
     for workload in ("mixed", "scenes"):
         assert results["ceilings"][workload]["pipeline_rate"]["1"][0] > 0
-        assert results["ceilings"][workload]["batch1_idle_cost_median_s"] > 0
         # Measured again before the one closed-loop repeat: the targets use the medians over both.
         ceiling = results["ceilings"][workload]
         assert ceiling["rechecks"] == 1 and len(ceiling["batch1_cost_medians_s"]) == 2
@@ -95,7 +94,6 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
         costs = results["ceilings"][workload]["call_cost_tokens"]
         assert set(costs) <= {"fuse", "text"} and all(0 < cost < math.inf for cost in costs.values())
     assert "(in-process each call repeated back to back: " in text
-    assert "; after 2 ms idle, first measurement: " in text
     # The machine's spread, measured once before the repeat, on the uniform workload alone.
     assert results["ceilings"]["mixed"]["spread_calls_s"] == []
     (spread,) = results["ceilings"]["scenes"]["spread_calls_s"]
