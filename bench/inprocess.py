@@ -91,6 +91,10 @@ class Ceilings:
     def ceiling(self, batch: int) -> float:
         return statistics.median(self.pipeline_rate[batch])
 
+    def lane_call_costs(self) -> dict[str, float]:
+        """Every lane's call cost, infinite (never split) for a lane left out of call_cost_tokens."""
+        return {lane: self.call_cost_tokens.get(lane, math.inf) for lane in KINDS}
+
 
 def load(model: Path, threads: int, optimize_graph: bool) -> tuple[ModelPackage, bool]:
     """The package, its module the one the service would serve; and whether that is the optimized one."""
@@ -114,18 +118,26 @@ def median_time(action: Callable[[], object], repeats: int) -> float:
 
 def prepare(payloads: Sequence[Payload], manifest: Manifest, repeats: int) -> list[Prepared]:
     prepared = []
-    size, max_length = manifest.image_size, manifest.max_text_length
-
-    def preprocess(payload: Payload) -> tuple[ByteArray | None, TokenIds | None]:
-        image = np.ascontiguousarray(decode_image(payload.image, size)) if payload.image is not None else None
-        tokens = tokenize(payload.text, max_length).ids if payload.text is not None else None
-        return image, tokens
-
     for payload in payloads:
-        image, tokens = preprocess(payload)
-        seconds = median_time(lambda payload=payload: preprocess(payload), repeats)  # type: ignore[misc]
+        image, tokens = preprocess(payload, manifest)
+        seconds = median_time(lambda payload=payload: preprocess(payload, manifest), repeats)  # type: ignore[misc]
         prepared.append(Prepared(payload, image, tokens, seconds))
     return prepared
+
+
+def preprocess(payload: Payload, manifest: Manifest) -> tuple[ByteArray | None, TokenIds | None]:
+    """One request's model inputs, as the service makes them: its image decoded, its text tokenized."""
+    image = None if payload.image is None else np.ascontiguousarray(decode_image(payload.image, manifest.image_size))
+    tokens = tokenize(payload.text, manifest.max_text_length).ids if payload.text is not None else None
+    return image, tokens
+
+
+def _batch_of_one(image: ByteArray | None, tokens: TokenIds | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One request's inputs as a batch of 1: images [1, 3, H, W], tokens [1, L] (L >= 1)."""
+    return (
+        _tensor(image[None]) if image is not None else None,
+        _tensor(pad_tokens([tokens])) if tokens is not None else None,
+    )
 
 
 @torch.inference_mode()
@@ -141,13 +153,9 @@ def batch1_in_order(
     every cache and branch predictor trained on that very call; between two requests a server runs
     other code, and so does this. Measured here, on this machine: a scene's decode_image 0.34 ms back
     to back, 0.53 ms after 4 ms of other work."""
-    size, max_length = manifest.image_size, manifest.max_text_length
 
     def one(payload: Payload) -> None:
-        image = np.ascontiguousarray(decode_image(payload.image, size)) if payload.image is not None else None
-        tokens = tokenize(payload.text, max_length).ids if payload.text is not None else None
-        images = _tensor(image[None]) if image is not None else None
-        texts = _tensor(pad_tokens([tokens])) if tokens is not None else None
+        images, texts = _batch_of_one(*preprocess(payload, manifest))
         run_lane(module, payload.kind, images, texts, (call_costs or {}).get(payload.kind, math.inf))
 
     for payload in payloads[:8]:  # the decoders' and the model's first calls here are not what a request pays
@@ -262,8 +270,7 @@ def batch1_costs(
     costs = []
     for item in prepared:
         kind = item.payload.kind
-        images = _tensor(item.image[None]) if item.image is not None else None
-        tokens = _tensor(pad_tokens([item.tokens])) if item.tokens is not None else None  # [1, L], L >= 1
+        images, tokens = _batch_of_one(item.image, item.tokens)
         call = partial(run_lane, module, kind, images, tokens, (call_costs or {}).get(kind, math.inf))
         call()  # a text length's first call at this shape is not what a request pays
         costs.append(item.preprocess_s + median_time(call, repeats))
@@ -452,7 +459,7 @@ def recheck(
     each repeat with its own; the tables show the medians over all measurements. The in-order
     batch-1 cost is measured apart (`recheck_in_order`), just before each concurrency-1 run."""
     module, manifest = package.module, package.manifest
-    costs = {lane: ceilings.call_cost_tokens.get(lane, math.inf) for lane in KINDS}
+    costs = ceilings.lane_call_costs()
     payloads = [item.payload for item in prepared]
     best = ceilings.best_batch
     ceilings.pipeline_rate[best].append(pipeline_rate(module, payloads, manifest, best, pipeline_seconds, costs))
@@ -469,7 +476,7 @@ def recheck_in_order(package: ModelPackage, prepared: Sequence[Prepared], ceilin
     Run just before the served run at concurrency 1 it is paired with: the machine's speed swings
     by a third within seconds here, so a reference measured a run or two earlier is often measured
     at another speed."""
-    costs = {lane: ceilings.call_cost_tokens.get(lane, math.inf) for lane in KINDS}
+    costs = ceilings.lane_call_costs()
     payloads = [item.payload for item in prepared]
     median = statistics.median(batch1_in_order(package.module, payloads, package.manifest, costs))
     ceilings.batch1_in_order_medians_s.append(median)
