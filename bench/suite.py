@@ -39,7 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -455,6 +456,22 @@ def memory_run(server: Server, rotation: Sequence[tuple[bytes, int]], plan: Plan
     }
 
 
+@contextmanager
+def measuring_in_process(threads: int, servers: Sequence[Server] = ()) -> Iterator[None]:
+    """In-process measurements: the services idle first, torch at the service's intra-op thread
+    count meanwhile, and the caller's own count back after (a test run's, say)."""
+    import torch
+
+    for server in servers:
+        server.wait_idle()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
 def recheck_ceilings(
     package: ModelPackage,
     prepared: dict[str, list[inprocess.Prepared]],
@@ -465,13 +482,7 @@ def recheck_ceilings(
 ) -> None:
     """Before each closed-loop repeat, the in-process sides of the targets again (inprocess.recheck),
     with the services idle: both sides of each ratio are then spread over the same minutes."""
-    import torch
-
-    for server in servers:
-        server.wait_idle()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with measuring_in_process(threads, servers):
         for name, ceiling in ceilings.items():
             inprocess.recheck(
                 package,
@@ -483,7 +494,7 @@ def recheck_ceilings(
                 spread_seconds=plan.spread_s if name == "scenes" else 0.0,
             )
             spread = ""
-            if name == "scenes" and ceiling.spread_calls_s:
+            if ceiling.spread_calls_s:
                 calls = ceiling.spread_calls_s[-1]
                 spread = f", spread p99/p50 {loadgen.percentile(calls, 99) / loadgen.percentile(calls, 50):.2f}"
             log(
@@ -491,8 +502,6 @@ def recheck_ceilings(
                 f"{ceiling.pipeline_rate[ceiling.best_batch][-1]:.0f} items/s, "
                 f"batch-1 cost {ceiling.batch1_cost_medians_s[-1] * 1e3:.2f} ms{spread}"
             )
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def recheck_in_order(
@@ -504,16 +513,8 @@ def recheck_in_order(
 ) -> None:
     """The concurrency-1 target's in-process side (inprocess.recheck_in_order), with the services
     idle, just before the batched service's run at concurrency 1 it is paired with."""
-    import torch
-
-    for server in servers:
-        server.wait_idle()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with measuring_in_process(threads, servers):
         median = inprocess.recheck_in_order(package, prepared, ceiling)
-    finally:
-        torch.set_num_threads(previous_threads)
     log(f"in-process batch-1 cost, each request once in order: {median * 1e3:.2f} ms")
 
 
@@ -605,9 +606,8 @@ def run(
     log("in-process ceilings")
     import torch
 
-    previous_threads = torch.get_num_threads()
     ceilings: dict[str, inprocess.Ceilings] = {}
-    try:
+    with measuring_in_process(threads):
         from app.graph_optimization import applies
 
         optimize = settings.optimize_graph and applies(torch.device("cpu"), settings.precision)
@@ -628,8 +628,6 @@ def run(
                 all_sizes=plan.all_sizes,
                 stages=name == "mixed",
             )
-    finally:
-        torch.set_num_threads(previous_threads)  # the caller's own setting (a test run's, say)
 
     log("starting the services")
     unbatched_args = [*without_flag(server_args, "--max-batch-size"), "--max-batch-size", "1"]
