@@ -41,6 +41,9 @@ class ServiceError(Exception):
     # Answer with `Connection: close`: the rest of the request body is never read, so the
     # connection cannot carry another request.
     closes_connection: ClassVar[bool] = False
+    # A refusal the client should try again (429, 503) always says when, so that a client or a
+    # load balancer backs off by the server's word rather than retrying at once.
+    default_retry_after_s: ClassVar[int | None] = None
 
     def __init__(
         self,
@@ -53,7 +56,7 @@ class ServiceError(Exception):
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = retry_after_s if retry_after_s is not None else self.default_retry_after_s
         self.headers = dict(headers or {})
 
 
@@ -93,6 +96,7 @@ class InvalidInput(ServiceError):
 
 class Overloaded(ServiceError):
     default_code = "overloaded"
+    default_retry_after_s = 1
 
 
 class ModelFailure(ServiceError):
@@ -105,6 +109,7 @@ class InsufficientStorage(ModelFailure):
 
 class NotReady(ServiceError):
     default_code = "not_ready"
+    default_retry_after_s = 1
 
 
 class DeadlineExceeded(ServiceError):

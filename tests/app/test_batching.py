@@ -892,6 +892,30 @@ def test_a_drain_does_not_wait_for_a_batch_abandoned_to_a_hung_pass() -> None:
     run(body())
 
 
+def test_requests_left_when_the_grace_period_ends_are_told_when_to_retry() -> None:
+    """The one queued and the one still running both get 503 with Retry-After: another replica
+    (or this one, restarted) takes them, and a client backs off by the server's word."""
+    held = GatedModel()
+
+    async def body() -> None:
+        async with text_batcher(held) as batcher:
+            try:
+                running = asyncio.create_task(embed_text(batcher))
+                await until(lambda: batcher.running == 1)
+                queued = asyncio.create_task(embed_text(batcher))
+                await until(lambda: batcher.queued == 1)
+                await batcher.stop(0)
+                for task in (running, queued):
+                    with pytest.raises(NotReady, match="^the server is shutting down$") as refused:
+                        await task
+                    assert refused.value.retry_after_s == 1
+                    assert refused.value.code == "not_ready"
+            finally:
+                held.gate.set()
+
+    run(body())
+
+
 def test_a_batch_is_answered_one_turn_of_a_busy_event_loop_after_its_pass_returns() -> None:
     """Under load every turn of the event loop is a burst of other requests' work. The answers of a
     batch reach their requests in the loop's first turns after the pass returns: its delivery is
