@@ -43,6 +43,8 @@ def read_jsonl(path: Path, labels: Sequence[str]) -> list[Record]:
     """Parse a JSONL data set; string labels must be in `labels`, integers index it."""
     index = {label: i for i, label in enumerate(labels)}
     records = []
+    strings = False
+    ambiguous: tuple[str, int] | None = None  # the first integer that is also a label as text
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -55,11 +57,15 @@ def read_jsonl(path: Path, labels: Sequence[str]) -> list[Record]:
             image = row.get("image", row.get("img"))
             if not isinstance(image, str) or "text" not in row or "label" not in row:
                 raise DatasetError(f"{where}: a record needs 'image' (or 'img'), 'text' and 'label'")
+            label = row["label"]
+            strings = strings or isinstance(label, str)
+            if ambiguous is None and _names_another_label(label, index):
+                ambiguous = (where, label)
             records.append(
                 Record(
                     image=str((path.parent / image).resolve()),
                     text=str(row["text"]),
-                    label=_label_index(row["label"], index, len(labels), where),
+                    label=_label_index(label, index, len(labels), where),
                     caption=row.get("caption"),
                     qtype=str(row.get("qtype", "all")),
                     lang=str(row.get("lang", "all")),
@@ -68,7 +74,23 @@ def read_jsonl(path: Path, labels: Sequence[str]) -> list[Record]:
             )
     if not records:
         raise DatasetError(f"{path}: no records")
+    if strings and ambiguous is not None:
+        # A file that writes its labels as text, but `3` here and there, almost surely means the
+        # label "3" (ShapesQA's count answers), not index 3: read as an index, it would train or
+        # score against another label without a word. Refused, so the file says which it means.
+        where, value = ambiguous
+        raise DatasetError(
+            f"{where}: label {value} is an integer in a file of text labels: as an index it is"
+            f" {labels[value]!r}, but {str(value)!r} is a label too; write it as a string, or every label as an index"
+        )
     return records
+
+
+def _names_another_label(value: object, index: dict[str, int]) -> bool:
+    """An integer label whose decimal text is a label at another index."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return False
+    return index.get(str(value), value) != value
 
 
 def _label_index(value: object, index: dict[str, int], count: int, where: str) -> int:
