@@ -21,8 +21,9 @@ the archive), then the same cases through the serving path must give the same an
 embeddings within REDUCED_PRECISION_ATOL: a precision that changes a shipped answer is refused.
 
 A batch that raises (or returns the wrong shapes, or runs out of device memory) is split in halves
-and each half retried, down to single items, so one bad item fails alone (500; 507 when it runs
-out of memory even alone); a row with a non-finite output fails alone too, and never reaches JSON.
+and each half retried, down to single items, so one bad item fails alone (500, with the code
+`out_of_memory` when it runs out of memory even alone); a row with a non-finite output fails alone
+too, and never reaches JSON.
 """
 
 from __future__ import annotations

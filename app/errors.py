@@ -16,7 +16,7 @@
      ├── Overloaded              overloaded                         429  admission limit reached (Retry-After)
      ├── ModelFailure            model_failure, model_timeout       500  the model failed (or hung) on this item, and
      │    │                                                              only on the items it touched
-     │    └── InsufficientStorage out_of_memory                     507  out of device memory even alone (a batch
+     │    └── InsufficientStorage out_of_memory                     500  out of device memory even alone (a batch
      │                                                                   that runs out is split and retried first)
      ├── NotReady                not_ready                          503  loading, failed, hung or no inference worker
      │                                                                   (Retry-After)
@@ -130,8 +130,7 @@ STATUS: Final[dict[type[ServiceError], int]] = {
     UnsupportedMediaType: 415,
     InvalidInput: 422,
     Overloaded: 429,
-    ModelFailure: 500,
-    InsufficientStorage: 507,
+    ModelFailure: 500,  # its subclass too: out of memory is a failure inside the model (DESIGN.md)
     NotReady: 503,
     DeadlineExceeded: 504,
     ClientGone: CLIENT_CLOSED_REQUEST,

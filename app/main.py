@@ -32,8 +32,8 @@ Image+text fusion model serving with dynamic micro-batching.
 * Errors have one shape, `{"error": {"code", "message", "request_id"}}`: 400 malformed request,
   401 no valid API key, 408 body too slow, 413 too large, 415 not multipart/form-data or an image
   format outside the allowlist, 422 invalid field, 429 over the admission limit (`Retry-After`),
-  500 model failure on this request only, 503 not ready (`Retry-After`), 504 deadline passed
-  before the request ran, 507 out of device memory even alone.
+  500 model failure on this request only (`out_of_memory` when it ran out of device memory even
+  alone), 503 not ready (`Retry-After`), 504 deadline passed before the request ran.
 """
 
 

@@ -232,7 +232,7 @@ class Metrics:
         self.out_of_memory = Family(
             Counter(
                 "fusion_out_of_memory",
-                "Forward passes that ran out of device memory (split and retried; 507 for an item alone)",
+                "Forward passes that ran out of device memory (split and retried; 500 out_of_memory for an item alone)",
                 ["kind"],
                 registry=r,
             )

@@ -141,11 +141,11 @@ _ERROR_MEANINGS = {
     422: "Invalid field: missing, empty, too long (never truncated), bad top_k, bad X-Request-Timeout-Ms, "
     "or an image that is corrupt or has unusable dimensions",
     429: "Over the admission limit (the queue is full); retry after Retry-After seconds",
-    500: "The model failed on this request, or did not finish within forward_timeout_s (other requests in its "
-    "batch are unaffected)",
+    500: "The model failed on this request, ran out of device memory on it even alone (code out_of_memory;"
+    " batches are split and retried first), or did not finish within forward_timeout_s (other requests in its"
+    " batch are unaffected)",
     503: "Not ready (loading, warming up, failed, or the model hung); retry after Retry-After seconds",
     504: "The deadline (X-Request-Timeout-Ms, or the server default) passed before the request ran",
-    507: "The model ran out of device memory on this request even alone (batches are split and retried first)",
 }
 
 

@@ -5,7 +5,7 @@
     budget (429) -> read the body (413 while streaming, 408 past body_timeout_s) -> decode in the
     pool, once its image's decode memory is free (413 when it never can be, 504 past the
     deadline), or on the loop when alone and small (400/413/415/422)
-    -> batch queue (504, 500, 507)
+    -> batch queue (504, 500)
 
 Cheap refusals come first, so a request that cannot be served costs neither a queue slot nor a
 body read. From the moment the body is in, the client's disconnect is watched: a request whose

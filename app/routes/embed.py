@@ -30,7 +30,7 @@ def _kind(decoded: Decoded) -> Kind:
     summary="Embed an image, a text, or both (with their cosine similarity)",
     response_model=EmbedResponse,
     response_model_exclude_none=True,
-    responses=error_responses(400, 401, 408, 413, 415, 422, 429, 500, 503, 504, 507),
+    responses=error_responses(400, 401, 408, 413, 415, 422, 429, 500, 503, 504),
     openapi_extra=multipart_body({"image": IMAGE_FIELD, "text": TEXT_FIELD}, []),
 )
 async def embed(request: Request, serving: ServingDep) -> Response:

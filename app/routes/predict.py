@@ -25,7 +25,7 @@ def _fuse(_: Decoded) -> Kind:
     "/predict",
     summary="Classify an image and a text together",
     response_model=PredictResponse,
-    responses=error_responses(400, 401, 408, 413, 415, 422, 429, 500, 503, 504, 507),
+    responses=error_responses(400, 401, 408, 413, 415, 422, 429, 500, 503, 504),
     openapi_extra=multipart_body({"image": IMAGE_FIELD, "text": TEXT_FIELD, "top_k": TOP_K_FIELD}, ["image", "text"]),
 )
 async def predict(request: Request, serving: ServingDep) -> Response:

@@ -9,7 +9,7 @@ serves it unchanged. The first character of a text picks a behaviour, for that i
     '#'  each '#' anywhere in a batch adds a fixed amount of busy work (a slow batch)
     '@'  a much longer busy loop (seconds): a forward pass that hangs, for the watchdog
     '%'  the batch runs out of memory unless this item is alone in it (splitting the batch helps)
-    '&'  the batch runs out of memory, even with this item alone (507)
+    '&'  the batch runs out of memory, even with this item alone (500 out_of_memory)
     '*'  the model breaks: this and every later call raises, golden inputs included ...
     '+'  ... until an item starting with '+' mends it
 

@@ -1,4 +1,4 @@
-"""Model faults: out of memory (split the batch, 507 only alone), a hung forward pass (the watchdog),
+"""Model faults: out of memory (split the batch, 500 out_of_memory only alone), a hung forward pass (the watchdog),
 and a model that keeps failing (readiness), through the app's lifespan with the probe model."""
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ async def queue_in_order(served: Running, texts: list[str]) -> list[asyncio.Task
     return tasks
 
 
-def test_a_batch_out_of_memory_is_split_and_only_an_item_that_fails_alone_gets_507(probe_package: Path) -> None:
+def test_a_batch_out_of_memory_is_split_and_only_an_item_that_fails_alone_gets_500_out_of_memory(
+    probe_package: Path,
+) -> None:
     """'%' fits only alone, '&' never fits. The batch [g0, g1, %, g2, &, g3] runs out of memory, and
     so do its halves [g0, g1, %] and [g2, &, g3], then [g1, %] and [&, g3], then [&] alone: six
     out-of-memory passes, 22 rows run in all, and only '&' fails."""
@@ -56,7 +58,7 @@ def test_a_batch_out_of_memory_is_split_and_only_an_item_that_fails_alone_gets_5
             ready = await served.client.get("/readyz")
         for text, response in zip(texts, responses, strict=True):
             if text[0] == "&":
-                assert response.status_code == 507, response.text
+                assert response.status_code == 500, response.text
                 assert response.json()["error"]["code"] == "out_of_memory"
             else:
                 assert response.status_code == 200, response.text
@@ -68,7 +70,7 @@ def test_a_batch_out_of_memory_is_split_and_only_an_item_that_fails_alone_gets_5
         assert grew("fusion_out_of_memory_total", kind="fuse") == 6
         assert grew("fusion_batch_failures_total", kind="fuse") == 1  # the whole batch, not its halves
         assert rows == 22 == grew("fusion_items_executed_total", kind="fuse") - 1
-        assert grew("fusion_requests_total", route="/predict", status="507") == 1
+        assert grew("fusion_requests_total", route="/predict", status="500") == 1
         assert ready.status_code == 200  # five of six answered: the model is fine
 
     run(body())
@@ -110,7 +112,7 @@ def test_the_engine_splits_on_torch_cuda_out_of_memory(probe_package: Path) -> N
     alone = engine.execute(Kind.IMAGE, images[:1], None)
     assert len(alone) == 1 and isinstance(alone[0], InsufficientStorage)
     failed = engine.execute(Kind.TEXT, None, tokens[:1])
-    assert len(failed) == 1 and type(failed[0]) is ModelFailure  # not out of memory: 500, not 507
+    assert len(failed) == 1 and type(failed[0]) is ModelFailure  # not out of memory: model_failure, not out_of_memory
 
 
 def test_out_of_memory_is_recognized_by_type_or_message() -> None:
@@ -126,7 +128,7 @@ def test_out_of_memory_is_recognized_by_type_or_message() -> None:
 def test_a_cuda_error_other_than_out_of_memory_is_a_device_lost_for_good() -> None:
     assert is_device_lost(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
     assert is_device_lost(RuntimeError("CUDA error: device-side assert triggered"))
-    assert not is_device_lost(RuntimeError("CUDA error: out of memory"))  # split and retried: 507 at worst
+    assert not is_device_lost(RuntimeError("CUDA error: out of memory"))  # split and retried: out_of_memory at worst
     assert not is_device_lost(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert not is_device_lost(RuntimeError("probe: the model is broken"))
 

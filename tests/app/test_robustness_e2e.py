@@ -446,7 +446,7 @@ CASES = [
     text_case("model raises", b"!" + CANARY.encode(), 500, "model_failure"),
     text_case("model returns NaN", b"~" + CANARY.encode(), 500, "model_failure"),
     text_case("model returns a wrong shape", b"^" + CANARY.encode(), 500, "model_failure"),
-    text_case("out of memory even alone", b"&" + CANARY.encode(), 507, "out_of_memory"),
+    text_case("out of memory even alone", b"&" + CANARY.encode(), 500, "out_of_memory"),
     text_case("out of memory unless alone", b"%" + CANARY.encode(), 200),
 ]
 
