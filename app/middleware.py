@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID: Final = "X-Request-ID"
 MODEL_VERSION: Final = "X-Model-Version"
-_SAFE_ID: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+# Any visible ASCII (a UUID, an AWS trace id with its `=` and `;`, base64 with `+/=`): no space or
+# control character, so it cannot split a log line or a header; bounded, so it cannot bloat them.
+_SAFE_ID: Final = re.compile(rb"[!-~]{1,200}")
 
 
 def _client_request_id(scope: Scope) -> str | None:

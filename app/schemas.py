@@ -177,7 +177,7 @@ def multipart_body(properties: dict[str, dict[str, Any]], required: list[str]) -
                 "name": "X-Request-ID",
                 "in": "header",
                 "required": False,
-                "schema": {"type": "string", "maxLength": 128, "pattern": "^[A-Za-z0-9._:-]+$"},
+                "schema": {"type": "string", "maxLength": 200, "pattern": "^[!-~]+$"},
                 "description": "echoed on the response; generated when absent or not of this form",
             },
         ],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import random
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 import pytest
@@ -415,12 +417,14 @@ def lb(cluster: Cluster) -> Cluster:
     return cluster
 
 
-def test_oversized_body_is_refused_by_the_balancer(lb: Cluster) -> None:
-    # Refused from the Content-Length alone: no body is sent, none is read.
+def oversized_post(lb: Cluster, request_id: bytes | None) -> tuple[list[bytes], dict[str, Any]]:
+    """The balancer's answer to a body over its limit, refused from the Content-Length alone (no
+    body is sent, none is read): its head's lines and its JSON body."""
+    id_line = b"X-Request-ID: " + request_id + b"\r\n" if request_id is not None else b""
     with socket.create_connection(("127.0.0.1", lb.balancer.port), timeout=5) as sock:
         sock.sendall(
-            b"POST /predict HTTP/1.1\r\nHost: fusion.test\r\n"
-            b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 20971521\r\n\r\n"
+            b"POST /predict HTTP/1.1\r\nHost: fusion.test\r\n" + id_line + b"Content-Type: multipart/form-data;"
+            b" boundary=x\r\nContent-Length: 20971521\r\n\r\n"
         )
         answer = b""
         while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
@@ -429,8 +433,27 @@ def test_oversized_body_is_refused_by_the_balancer(lb: Cluster) -> None:
                 break
             answer += chunk
     head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 413"), answer
-    assert b'"code":"payload_too_large"' in body, answer
+    return head.split(b"\r\n"), json.loads(body)
+
+
+def test_oversized_body_is_refused_by_the_balancer_with_the_request_id(lb: Cluster) -> None:
+    """In the service's shape, and with the client's id in the header and the body (JSON-escaped),
+    as the service would answer; a fresh id, the same in both, when the client sent none."""
+    for sent in (b'client"7\\x', None):
+        lines, body = oversized_post(lb, sent)
+        assert lines[0] == b"HTTP/1.1 413 Request Entity Too Large", lines
+        ids = [line.split(b": ", 1)[1] for line in lines if line.lower().startswith(b"x-request-id:")]
+        expected = sent.decode() if sent is not None else ids[0].decode()
+        assert body == {
+            "error": {
+                "code": "payload_too_large",
+                "message": "the request body exceeds 20971520 bytes",
+                "request_id": expected,
+            }
+        }
+        assert ids == [expected.encode()]
+        if sent is None:
+            assert UUID.fullmatch(expected), expected
 
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
