@@ -68,7 +68,7 @@ class Manifest:
                     image_embedding=tuple(float(v) for v in case["image_embedding"]),
                     text_embedding=tuple(float(v) for v in case["text_embedding"]),
                 )
-                for case in data.get("golden", [])
+                for case in data["golden"]
             )
             height, width = (int(v) for v in data["image_size"])
             manifest = cls(
@@ -83,7 +83,7 @@ class Manifest:
                 embedding_dim=int(data["embedding_dim"]),
                 archive=str(data["archive"]),
                 archive_sha256=str(data["archive_sha256"]),
-                metrics=dict(data.get("metrics", {})),
+                metrics=_metrics(data["metrics"]),
                 golden=golden,
                 model_config=dict(data.get("model_config", {})),
                 torch_version=str(data.get("torch_version", "")),
@@ -127,7 +127,15 @@ _REQUIRED_FIELDS: Final = (
     "embedding_dim",
     "archive",
     "archive_sha256",
+    "metrics",  # what it scored when shipped; {} for a package nobody evaluated (a random model)
+    "golden",  # the cases the server checks before it is ready: a package without them is refused there
 )
+
+
+def _metrics(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"metrics must be an object, not {type(value).__name__}")
+    return value
 
 
 def read_manifest(package_dir: Path) -> Manifest:

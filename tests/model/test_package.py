@@ -116,6 +116,16 @@ def test_manifest_missing_fields(package: Path) -> None:
     assert refused(package) == f"{package / MANIFEST_NAME}: missing field(s): labels, archive_sha256"
 
 
+def test_manifest_without_its_metrics_or_golden_cases_is_refused(package: Path) -> None:
+    """DESIGN.md: the manifest says at least the metrics it was shipped with and its golden cases."""
+    data = json.loads((package / MANIFEST_NAME).read_text())
+    del data["metrics"], data["golden"]
+    (package / MANIFEST_NAME).write_text(json.dumps(data))
+    assert refused(package) == f"{package / MANIFEST_NAME}: missing field(s): metrics, golden"
+    edit_manifest(package, metrics=[0.9], golden=[])
+    assert refused(package) == f"{package / MANIFEST_NAME}: malformed field: metrics must be an object, not list"
+
+
 def test_manifest_labels_that_do_not_match_the_model(package: Path) -> None:
     edit_manifest(package, labels=list(TEST_LABELS[:-1]))
     assert "golden case 0 does not match the labels" in refused(package)
