@@ -1,7 +1,8 @@
 """The per-request flow shared by /predict and /embed.
 
-    deadline from X-Request-Timeout-Ms -> 415/413 from the headers -> admission (429; 504 when the
-    deadline has passed already: the load-shedding middleware answers both first) -> the body
+    a form field in the URL (422) -> deadline from X-Request-Timeout-Ms -> 415/413 from the headers
+    -> admission (429; 504 when the deadline has passed already: the load-shedding middleware
+    answers both first) -> the body
     budget (429) -> read the body (413 while streaming, 408 past body_timeout_s) -> decode in the
     pool, once its image's decode memory is free (413 when it never can be, 504 past the
     deadline), or on the loop when alone and small (400/413/415/422)
@@ -17,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
+from urllib.parse import parse_qsl
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
@@ -26,7 +28,7 @@ from starlette.responses import Response
 from app.body_memory import BodyHold
 from app.decode_memory import MustWait
 from app.decoding import Decoded, DecodeElsewhere, DecodeSite
-from app.errors import ClientGone, MalformedRequest, PayloadTooLarge, RequestTimeout
+from app.errors import ClientGone, InvalidInput, MalformedRequest, PayloadTooLarge, RequestTimeout
 from app.forms import multipart_boundary
 from app.items import Kind, Row
 from app.request_timeout import TIMEOUT_HEADER, allowed_seconds, deadline_of, is_small_number
@@ -35,10 +37,14 @@ from model.manifest import Manifest
 
 Decode = Callable[[bytes, bytes, DecodeSite], Decoded]  # body, boundary, where it decodes
 
+FORM_FIELDS: Final = frozenset({"image", "text", "top_k"})
+
 
 async def infer(
     request: Request, serving: Serving, route: str, decode: Decode, kind_of: Callable[[Decoded], Kind]
 ) -> tuple[Decoded, Row]:
+    if query := request.scope["query_string"]:
+        refuse_form_fields_in(query)
     loop = asyncio.get_running_loop()
     allowed = allowed_seconds(request.headers.get(TIMEOUT_HEADER), serving.settings)
     now = loop.time()
@@ -63,6 +69,16 @@ async def infer(
     if loop.time() <= deadline:
         serving.metrics.within_deadline.labels(route).inc()
     return decoded, row
+
+
+def refuse_form_fields_in(query: bytes) -> None:
+    """422 for `?top_k=3` and the like: read only from the form, it would be ignored without a word,
+    and the answer would not be the one asked for. Other parameters (a cache buster) pass."""
+    named = {name for name, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True)} & FORM_FIELDS
+    if named:
+        raise InvalidInput(
+            f"{', '.join(sorted(named))}: send form fields in the multipart body, not in the URL", code="invalid_field"
+        )
 
 
 async def decode_request(

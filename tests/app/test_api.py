@@ -241,6 +241,12 @@ def test_every_status_of_the_error_table(probe_package: Path) -> None:
                     await client.post("/predict", **form(good_image, "q"), headers=headers), 422, "invalid_timeout"
                 )
             assert_error(await client.post("/embed", **form()), 422, "missing_field")
+            # A form field in the URL would be ignored without a word: refused, before the body is read.
+            in_url = await client.post("/predict?v=2&top_k=3&text=", **form(good_image, "q"))
+            assert assert_error(in_url, 422, "invalid_field")["message"] == (
+                "text, top_k: send form fields in the multipart body, not in the URL"
+            )
+            assert (await client.post("/predict?v=2", **form(good_image, "q"))).status_code == 200
             assert_error(await client.get("/nowhere"), 404, "not_found")
             not_allowed = await client.get("/predict")
             assert_error(not_allowed, 405, "method_not_allowed")
@@ -248,7 +254,7 @@ def test_every_status_of_the_error_table(probe_package: Path) -> None:
             # The service is untouched by all of that.
             assert (await client.post("/predict", **form(good_image, "q"))).status_code == 200
             samples = await served.metrics()
-            assert metric(samples, "fusion_requests_total", route="/predict", status="422") == 9
+            assert metric(samples, "fusion_requests_total", route="/predict", status="422") == 10
             assert metric(samples, "fusion_requests_total", route="/embed", status="422") == 1
             assert metric(samples, "fusion_requests_total", route="unmatched", status="404") == 1
 
