@@ -4,7 +4,6 @@ without the service is refused rather than silently running this checkout."""
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,14 +11,20 @@ import pytest
 from bench.compare import main, paired_ratio
 from bench.payloads import with_header
 from bench.server import ROOT
+from tests.conftest import require_tool
 
-pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="bench.compare drives the servers with wrk")
+
+@pytest.fixture
+def wrk() -> str:
+    """bench.compare drives the servers with wrk."""
+    return require_tool("wrk")
+
 
 QUICK = ["--workload", "scenes", "--concurrency", "1", "--repeats", "1", "--seconds", "1"]
 
 
 def test_variant_b_runs_from_another_checkout(
-    tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    wrk: str, tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     other = tmp_path / "other"
     other.mkdir()
@@ -34,7 +39,7 @@ def test_variant_b_runs_from_another_checkout(
 
 
 def test_a_root_without_the_service_is_refused(
-    tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    wrk: str, tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """There, `python -m app` would import the installed service, that is this checkout, silently."""
     empty = tmp_path / "empty"
@@ -52,7 +57,7 @@ def test_the_paired_ratio_is_the_median_of_each_repeats_own_ratio() -> None:
 
 
 def test_the_open_loop_runs_at_a_share_of_as_best_throughput(
-    tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    wrk: str, tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--model", str(tiny_package), "--b", "--lookahead-ms 2", "--out", str(tmp_path / "out"), *QUICK]
     assert main([*argv, "--open-share", "0.5", "--open-seconds", "1"]) == 0
@@ -68,7 +73,7 @@ def test_the_open_loop_runs_at_a_share_of_as_best_throughput(
 
 
 def test_with_deadlines_it_reports_goodput(
-    tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    wrk: str, tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Every request carries the deadline; the open loop's answers within it, per second, come last."""
     argv = ["--model", str(tiny_package), "--b", "--lookahead-ms 2", "--out", str(tmp_path / "out"), *QUICK]
@@ -80,7 +85,7 @@ def test_with_deadlines_it_reports_goodput(
 
 
 def test_hurried_requests_go_beside_the_open_loop_and_the_others_refusals_are_reported(
-    tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    wrk: str, tiny_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A light load: nobody is refused, and the hurried get their own statuses."""
     argv = ["--model", str(tiny_package), "--b", "--lookahead-ms 2", "--out", str(tmp_path / "out"), *QUICK]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from PIL import Image
 from model.package import load_package
 from trainer.__main__ import main
 from trainer.data import load_dataset
+from trainer.fit import Trainer
 from trainer.sampling import ErrorWeightedSampler
 from trainer.shapesqa import LABELS
 
@@ -121,3 +123,18 @@ def test_error_weighted_draws_are_steered_by_validation_and_saved_exactly(
         load_dataset(shapesqa_dir / "train" / "data.jsonl", LABELS, (32, 32), 96, 1), 16, 0.5
     )
     assert shares != natural.shares()
+
+
+def test_validation_accuracy_steers_the_draws_toward_the_types_it_gets_wrong(shapesqa_dir: Path) -> None:
+    """Trainer.reweight turns a validation report (accuracy in percent per question type) into error
+    rates: the type it gets most wrong gets the most of the error-weighted half, one it gets right none."""
+    sampler = ErrorWeightedSampler(
+        load_dataset(shapesqa_dir / "train" / "data.jsonl", LABELS, (32, 32), 96, 1), 16, 0.5
+    )
+    natural = sampler.shares()
+    report = {f"qtype/{qtype}": 100.0 for qtype in sampler.qtypes} | {"qtype/nearest": 40.0, "qtype/count": 80.0}
+    Trainer.reweight(SimpleNamespace(sampler=sampler), report)  # type: ignore[arg-type]
+    errors = {"nearest": 0.6, "count": 0.2}
+    expected = {qtype: 0.5 * share + 0.5 * errors.get(qtype, 0.0) / 0.8 for qtype, share in natural.items()}
+    assert sampler.shares() == pytest.approx(expected, abs=1e-12)
+    assert sampler.shares()["nearest"] == pytest.approx(0.5 * natural["nearest"] + 0.375, abs=1e-12)
