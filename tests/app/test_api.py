@@ -190,7 +190,7 @@ def test_request_id_is_echoed_when_safe_and_replaced_otherwise(probe_package: Pa
                 echoed = await served.client.get("/healthz", headers={"X-Request-ID": sent})
                 assert echoed.headers["x-request-id"] == sent
             for unsafe in ("bad id\twith spaces", "with space", "~" * 201, "caf\u00e9"):
-                replaced = await served.client.get("/healthz", headers={"X-Request-ID": unsafe.encode("utf-8")})
+                replaced = await served.client.get("/healthz", headers={b"X-Request-ID": unsafe.encode("utf-8")})
                 assert re.fullmatch("[0-9a-f]{32}", replaced.headers["x-request-id"]), unsafe
             error = await served.client.post("/predict", json={}, headers={"X-Request-ID": "abc"})
             assert assert_error(error, 415, "unsupported_media_type")["request_id"] == "abc"
@@ -291,6 +291,7 @@ def test_the_call_cost_is_measured_at_startup_and_reported(tiny_package: Path) -
             phases = dict(served.state.startup_seconds)
         reported = info["batching"]["call_cost_tokens"]
         assert set(reported) == {"fuse", "text"}
+        assert {kind for kind in costs if kind.needs_text} == {Kind.FUSE, Kind.TEXT}  # the loop below is not empty
         for kind, cost in costs.items():
             if kind.needs_text:
                 assert cost > 0

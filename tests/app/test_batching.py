@@ -444,7 +444,7 @@ def test_a_full_queue_sheds_at_once_with_retry_after(probe_package: Path) -> Non
             shed = await post(served, "/predict", picture(), "one too many")
             assert shed.status_code == 429 and not slow.done()
             assert shed.json()["error"]["code"] == "overloaded"
-            assert int(shed.headers["retry-after"]) >= 1
+            assert shed.headers["retry-after"] == str(batcher.retry_after_s())  # the device is held: no batch ends
             # A request that is wrong in itself says so whatever the load: a retry would not mend it.
             invalid = await post(served, "/predict", picture(), "bad", headers={"X-Request-Timeout-Ms": "0"})
             assert invalid.status_code == 422 and invalid.json()["error"]["code"] == "invalid_timeout"
@@ -888,6 +888,24 @@ def test_a_drain_does_not_wait_for_a_batch_abandoned_to_a_hung_pass() -> None:
                 assert time.monotonic() - began < 1.0
             finally:
                 hangs.gate.set()  # the pass returns after all, before the worker shuts down
+
+    run(body())
+
+
+def test_retry_after_is_the_batches_ahead_at_the_running_batch_time() -> None:
+    """The admitted requests' batches and the running one, at the running estimate of a batch's
+    time, in whole seconds up: 9 admitted at batch size 4 is 3 batches and 1 running, 4 x 0.7 s = 3."""
+
+    async def body() -> None:
+        async with text_batcher(embeddings) as batcher:
+            assert batcher.retry_after_s() == 1  # nothing measured, nothing queued: at least 1
+            batcher.admitted, batcher._batch_seconds = 9, 0.7
+            assert batcher.retry_after_s() == 3
+            batcher._batch_seconds = 0.75
+            assert batcher.retry_after_s() == 3
+            batcher._batch_seconds = 0.76
+            assert batcher.retry_after_s() == 4
+            batcher.admitted = 0
 
     run(body())
 

@@ -474,6 +474,11 @@ def assert_error_shape(response: httpx.Response, status: int, code: str) -> None
     assert body["error"]["request_id"] == response.headers["x-request-id"]
 
 
+# The model's own injected exceptions: the one traceback each, logged where the failure is pinned
+# to the item. No other case may leave one.
+LOGS_A_TRACEBACK = {"model raises", "model returns a wrong shape"}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_bad_input_gets_its_defined_answer_and_harms_nothing(
     reference: dict[str, Any],
@@ -484,6 +489,7 @@ def test_bad_input_gets_its_defined_answer_and_harms_nothing(
     case: Case,
 ) -> None:
     case_client, good_client = clients
+    logged_before = len(server.output())
 
     def send_case() -> tuple[httpx.Response, float]:
         began = time.perf_counter()
@@ -510,6 +516,10 @@ def test_bad_input_gets_its_defined_answer_and_harms_nothing(
     assert_answer(good_answer.json(), ranked(reference))
     assert server.process.poll() is None
     assert_fast_health(prober)
+    # Logged before the answer went out (and the log file is written unbuffered): this case's lines.
+    logged = server.output()[logged_before:]
+    assert CANARY not in logged
+    assert logged.count("Traceback (most recent call last)") == (case.name in LOGS_A_TRACEBACK), logged
 
 
 def assert_fast_health(prober: httpx.Client) -> float:
@@ -928,8 +938,8 @@ def test_a_burst_of_ten_times_capacity(server: Server, prober: httpx.Client) -> 
 
 
 def test_the_log_never_shows_the_input(server: Server) -> None:
-    """Runs last in this module: after every case above, the canary they carried is nowhere in the
-    server's output, and nothing but the model's own injected failures left a traceback."""
+    """The whole log once more (each bad-input case checks its own lines): what every other test of
+    the module sent, the canary included, is nowhere in the server's output."""
     log = server.output()
     assert CANARY not in log
     assert "Exception in ASGI application" not in log and "Unhandled" not in log

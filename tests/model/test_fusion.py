@@ -56,20 +56,42 @@ def test_padding_does_not_change_an_item(model: FusionModel) -> None:
         torch.testing.assert_close(batched[name][:1], alone[name], atol=1e-5, rtol=1e-5)
 
 
-def test_all_padding_text_gives_finite_outputs(model: FusionModel) -> None:
+def test_all_padding_text_gives_finite_unit_outputs(model: FusionModel) -> None:
+    """No text at all (every position masked) still gives a finite, unit-length text embedding, the
+    same for every row and the same as encode_text's."""
     images, _ = inputs(2, 1)
+    empty = torch.zeros(2, 4, dtype=torch.int64)
     with torch.inference_mode():
-        out = model(images, torch.zeros(2, 4, dtype=torch.int64))
+        out = model(images, empty)
+        alone = model.encode_text(empty)
     assert all(torch.isfinite(value).all() for value in out.values())
+    text = out["text_embedding"]
+    torch.testing.assert_close(text.norm(dim=1), torch.ones(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(text[0], text[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(text, alone, atol=1e-6, rtol=0)
 
 
 def test_images_are_normalized_inside(model: FusionModel) -> None:
-    """uint8 in, no caller-side normalization: a black and a white image give different answers."""
+    """uint8 in, no caller-side normalization: the first layer sees (pixel - 127.5) / 64 in each
+    colour channel, then the pixel's x and y from -1 (left, top) to 1 (right, bottom)."""
     _, tokens = inputs(1, 6)
-    with torch.inference_mode():
-        black = model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), tokens)["logits"]
-        white = model(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8), tokens)["logits"]
-    assert not torch.allclose(black, white)
+    seen: list[torch.Tensor] = []
+    hook = model.image_encoder.stem.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    image = torch.empty(1, 3, 32, 32, dtype=torch.uint8)
+    image[0, 0], image[0, 1], image[0, 2] = 0, 191, 255
+    try:
+        with torch.inference_mode():
+            model(image, tokens)
+    finally:
+        hook.remove()
+    (x,) = seen
+    assert x.shape == (1, 5, 32, 32) and x.dtype == torch.float32
+    for channel, value in enumerate((-1.9921875, 0.9921875, 1.9921875)):  # exact in float32
+        assert torch.equal(x[0, channel], torch.full((32, 32), value))
+    assert x[0, 3, 0, 0] == x[0, 4, 0, 0] == -1.0 and x[0, 3, -1, -1] == x[0, 4, -1, -1] == 1.0
+    assert torch.equal(x[0, 3, 0], torch.linspace(-1.0, 1.0, 32)) and torch.equal(
+        x[0, 4, :, 0], torch.linspace(-1.0, 1.0, 32)
+    )
 
 
 def test_position_code_is_fixed_unit_scale_and_left_to_right() -> None:
