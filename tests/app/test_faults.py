@@ -330,7 +330,8 @@ def test_a_golden_check_failing_with_a_device_error_turns_liveness_red_for_good(
         assert monitor.liveness() == "the device failed (a CUDA error): only a new process can use it again"
         monitor.batch_done(True)
         await until(lambda: not monitor._checking)
-        assert monitor.liveness() is not None and monitor.readiness() is not None
+        assert monitor.liveness() == "the device failed (a CUDA error): only a new process can use it again"
+        assert monitor.readiness() is not None
         await monitor.stop()
 
     with golden_monitor(golden_check) as monitor:

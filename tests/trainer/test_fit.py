@@ -65,6 +65,14 @@ def test_fit_exports_a_package_that_loads_and_evaluates(
     result = json.loads(report.read_text())
     assert result["samples"] == 100
     assert {"qtype/count", "lang/en", "lang/zh", "relational", "non_relational"} <= result["accuracy"].keys()
+    # The same split and the same code as the test metrics fit recorded: the same numbers, from the
+    # exported package.
+    recorded = manifest.metrics["test"]
+    assert (result["accuracy"], result["retrieval"]) == (recorded["accuracy"], recorded["retrieval"])
+    assert (result["text_only_accuracy"], result["image_only_accuracy"]) == (
+        recorded["text_only_accuracy"],
+        recorded["image_only_accuracy"],
+    )
 
 
 def test_resume_continues_from_the_checkpoint_with_its_own_model(
