@@ -68,7 +68,9 @@ def answer(row: Row, labels: Sequence[str]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.precision", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("weights/shapesqa"))
-    parser.add_argument("--data", type=Path, required=True, help="a JSONL data set (DESIGN.md format)")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="a JSONL data set (the trainer's format: image, text, label per line)"
+    )
     parser.add_argument("--precision", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (the server's default here: 1)")

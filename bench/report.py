@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -983,8 +984,11 @@ def graph_description(settings: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    folder = Path(args[0]) if args else Path(__file__).with_name("results")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report", description="Rebuild DIR/report.md and the plots from DIR/results.json."
+    )
+    parser.add_argument("folder", nargs="?", type=Path, default=Path(__file__).with_name("results"), metavar="DIR")
+    folder = parser.parse_args(argv).folder
     results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
     print(write_report(results, folder))
     return 0

@@ -101,7 +101,7 @@ def _load(archive: Path) -> torch.jit.ScriptModule:
     if missing:
         raise PackageError(
             f"{archive}: missing method(s) {', '.join(missing)}; the serving contract needs "
-            f"{', '.join(REQUIRED_METHODS)} (DESIGN.md, 'Model package')"
+            f"{', '.join(REQUIRED_METHODS)} (the README, 'Model packages')"
         )
     return module.eval()
 

@@ -236,7 +236,7 @@ def generate_main(argv: Sequence[str]) -> int:
     """CLI: ``python -m trainer data shapesqa --out DIR --train N --val N --test N --seed S ...``."""
     parser = argparse.ArgumentParser(
         prog="python -m trainer data shapesqa",
-        description="Generate ShapesQA splits (SHAPESQA.md) as DIR/{train,val,test}/data.jsonl + images/.",
+        description="Generate ShapesQA splits as DIR/{train,val,test}/data.jsonl + images/.",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder; one subfolder per split")
     for split in SPLITS:
