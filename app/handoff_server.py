@@ -95,7 +95,8 @@ class HandoffServer:
             link.writer.close()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        watch = [self._watch] if self._watch is not None else []
+        await asyncio.gather(*self._tasks, *watch, return_exceptions=True)
 
     # -- one front-end's link ----------------------------------------------------------------------
 
