@@ -33,8 +33,16 @@ class ServingModel(Protocol):
 
 
 @torch.inference_mode()
-def predict(model: ServingModel, data: TensorDataset, batch_size: int = 256, blank: str = "") -> torch.Tensor:
-    """Arg-max label per record; blank='image' replaces images by uniform gray, 'text' empties texts."""
+def predict(
+    model: ServingModel,
+    data: TensorDataset,
+    batch_size: int = 256,
+    blank: str = "",
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Arg-max label per record, on the host; blank='image' replaces images by uniform gray, 'text'
+    empties texts. `device`: where the model is (the data set is in host memory), for validation
+    during training on a GPU."""
     predictions = []
     for start in range(0, len(data), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(data)))
@@ -43,7 +51,9 @@ def predict(model: ServingModel, data: TensorDataset, batch_size: int = 256, bla
             images = torch.full_like(images, 128)
         elif blank == "text":
             tokens = torch.zeros(tokens.shape[0], 1, dtype=torch.int64)
-        predictions.append(model(images, tokens)["logits"].argmax(dim=1))
+        if device is not None:
+            images, tokens = images.to(device), tokens.to(device)
+        predictions.append(model(images, tokens)["logits"].argmax(dim=1).cpu())
     return torch.cat(predictions)
 
 
@@ -89,7 +99,9 @@ def retrieval_recall(model: ServingModel, data: TensorDataset, ks: Sequence[int]
         images = model.encode_image(data.images[pool])  # (P, D)
         texts = model.encode_text(torch.from_numpy(pad_tokens(data.caption_tokens(pool))))
         similarity = texts @ images.t()  # (P captions, P images)
-        rank = (similarity > similarity.diagonal().unsqueeze(1)).sum(dim=1)  # images scored above the true one
+        # Images scored at least as high as the true one, itself aside: a tie counts against it, so a
+        # collapsed embedding (every image the same vector) scores 1 in a pool, not every time.
+        rank = (similarity >= similarity.diagonal().unsqueeze(1)).sum(dim=1) - 1
         for k in ks:
             hits[k] += int((rank < k).sum())
         total += len(pool)

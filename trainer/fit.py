@@ -193,6 +193,10 @@ class Trainer:
         return {"loss": float(answer_loss.detach()), "align": float(align.detach()), "accuracy": accuracy, "lr": lr}
 
 
+class ResumeError(ValueError):
+    """A checkpoint that cannot go on with this command's data."""
+
+
 def fit(config: TrainConfig, argv: Sequence[str] = ()) -> dict[str, Any]:
     started = time.monotonic()
     if config.threads:
@@ -200,18 +204,22 @@ def fit(config: TrainConfig, argv: Sequence[str] = ()) -> dict[str, Any]:
     device = pick_device(config.device)
     splits = resolve_splits(config.data)
     labels = resolve_labels(config.labels, splits["train"])
-    size = (config.image_size, config.image_size)
-    log(f"decoding data sets ({', '.join(splits)}) at {size[0]}x{size[1]}")
-    sets = {
-        name: load_dataset(path, labels, size, config.max_length, config.workers or None)
-        for name, path in splits.items()
-    }
     # A resumed run is the checkpoint's model, whatever the defaults have become since it was made.
     resumed = load_checkpoint(config.resume) if config.resume else None
+    if resumed is not None and list(resumed["labels"]) != list(labels):
+        # Same count, other order: the head's classes would be renamed without a word.
+        raise ResumeError(
+            f"{config.resume} was trained on the labels {list(resumed['labels'])}, and this command's are"
+            f" {list(labels)}: pass --labels with the checkpoint's, in its order"
+        )
     model_config = config.model_config(len(labels))
     if resumed is not None and (saved := FusionConfig.from_dict(resumed["model_config"])) != model_config:
         log("the checkpoint's model config differs from this command's: resuming with the checkpoint's")
         model_config = saved
+    # The data and the package take the model's input sizes: a resumed model's, not the command's.
+    size, max_length = model_config.image.size, model_config.text.max_length
+    log(f"decoding data sets ({', '.join(splits)}) at {size[0]}x{size[1]}")
+    sets = {name: load_dataset(path, labels, size, max_length, config.workers or None) for name, path in splits.items()}
     trainer = Trainer(config, labels, sets["train"], device, model_config)
     checkpoint_path = config.out.parent / f".{config.out.name}-checkpoint.pt"
     if resumed is not None:
@@ -241,7 +249,7 @@ def fit(config: TrainConfig, argv: Sequence[str] = ()) -> dict[str, Any]:
             point["step"] = trainer.step
             point["minutes"] = trainer.training_seconds() / 60
             if val is not None:
-                report = accuracy_report(val, predict(trainer.model.eval(), val))
+                report = accuracy_report(val, predict(trainer.model.eval(), val, device=device))
                 point["val_accuracy"] = report["all"]
                 point["val_relational"] = report.get("relational", float("nan"))
                 trainer.reweight(report)
@@ -270,8 +278,8 @@ def fit(config: TrainConfig, argv: Sequence[str] = ()) -> dict[str, Any]:
         task=config.name or config.out.name,
         labels=labels,
         image_size=size,
-        max_text_length=config.max_length,
-        embedding_dim=config.embed_dim,
+        max_text_length=max_length,
+        embedding_dim=trainer.model_config.embed_dim,
         metrics=metrics,
         model_config=trainer.model_config.to_dict(),
     )

@@ -14,7 +14,7 @@ from PIL import Image
 from model.package import load_package
 from trainer.__main__ import main
 from trainer.data import load_dataset
-from trainer.fit import Trainer
+from trainer.fit import ResumeError, Trainer
 from trainer.sampling import ErrorWeightedSampler
 from trainer.shapesqa import LABELS
 
@@ -83,13 +83,23 @@ def test_resume_continues_from_the_checkpoint_with_its_own_model(
     checkpoint = tmp_path / ".resumed-checkpoint.pt"
     assert checkpoint.is_file()
     capsys.readouterr()
-    argv = fit_args(shapesqa_dir, out, "--resume", str(checkpoint))  # today's defaults: with the bias
+    # Today's defaults (with the bias), and other input sizes: the checkpoint's model, with its own.
+    argv = fit_args(shapesqa_dir, out, "--resume", str(checkpoint), "--image-size", "48", "--max-length", "128")
     argv[argv.index("--steps") + 1] = "9"
-    assert main(argv) == 0
+    assert main([*argv, "--embed-dim", "24"]) == 0
     assert "resuming with the checkpoint's" in capsys.readouterr().err
     manifest = load_package(out).manifest
     assert manifest.metrics["steps"] == 9
     assert manifest.model_config["relative_position"] is False
+    assert (manifest.image_size, manifest.max_text_length, manifest.embedding_dim) == ((32, 32), 96, 16)
+    # The same labels in another order would rename the head's classes: refused.
+    reordered = ",".join(reversed(LABELS))
+    with pytest.raises(ResumeError) as refused:
+        main(fit_args(shapesqa_dir, out, "--resume", str(checkpoint), "--labels", reordered))
+    assert str(refused.value) == (
+        f"{checkpoint} was trained on the labels {list(LABELS)}, and this command's are {list(reversed(LABELS))}:"
+        " pass --labels with the checkpoint's, in its order"
+    )
 
 
 def write_generic_set(root: Path) -> Path:
