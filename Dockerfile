@@ -89,7 +89,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     FUSION_DEVICE=${DEVICE} \
     # Below the orchestrator's grace periods (README, "Deployment": the arithmetic).
     FUSION_DRAIN_DELAY_S=5 \
-    FUSION_GRACEFUL_TIMEOUT_S=20 \
+    FUSION_GRACEFUL_TIMEOUT_S=25 \
     # A client may ask for no longer than a drain lets a request finish; longer gets 422 at once,
     # where it would have been cut by the drain, or by the load balancer's server timeout.
     FUSION_MAX_REQUEST_TIMEOUT_MS=20000
@@ -100,7 +100,7 @@ STOPSIGNAL SIGTERM
 
 # Ready, not merely alive: Docker reports the container healthy once the model is loaded, warmed
 # up and self-checked. The slim image has no curl; urlopen raises on a 503, so the exit code says it.
-HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('FUSION_PORT', '8000'), timeout=2)"]
 
 # Exec form: tini, then the server, with no shell in between to swallow SIGTERM. Flags given to

@@ -34,6 +34,7 @@ K8S_VERSIONS = ("1.30.0", "1.33.0")
 # What a pod needs after the accepted work is done: the model's shutdown, the interpreter's exit
 # (about a second here) and the kubelet's own lag. The grace period must leave at least this.
 EXIT_MARGIN_S = 5.0
+BATCH_MARGIN_S = 5.0  # far above one batch on a CPU (tens of milliseconds)
 RUNTIME_SOURCES = {"app/", "model/", "weights/"}
 
 
@@ -298,7 +299,10 @@ def test_k8s_service_autoscaler_and_budget_select_the_deployment() -> None:
     gpu_autoscaler = yaml.safe_load((K8S / "gpu" / "hpa.yaml").read_text())
     gpu_target = gpu_autoscaler["spec"]["scaleTargetRef"]
     assert (gpu_target["kind"], gpu_target["name"]) == ("Deployment", gpu["metadata"]["name"])
-    assert gpu_autoscaler["spec"]["minReplicas"] <= gpu["spec"]["replicas"] <= gpu_autoscaler["spec"]["maxReplicas"]
+    # The autoscalers own the replica count: a count in a Deployment would be set again by every
+    # `kubectl apply` of a new image, undoing a scale-up under load.
+    assert "replicas" not in gpu["spec"] and "replicas" not in deployment["spec"]
+    assert 2 <= gpu_autoscaler["spec"]["minReplicas"] <= gpu_autoscaler["spec"]["maxReplicas"]
     (metric,) = gpu_autoscaler["spec"]["metrics"]
     assert (metric["type"], metric["pods"]["metric"]["name"]) == ("Pods", "fusion_queue_depth")
     assert "fusion_queue_depth" in Metrics(1).render().decode()  # a gauge the service exports
@@ -370,8 +374,9 @@ def test_haproxy_limits_match_the_service() -> None:
     server_timeout = seconds(haproxy_setting(r"^\s*timeout server (\S+)"))
     longest = image.max_request_timeout_ms / 1000 + image.forward_timeout_s + 0.25
     assert server_timeout > longest, f"timeout server {server_timeout} s, the service may take {longest} s"
-    # And a drain lets any request the image accepts finish.
-    assert image.max_request_timeout_ms / 1000 <= image.graceful_timeout_s
+    # And a drain lets any request the image accepts finish: one that starts on the device just
+    # before the longest deadline a client may ask for, and its batch (seconds at most, on a CPU).
+    assert image.max_request_timeout_ms / 1000 + BATCH_MARGIN_S <= image.graceful_timeout_s
     # The production check intervals notice a drain inside the service's drain window: the first
     # failed check comes within `inter`, the next ones every `fastinter`, each taking up to
     # `timeout check`.
@@ -379,8 +384,12 @@ def test_haproxy_limits_match_the_service() -> None:
     fastinter = seconds(haproxy_setting(r"FUSION_LB_CHECK_FASTINTER-(\w+)"))
     fall = int(haproxy_setting(r"default-server .* fall (\d+)"))
     check_timeout = seconds(haproxy_setting(r"^\s*timeout check (\S+)"))
-    noticed = inter + (fall - 1) * fastinter + check_timeout
+    noticed = inter + (fall - 1) * fastinter + fall * check_timeout  # a check is scheduled when the last ends
     assert noticed < defaults.drain_delay_s
+    # HAProxy's own stop lets answers in flight finish (up to hard-stop-after, above timeout server)
+    # before Docker's SIGKILL.
+    hard_stop = seconds(haproxy_setting(r"^\s*hard-stop-after (\S+)"))
+    assert server_timeout < hard_stop < seconds(compose()["services"]["haproxy"]["stop_grace_period"])
     assert noticed < float(compose()["services"]["fusionserve"]["environment"]["FUSION_DRAIN_DELAY_S"])
 
 
