@@ -64,16 +64,16 @@ async def frontend_lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.decode_pool = start_decode_pool(state.settings)
     # Front-ends are for a GPU host: their pools decode in parallel on the cores the device leaves.
     state.inline_under_load = state.settings.decodes_inline_under_load(on_cuda=True)
-    manifest = await _link_up(link, state.settings)
-    state.manifest = manifest
-    state.decoder = Decoder.serving(state.settings, manifest, state.metrics)
-    # The device may run a batch and hold the next one handed over early (--lookahead-ms): two batches.
-    running = 2 * state.settings.max_batch_size
-    state.batcher = RemoteBatcher(link, state.settings.max_queue, running, state.metrics)
-    link.announce_serving()
-    state.phase = Phase.READY
-    log.info("serving %s %s through the device process", manifest.name, manifest.version)
-    try:
+    try:  # a link that fails to come up still closes, and the pool still shuts down
+        manifest = await _link_up(link, state.settings)
+        state.manifest = manifest
+        state.decoder = Decoder.serving(state.settings, manifest, state.metrics)
+        # The device may run a batch and hold the next one handed over early (--lookahead-ms): two batches.
+        running = 2 * state.settings.max_batch_size
+        state.batcher = RemoteBatcher(link, state.settings.max_queue, running, state.metrics)
+        link.announce_serving()
+        state.phase = Phase.READY
+        log.info("serving %s %s through the device process", manifest.name, manifest.version)
         yield
     finally:
         await _stop(state, link)
