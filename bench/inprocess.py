@@ -45,6 +45,10 @@ KINDS = ("fuse", "image", "text")
 # once more before one is chosen: one run each drifts by more than the sizes differ (the mix's batch
 # 28 once measured 486 items/s against 493 for 32, whose median over six was then 454).
 CONTENDER_SHARE = 0.9
+# And always at least this many of the fastest: a first run far ahead of the rest may be the machine's
+# fast moment (the uniform workload's batch 16 once ran 625 items/s, then 429-455 five times, while
+# batch 8, at 531, 85 % of it, was never measured again).
+MIN_CONTENDERS = 3
 
 
 @dataclass
@@ -80,10 +84,11 @@ class Ceilings:
     # Per text lane, one more forward call's cost in padded tokens, as the service measures it (a lane
     # absent here never splits).
     call_cost_tokens: dict[str, float] = field(default_factory=dict)
-    # The candidates measured a second time, in turn, before the best was chosen (CONTENDER_SHARE);
-    # empty when one candidate alone came that close.
+    # The candidates measured a second time, in turn, before the best was chosen (MIN_CONTENDERS and
+    # CONTENDER_SHARE); empty when there was one candidate alone.
     contenders: list[int] = field(default_factory=list)
     contender_share: float = CONTENDER_SHARE
+    min_contenders: int = MIN_CONTENDERS
     # Per recheck given a spread time (`recheck`), every call's seconds of `forward_spread`: the same
     # batch of best_batch requests, back to back.
     spread_calls_s: list[list[float]] = field(default_factory=list)
@@ -420,14 +425,16 @@ def measure(
     return ceilings
 
 
-def contenders_of(first: Mapping[int, float], share: float = CONTENDER_SHARE) -> list[int]:
-    """The batch sizes whose first measured rate came within `share` of the fastest, to be measured
-    once more; none when the fastest stands alone."""
-    if not first:
+def contenders_of(
+    first: Mapping[int, float], share: float = CONTENDER_SHARE, at_least: int = MIN_CONTENDERS
+) -> list[int]:
+    """The batch sizes to measure once more: those whose first rate came within `share` of the
+    fastest, and the `at_least` fastest whatever their rates; none when there is only one size."""
+    if len(first) < 2:
         return []
     fastest = max(first.values())
-    contenders = sorted(size for size, rate in first.items() if rate >= share * fastest)
-    return contenders if len(contenders) > 1 else []
+    leaders = sorted(first, key=lambda size: (-first[size], size))[:at_least]
+    return sorted({*leaders, *(size for size, rate in first.items() if rate >= share * fastest)})
 
 
 def best_by_median(rates: Mapping[int, Sequence[float]]) -> int:

@@ -142,16 +142,19 @@ def test_the_report_says_when_the_ceilings_ran_another_graph() -> None:
 
 
 def test_the_ceiling_batch_is_chosen_by_median_among_the_close_candidates() -> None:
-    first = {4: 300.0, 8: 500.0, 16: 460.0, 32: 449.9}
-    assert contenders_of(first) == [8, 16]  # 32 is just under 90 % of the fastest
-    assert contenders_of({8: 500.0, 16: 300.0}) == []  # the fastest stands alone: no second round
-    assert contenders_of({}) == []
+    first = {4: 300.0, 8: 500.0, 16: 460.0, 32: 449.9, 64: 100.0}
+    assert contenders_of(first, at_least=2) == [8, 16]  # 32 is just under 90 % of the fastest
+    assert contenders_of(first) == [8, 16, 32]  # the three fastest, whatever their rates
+    assert contenders_of({**first, 4: 455.0, 32: 452.0}) == [4, 8, 16, 32]  # and every size within 90 %
+    # A first run far ahead of the rest (the machine's fast moment) still gets rivals measured again.
+    assert contenders_of({8: 531.0, 16: 625.0, 32: 491.0, 4: 450.0}) == [8, 16, 32]
+    assert contenders_of({8: 500.0}) == contenders_of({}) == []  # nothing to choose between
     # 8 led the first round by a fluke: 16's median over both rounds is higher.
     assert best_by_median({4: [300.0], 8: [500.0, 400.0], 16: [460.0, 470.0], 32: [449.9]}) == 16
     assert best_by_median({8: [5.0], 16: [5.0]}) == 8  # a tie goes to the smaller batch
     # The machine slowed between the rounds: 32, measured once in the first, is not a finalist.
     rates = {8: [500.0, 380.0], 16: [460.0, 400.0], 32: [445.0]}
-    assert contenders_of({size: runs[0] for size, runs in rates.items()}) == [8, 16]
+    assert contenders_of({size: runs[0] for size, runs in rates.items()}, at_least=2) == [8, 16]
     assert (ceiling_batch(rates, [8, 16]), ceiling_batch(rates, [])) == (8, 32)
 
 
@@ -163,6 +166,11 @@ def test_the_report_says_how_the_ceiling_batch_was_chosen() -> None:
     assert contender_sentence(ceilings) == (
         ", those within 90 % of the fastest once more, in turn (mixed: 28, 32), and the one with the best"
         " median is the ceiling's batch size"
+    )  # results from before MIN_CONTENDERS
+    ceilings["scenes"] = {"contenders": [8, 16, 32], "contender_share": 0.9, "min_contenders": 3}
+    assert contender_sentence(ceilings) == (
+        ", the 3 fastest and any within 90 % of the fastest once more, in turn (mixed: 28, 32; scenes: 8, 16,"
+        " 32), and the one with the best median is the ceiling's batch size"
     )
     assert contender_sentence({"mixed": {}, "scenes": {}}) == ", and the fastest is the ceiling's batch size"
 
@@ -232,7 +240,30 @@ def test_the_targets_pair_each_repeat_with_the_measurement_just_before_it() -> N
     assert rows["median at c=1 minus the in-process batch-1 cost"] == "5.00 - 3.30 ms = **+1.70 ms**"
 
 
-def test_the_machines_spread_is_the_p99_over_the_p50_of_the_unchanged_calls_pooled_over_the_repeats() -> None:
+def test_the_tail_target_is_each_repeats_p99_over_its_own_p50() -> None:
+    """Repeats with (p50, p99) of (50, 60), (40, 90) and (60, 66) ms: 1.20, 2.25 and 1.10, median
+    1.20. The medians' ratio, 66 / 50 = 1.32, pairs one repeat's p99 with another's p50."""
+    pairs = [(0.050, 0.060), (0.040, 0.090), (0.060, 0.066)]
+    closed = [
+        {"server": "batched", "workload": "scenes", "concurrency": 32, "repeat": repeat, "throughput": 500.0}
+        | {"p50_s": p50, "p99_s": p99}
+        for repeat, (p50, p99) in enumerate(pairs)
+    ]
+    median_cell = closed[0] | {"p50_s": 0.050, "p99_s": 0.066}
+    results: dict[str, Any] = {
+        "closed": closed,
+        "closed_medians": {"batched/scenes/32": median_cell},
+        "open": [],
+        "starts": [],
+        "memory": {},
+        "ceilings": {"scenes": {"best_batch": 16, "pipeline_rate": {"16": [500.0]}}},
+    }
+    rows = {row[0].split(" (")[0]: row for row in targets(results)}
+    assert rows["p99 / p50 at c=32"][1:3] == ("–", "66.0 / 50.0 ms; per repeat: 1.20, 2.25, 1.10 = **1.20**")
+    assert rows["p99 / p50 at c=32"][-1] == "– / yes"
+
+
+def test_the_machines_spread_is_the_p99_over_the_p50_of_the_unchanged_calls_of_each_repeat() -> None:
     steady, shaky = [0.010] * 99 + [0.011], [0.010] * 90 + [0.016] * 10
     results: dict[str, Any] = {
         "closed": [],
@@ -245,8 +276,10 @@ def test_the_machines_spread_is_the_p99_over_the_p50_of_the_unchanged_calls_pool
     }
     (row,) = [row for row in targets(results) if row[0].startswith("the machine's own spread")]
     assert "back to back for 2.0 s before each repeat" in row[0]
-    # Pooled, 200 calls: the 198th fastest is one of the ten slow calls of the second repeat.
-    assert row[1:] == ("–", "16.0 / 10.0 ms = **1.60** (200 calls; per repeat 1.00, 1.60)", "(reported)", "– / –")
+    # Per repeat 1.00 and 1.60, median 1.30; pooled, the 198th fastest of 200 is one of the second
+    # repeat's ten slow calls.
+    expected = "16.0 / 10.0 ms pooled (200 calls); per repeat: 1.00, 1.60 = **1.30**"
+    assert row[1:] == ("–", expected, "(reported)", "– / –")
 
 
 def test_the_report_names_the_generators_connection_errors() -> None:
