@@ -263,6 +263,27 @@ def test_the_tail_target_is_each_repeats_p99_over_its_own_p50() -> None:
     assert rows["p99 / p50 at c=32"][-1] == "– / yes"
 
 
+def test_a_target_whose_runs_had_failed_answers_is_not_met() -> None:
+    """wrk times every response: a run with 3 errors in it cannot meet a target, however fast."""
+    run = {"server": "batched", "workload": "scenes", "concurrency": 32, "repeat": 0, "throughput": 500.0}
+    run |= {"p50_s": 0.050, "p99_s": 0.055, "non_2xx": 2, "errors": 1}
+    results: dict[str, Any] = {
+        "closed": [run],
+        "closed_medians": {"batched/scenes/32": run},
+        "open": [],
+        "starts": [],
+        "memory": {},
+        "ceilings": {"scenes": {"best_batch": 16, "pipeline_rate": {"16": [500.0]}}},
+    }
+    rows = {row[0].split(" (")[0]: row for row in targets(results)}
+    assert rows["p99 / p50 at c=32"][2:] == (
+        "55.0 / 50.0 ms = **1.10**; 3 answers not 2xx or failed",
+        "<= 1.25",
+        "– / **no**",
+    )
+    assert rows["throughput at c=32 / in-process ceiling"][-1] == "– / **no**"
+
+
 def test_the_machines_spread_is_the_p99_over_the_p50_of_the_unchanged_calls_of_each_repeat() -> None:
     steady, shaky = [0.010] * 99 + [0.011], [0.010] * 90 + [0.016] * 10
     results: dict[str, Any] = {
