@@ -80,6 +80,9 @@ class Ceilings:
     batch1_in_order_medians_s: list[float] = field(default_factory=list)
     rechecks: int = 0  # measurements of the best batch's pipeline and the batch-1 cost between served runs
     pipeline_rate: dict[int, list[float]] = field(default_factory=dict)  # batch size -> items/s per repeat
+    # The same runs' items per second of forward time alone (collation and the model's calls): the
+    # device's own bound, which a service that preprocesses beside the forward pass can approach.
+    forward_rate: dict[int, list[float]] = field(default_factory=dict)
     stages_s: dict[str, float] = field(default_factory=dict)  # the service's own steps, mean per request
     # Per text lane, one more forward call's cost in padded tokens, as the service measures it (a lane
     # absent here never splits).
@@ -303,12 +306,14 @@ def pipeline_rate(
     batch: int,
     seconds: float,
     call_costs: Mapping[str, float] | None = None,
-) -> float:
-    """Measured serial ceiling: preprocess each request, run a lane when it holds `batch` items; items/s."""
+) -> tuple[float, float]:
+    """Measured serial ceiling: preprocess each request, run a lane when it holds `batch` items.
+    Items/s of the whole, and items/s of the forward time alone (collating and running the lanes)."""
     size, max_length = manifest.image_size, manifest.max_text_length
     lanes: dict[str, list[tuple[ByteArray | None, TokenIds | None]]] = {kind: [] for kind in KINDS}
     done = 0
     index = 0
+    forward_s = 0.0
     began = time.perf_counter()
     # At least one pass over the whole rotation, so every picture size counts in its proportion.
     while index < len(payloads) or time.perf_counter() - began < seconds:
@@ -319,13 +324,15 @@ def pipeline_rate(
         lane = lanes[payload.kind]
         lane.append((image, tokens))
         if len(lane) == batch:
+            started = time.perf_counter()
             images = np.stack([i for i, _ in lane]) if lane[0][0] is not None else None  # type: ignore[misc]
             texts = pad_tokens([t for _, t in lane]) if lane[0][1] is not None else None  # type: ignore[misc]
             cost = (call_costs or {}).get(payload.kind, math.inf)
             run_lane(module, payload.kind, _tensor(images), _tensor(texts), cost)
+            forward_s += time.perf_counter() - started
             done += batch
             lane.clear()
-    return done / (time.perf_counter() - began)
+    return done / (time.perf_counter() - began), done / forward_s
 
 
 @torch.inference_mode()
@@ -408,7 +415,9 @@ def measure(
     rates = ceilings.pipeline_rate
 
     def run(batch: int) -> None:
-        rates.setdefault(batch, []).append(pipeline_rate(module, payloads, manifest, batch, pipeline_seconds, costs))
+        rate, forward_rate = pipeline_rate(module, payloads, manifest, batch, pipeline_seconds, costs)
+        rates.setdefault(batch, []).append(rate)
+        ceilings.forward_rate.setdefault(batch, []).append(forward_rate)
 
     for batch in [1, *candidates]:
         run(batch)
@@ -469,7 +478,9 @@ def recheck(
     costs = ceilings.lane_call_costs()
     payloads = [item.payload for item in prepared]
     best = ceilings.best_batch
-    ceilings.pipeline_rate[best].append(pipeline_rate(module, payloads, manifest, best, pipeline_seconds, costs))
+    rate, forward_rate = pipeline_rate(module, payloads, manifest, best, pipeline_seconds, costs)
+    ceilings.pipeline_rate[best].append(rate)
+    ceilings.forward_rate.setdefault(best, []).append(forward_rate)
     # The forward passes re-timed; each request's preprocessing time is the first measurement's.
     ceilings.batch1_cost_medians_s.append(statistics.median(batch1_costs(module, prepared, repeats, call_costs=costs)))
     ceilings.batch1_cost_median_s = statistics.median(ceilings.batch1_cost_medians_s)

@@ -142,6 +142,19 @@ def _per_workload(results: Results, workload: str) -> dict[str, Check]:
             ratio = statistics.median(pairs)
             text = _per_repeat_text(whole_run, "ceiling", [f"{pair:.2f}" for pair in pairs], f"{ratio:.2f}")
         checks["ceiling"] = (text, ratio >= 0.95)
+        # The same runs' forward time alone: a service that preprocesses beside the forward pass (on
+        # the event loop and in its pool) can approach this, where the serial ceiling above it cannot.
+        forward = measured.get("forward_rate", {}).get(str(measured["best_batch"]))
+        if forward:
+            bound = statistics.median(forward)
+            share = c32["throughput"] / bound
+            text = f"{c32['throughput']:.0f} / {bound:.0f} req/s = **{share:.2f}**"
+            shares = per_repeat(results, workload, 32, forward, lambda run, rate: run["throughput"] / rate)
+            if shares:
+                share = statistics.median(shares)
+                whole_run = f"{c32['throughput']:.0f} / {bound:.0f} req/s"
+                text = _per_repeat_text(whole_run, "rate", [f"{s:.2f}" for s in shares], f"{share:.2f}")
+            checks["forward_bound"] = (text, None)
     for name, found, concurrency in (("tail32", c32, 32), ("tail64", c64, 64)):
         if found:
             tail = found["p99_s"] / found["p50_s"]
@@ -197,7 +210,15 @@ def _per_workload(results: Results, workload: str) -> dict[str, Check]:
 
 # The closed-loop concurrencies each target reads: a failed answer there is counted in its
 # throughput and its percentiles (wrk times every response), so the target cannot be met.
-_TARGET_RUNS: Final = {"ceiling": (32,), "tail32": (32,), "tail64": (64,), "c1": (1,), "c64": (32, 64), "open80": (1,)}
+_TARGET_RUNS: Final = {
+    "ceiling": (32,),
+    "forward_bound": (32,),
+    "tail32": (32,),
+    "tail64": (64,),
+    "c1": (1,),
+    "c64": (32, 64),
+    "open80": (1,),
+}
 
 
 def _unless_answers_failed(results: Results, workload: str, checks: dict[str, Check]) -> dict[str, Check]:
@@ -267,6 +288,12 @@ def targets(results: Results) -> list[tuple[str, ...]]:
         + ", ".join(f"{w} {b}" for w, b in best.items())
         + ")",
         ">= 0.95",
+    )
+    add(
+        "forward_bound",
+        "throughput at c=32 / the same in-process runs' forward time alone (collation and the model's calls, "
+        "the device's own bound: the service preprocesses beside the forward pass, the serial ceiling cannot)",
+        "(reported)",
     )
     add("tail32", "p99 / p50 at c=32", "<= 1.25")
     add("tail64", "p99 / p50 at c=64", "<= 1.25")

@@ -92,6 +92,9 @@ def test_suite_runs_end_to_end_and_writes_the_report(tiny_package: Path, tmp_pat
         # Once in the first round, once more if it was a contender, once in the recheck.
         best, contenders = ceiling["best_batch"], ceiling["contenders"]
         assert len(ceiling["pipeline_rate"][str(best)]) == 2 + (best in contenders)
+        # The same runs' forward time alone, one figure per pipeline run, each above the serial rate.
+        pipeline, forward = ceiling["pipeline_rate"][str(best)], ceiling["forward_rate"][str(best)]
+        assert len(forward) == len(pipeline) and all(f > p for f, p in zip(forward, pipeline, strict=True))
         assert all(len(ceiling["pipeline_rate"][str(size)]) >= 2 for size in contenders)
         # The ceilings split batches by text length as the service does, with the cost it would
         # measure: text lanes only, each a positive cost or left out where timing noise defeated the
@@ -213,6 +216,7 @@ def test_the_targets_pair_each_repeat_with_the_measurement_just_before_it() -> N
             "mixed": {
                 "best_batch": 16,
                 "pipeline_rate": {"16": [650.0, *rechecked]},
+                "forward_rate": {"16": [900.0, 700.0, 600.0, 500.0]},
                 "rechecks": 3,
                 "batch1_cost_medians_s": [0.003, *costs],
                 "batch1_cost_median_s": 0.0033,
@@ -222,6 +226,9 @@ def test_the_targets_pair_each_repeat_with_the_measurement_just_before_it() -> N
     rows = {row[0].split(" (")[0]: row[1] for row in targets(results)}
     assert rows["throughput at c=32 / in-process ceiling"] == (
         "475 / 550 req/s; per repeat, against the ceiling measured just before it: 0.90, 0.95, 1.00 = **0.95**"
+    )
+    assert rows["throughput at c=32 / the same in-process runs' forward time alone"] == (
+        "475 / 650 req/s; per repeat, against the rate measured just before it: 0.77, 0.79, 0.80 = **0.79**"
     )
     assert rows["median at c=1 minus the in-process batch-1 cost"] == (
         "5.00 - 3.30 ms; per repeat, against the cost measured just before it: +1.90, +1.00, +0.80 = **+1.00 ms**"
