@@ -247,6 +247,19 @@ def test_the_targets_pair_each_repeat_with_the_measurement_just_before_it() -> N
     assert rows["median at c=1 minus the in-process batch-1 cost"] == "5.00 - 3.30 ms = **+1.70 ms**"
 
 
+def scenes_c32_targets(closed: list[dict[str, Any]], median_cell: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The targets table's rows, by label, for batched scenes runs at c=32 alone."""
+    results: dict[str, Any] = {
+        "closed": closed,
+        "closed_medians": {"batched/scenes/32": median_cell},
+        "open": [],
+        "starts": [],
+        "memory": {},
+        "ceilings": {"scenes": {"best_batch": 16, "pipeline_rate": {"16": [500.0]}}},
+    }
+    return {row[0].split(" (")[0]: row for row in targets(results)}
+
+
 def test_the_tail_target_is_each_repeats_p99_over_its_own_p50() -> None:
     """Repeats with (p50, p99) of (50, 60), (40, 90) and (60, 66) ms: 1.20, 2.25 and 1.10, median
     1.20. The medians' ratio, 66 / 50 = 1.32, pairs one repeat's p99 with another's p50."""
@@ -256,16 +269,7 @@ def test_the_tail_target_is_each_repeats_p99_over_its_own_p50() -> None:
         | {"p50_s": p50, "p99_s": p99}
         for repeat, (p50, p99) in enumerate(pairs)
     ]
-    median_cell = closed[0] | {"p50_s": 0.050, "p99_s": 0.066}
-    results: dict[str, Any] = {
-        "closed": closed,
-        "closed_medians": {"batched/scenes/32": median_cell},
-        "open": [],
-        "starts": [],
-        "memory": {},
-        "ceilings": {"scenes": {"best_batch": 16, "pipeline_rate": {"16": [500.0]}}},
-    }
-    rows = {row[0].split(" (")[0]: row for row in targets(results)}
+    rows = scenes_c32_targets(closed, closed[0] | {"p50_s": 0.050, "p99_s": 0.066})
     assert rows["p99 / p50 at c=32"][1:3] == ("–", "66.0 / 50.0 ms; per repeat: 1.20, 2.25, 1.10 = **1.20**")
     assert rows["p99 / p50 at c=32"][-1] == "– / yes"
 
@@ -274,15 +278,7 @@ def test_a_target_whose_runs_had_failed_answers_is_not_met() -> None:
     """wrk times every response: a run with 3 errors in it cannot meet a target, however fast."""
     run = {"server": "batched", "workload": "scenes", "concurrency": 32, "repeat": 0, "throughput": 500.0}
     run |= {"p50_s": 0.050, "p99_s": 0.055, "non_2xx": 2, "errors": 1}
-    results: dict[str, Any] = {
-        "closed": [run],
-        "closed_medians": {"batched/scenes/32": run},
-        "open": [],
-        "starts": [],
-        "memory": {},
-        "ceilings": {"scenes": {"best_batch": 16, "pipeline_rate": {"16": [500.0]}}},
-    }
-    rows = {row[0].split(" (")[0]: row for row in targets(results)}
+    rows = scenes_c32_targets([run], run)
     assert rows["p99 / p50 at c=32"][2:] == (
         "55.0 / 50.0 ms = **1.10**; 3 answers not 2xx or failed",
         "<= 1.25",
