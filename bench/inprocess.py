@@ -99,6 +99,12 @@ class Ceilings:
     def ceiling(self, batch: int) -> float:
         return statistics.median(self.pipeline_rate[batch])
 
+    def record_pipeline(self, batch: int, rates: tuple[float, float]) -> None:
+        """One `pipeline_rate` run at `batch`: its items/s in all and of its forward time alone."""
+        rate, forward_rate = rates
+        self.pipeline_rate.setdefault(batch, []).append(rate)
+        self.forward_rate.setdefault(batch, []).append(forward_rate)
+
     def lane_call_costs(self) -> dict[str, float]:
         """Every lane's call cost, infinite (never split) for a lane left out of call_cost_tokens."""
         return {lane: self.call_cost_tokens.get(lane, math.inf) for lane in KINDS}
@@ -415,9 +421,7 @@ def measure(
     rates = ceilings.pipeline_rate
 
     def run(batch: int) -> None:
-        rate, forward_rate = pipeline_rate(module, payloads, manifest, batch, pipeline_seconds, costs)
-        rates.setdefault(batch, []).append(rate)
-        ceilings.forward_rate.setdefault(batch, []).append(forward_rate)
+        ceilings.record_pipeline(batch, pipeline_rate(module, payloads, manifest, batch, pipeline_seconds, costs))
 
     for batch in [1, *candidates]:
         run(batch)
@@ -478,9 +482,7 @@ def recheck(
     costs = ceilings.lane_call_costs()
     payloads = [item.payload for item in prepared]
     best = ceilings.best_batch
-    rate, forward_rate = pipeline_rate(module, payloads, manifest, best, pipeline_seconds, costs)
-    ceilings.pipeline_rate[best].append(rate)
-    ceilings.forward_rate.setdefault(best, []).append(forward_rate)
+    ceilings.record_pipeline(best, pipeline_rate(module, payloads, manifest, best, pipeline_seconds, costs))
     # The forward passes re-timed; each request's preprocessing time is the first measurement's.
     ceilings.batch1_cost_medians_s.append(statistics.median(batch1_costs(module, prepared, repeats, call_costs=costs)))
     ceilings.batch1_cost_median_s = statistics.median(ceilings.batch1_cost_medians_s)
