@@ -125,36 +125,33 @@ def _per_repeat_text(whole_run: str, what: str, values: Sequence[str], target: s
     return f"{whole_run}; per repeat, against the {what} measured just before it: {', '.join(values)} = **{target}**"
 
 
+def _c32_against(
+    results: Results, workload: str, c32: Mapping[str, float], rates: Sequence[float], what: str
+) -> tuple[str, float]:
+    """Throughput at c=32 over an in-process rate (its median over the run), and the median of each
+    repeat's throughput over the rate measured just before it, when there were rechecks: the
+    machine's speed drifts within a run, and a ratio's two sides measured seconds apart share it."""
+    whole_run = f"{c32['throughput']:.0f} / {statistics.median(rates):.0f} req/s"
+    ratio = c32["throughput"] / statistics.median(rates)
+    pairs = per_repeat(results, workload, 32, rates, lambda run, rate: run["throughput"] / rate)
+    if not pairs:
+        return f"{whole_run} = **{ratio:.2f}**", ratio
+    ratio = statistics.median(pairs)
+    return _per_repeat_text(whole_run, what, [f"{pair:.2f}" for pair in pairs], f"{ratio:.2f}"), ratio
+
+
 def _per_workload(results: Results, workload: str) -> dict[str, Check]:
     checks: dict[str, Check] = {}
     c1, c32, c64 = (cell(results, "batched", workload, c) for c in (1, 32, 64))
     measured: dict[str, Any] = results["ceilings"].get(workload, {})
     if c32:
-        ceiling = ceiling_rate(results, workload)
-        ratio = c32["throughput"] / ceiling
-        whole_run = f"{c32['throughput']:.0f} / {ceiling:.0f} req/s"
-        text = f"{whole_run} = **{ratio:.2f}**"
-        # Each repeat against the ceiling measured just before it: the machine's speed drifts within
-        # a run, and a ratio's two sides measured seconds apart share the drift.
-        rates = measured["pipeline_rate"][str(measured["best_batch"])]
-        pairs = per_repeat(results, workload, 32, rates, lambda run, rate: run["throughput"] / rate)
-        if pairs:
-            ratio = statistics.median(pairs)
-            text = _per_repeat_text(whole_run, "ceiling", [f"{pair:.2f}" for pair in pairs], f"{ratio:.2f}")
+        best = str(measured["best_batch"])
+        text, ratio = _c32_against(results, workload, c32, measured["pipeline_rate"][best], "ceiling")
         checks["ceiling"] = (text, ratio >= 0.95)
         # The same runs' forward time alone: a service that preprocesses beside the forward pass (on
         # the event loop and in its pool) can approach this, where the serial ceiling above it cannot.
-        forward = measured.get("forward_rate", {}).get(str(measured["best_batch"]))
-        if forward:
-            bound = statistics.median(forward)
-            share = c32["throughput"] / bound
-            text = f"{c32['throughput']:.0f} / {bound:.0f} req/s = **{share:.2f}**"
-            shares = per_repeat(results, workload, 32, forward, lambda run, rate: run["throughput"] / rate)
-            if shares:
-                share = statistics.median(shares)
-                whole_run = f"{c32['throughput']:.0f} / {bound:.0f} req/s"
-                text = _per_repeat_text(whole_run, "rate", [f"{s:.2f}" for s in shares], f"{share:.2f}")
-            checks["forward_bound"] = (text, None)
+        if forward := measured.get("forward_rate", {}).get(best):
+            checks["forward_bound"] = (_c32_against(results, workload, c32, forward, "rate")[0], None)
     for name, found, concurrency in (("tail32", c32, 32), ("tail64", c64, 64)):
         if found:
             tail = found["p99_s"] / found["p50_s"]
